@@ -1,0 +1,130 @@
+"""RAM blocks and the receiver's block table."""
+
+from __future__ import annotations
+
+import array
+import mmap
+
+import numpy as np
+import pytest
+
+import trio_multifd as m
+from trio_multifd._block import BlockTable
+
+
+def header(name: str = "a", offsets: tuple[int, ...] = (0,)) -> m.PacketHeader:
+    return m.PacketHeader(
+        flags=0,
+        pages_alloc=128,
+        normal_pages=len(offsets),
+        next_packet_size=4096 * len(offsets),
+        packet_num=9,
+        block_name=name,
+        offsets=offsets,
+    )
+
+
+@pytest.mark.parametrize(
+    "buffer",
+    [
+        bytes(8192),
+        bytearray(8192),
+        memoryview(bytearray(8192)),
+        np.zeros(2048, dtype=np.uint32),
+        array.array("Q", bytes(8192)),
+    ],
+)
+def test_block_accepts_any_contiguous_buffer(buffer: object) -> None:
+    block = m.RAMBlock("a", buffer)
+    assert block.size == 8192 and block.page_count == 2
+    assert block.view.format == "B" and block.view.ndim == 1
+
+
+def test_block_over_mmap_writes_through() -> None:
+    with mmap.mmap(-1, 8192) as mem:
+        block = m.RAMBlock("a", mem)
+        block.view[4096] = 7
+        assert mem[4096] == 7
+        block.view.release()
+
+
+def test_block_of_bytes_is_read_only() -> None:
+    assert not m.RAMBlock("a", bytes(4096)).writable
+    assert m.RAMBlock("a", bytearray(4096)).writable
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b", "é" * 128])
+def test_block_rejects_bad_names(name: str) -> None:
+    with pytest.raises(ValueError, match="block name"):
+        m.RAMBlock(name, bytearray(4096))
+
+
+def test_block_name_of_255_bytes_is_accepted() -> None:
+    assert m.RAMBlock("x" * 255, bytearray(4096)).name == "x" * 255
+
+
+def test_block_rejects_non_contiguous_buffer() -> None:
+    strided = np.zeros((64, 128), dtype=np.uint8)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        m.RAMBlock("a", strided)
+
+
+def test_block_rejects_length_not_a_multiple_of_page_size() -> None:
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        m.RAMBlock("a", bytearray(5000))
+
+
+def test_block_rejects_non_buffer() -> None:
+    with pytest.raises(TypeError, match="buffer protocol"):
+        m.RAMBlock("a", [1, 2, 3])
+
+
+def test_check_offset_wants_aligned_offsets_inside() -> None:
+    block = m.RAMBlock("a", bytearray(8192))
+    block.check_offset(4096)
+    for bad in (-4096, 8192, 100):
+        with pytest.raises(ValueError, match="page-aligned"):
+            block.check_offset(bad)
+
+
+def test_table_resolves_a_known_block() -> None:
+    a, b = m.RAMBlock("a", bytearray(8192)), m.RAMBlock("b", bytearray(4096))
+    table = BlockTable([a, b], page_size=4096)
+    assert table.resolve(header("b")) is b
+    assert table.resolve(header("a", (4096, 0))) is a
+
+
+def test_table_rejects_unknown_block_naming_channel() -> None:
+    table = BlockTable([m.RAMBlock("a", bytearray(4096))], page_size=4096)
+    with pytest.raises(m.UnknownBlockError, match=r"channel 2, packet 9: .*'zz'") as info:
+        table.resolve(header("zz"), channel=2)
+    assert info.value.field == "ramblock"
+
+
+def test_table_rejects_offset_past_last_page() -> None:
+    table = BlockTable([m.RAMBlock("a", bytearray(8192))], page_size=4096)
+    with pytest.raises(m.OffsetError, match="beyond") as info:
+        table.resolve(header("a", (0, 8192)), channel=0)
+    assert (info.value.value, info.value.limit) == (8192, 4096)
+
+
+def test_table_rejects_unaligned_offset() -> None:
+    # QEMU has no alignment check; an unaligned page would straddle two pages.
+    table = BlockTable([m.RAMBlock("a", bytearray(8192))], page_size=4096)
+    with pytest.raises(m.OffsetError, match="not aligned") as info:
+        table.resolve(header("a", (0, 2048)), channel=1)
+    assert info.value.value == 2048
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([], "at least one block"),
+        ([m.RAMBlock("a", bytes(4096))], "read-only"),
+        ([m.RAMBlock("a", bytearray(8192), page_size=8192)], "page_size"),
+        ([m.RAMBlock("a", bytearray(4096)), m.RAMBlock("a", bytearray(4096))], "two blocks"),
+    ],
+)
+def test_table_rejects_bad_block_sets(blocks: list[m.RAMBlock], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BlockTable(blocks, page_size=4096)

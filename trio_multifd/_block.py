@@ -1,0 +1,174 @@
+"""RAM blocks (named buffers of pages) and the receiver's table that checks packets
+against them before any byte is written."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Iterable
+from typing import final
+
+import attrs
+
+from ._errors import OffsetError, UnknownBlockError
+from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
+
+__all__ = ["BlockTable", "RAMBlock"]
+
+
+def _as_bytes_view(buffer: object) -> memoryview:
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"buffer must support the buffer protocol, got {type(buffer).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ValueError("buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+@final
+@attrs.define(eq=False, init=False)
+class RAMBlock:
+    """A named buffer of pages: what a multifd transfer moves.
+
+    Args:
+        name: 1 to 255 bytes of UTF-8 without NUL; the sender's and the receiver's
+            blocks are matched by name.
+        buffer: Any C-contiguous buffer (``bytes``, ``bytearray``, ``mmap``, a numpy
+            array, a ``memoryview``). Its length must be a multiple of ``page_size``. The
+            receiver's must be writable. Not copied: the block reads or writes it in place.
+        page_size: Bytes per page: a power of two from 512 to 512 KiB.
+        zeroed: Receiver only: the buffer is known to be all zero (a fresh ``mmap``, a
+            sparse file), so a zero page is written only if the page was written before
+            in this transfer. Keeps sparse files sparse and all-zero images cheap.
+
+    Raises:
+        TypeError: ``buffer`` does not support the buffer protocol.
+        ValueError: A bad name, page size or buffer length.
+    """
+
+    name: str
+    view: memoryview
+    """The block's bytes as a flat ``memoryview`` of unsigned bytes."""
+    page_size: int
+    zeroed: bool
+
+    def __init__(
+        self, name: str, buffer: object, *, page_size: int = 4096, zeroed: bool = False
+    ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        encoded = name.encode()
+        if not encoded or len(encoded) >= BLOCK_NAME_SIZE or b"\0" in encoded:
+            raise ValueError(f"block name must be 1..255 bytes of UTF-8 without NUL: {name!r}")
+        page_count_for(page_size)
+        view = _as_bytes_view(buffer)
+        if len(view) % page_size:
+            raise ValueError(
+                f"block {name!r}: length {len(view)} is not a multiple of page_size {page_size}"
+            )
+        self.__attrs_init__(name=name, view=view, page_size=page_size, zeroed=zeroed)
+
+    @property
+    def size(self) -> int:
+        """The block's length in bytes."""
+        return len(self.view)
+
+    @property
+    def page_count(self) -> int:
+        """How many pages the block holds."""
+        return len(self.view) // self.page_size
+
+    @property
+    def writable(self) -> bool:
+        """Whether the buffer can be written (a receiver's must be)."""
+        return not self.view.readonly
+
+    def check_offset(self, offset: int) -> None:
+        """Raise :class:`ValueError` unless ``offset`` is a page-aligned offset in the block."""
+        if offset % self.page_size or not 0 <= offset < len(self.view):
+            raise ValueError(
+                f"block {self.name!r}: offset {offset} is not a page-aligned offset below"
+                f" {len(self.view)}"
+            )
+
+
+@final
+class BlockTable:
+    """The receiver's blocks by name; checks a packet's block and offsets.
+
+    Raises:
+        ValueError: Two blocks share a name, a block's page size differs from
+            ``page_size``, or a buffer is read-only.
+    """
+
+    def __init__(self, blocks: Iterable[RAMBlock], *, page_size: int) -> None:
+        self._blocks: dict[str, RAMBlock] = {}
+        self._mask = page_size - 1
+        for block in blocks:
+            if not isinstance(block, RAMBlock):
+                raise TypeError(f"blocks must be RAMBlock, got {type(block).__name__}")
+            if block.name in self._blocks:
+                raise ValueError(f"two blocks are named {block.name!r}")
+            if block.page_size != page_size:
+                raise ValueError(
+                    f"block {block.name!r} has page_size {block.page_size}, the transfer"
+                    f" uses {page_size}"
+                )
+            if not block.writable:
+                raise ValueError(f"block {block.name!r} is read-only: a receiver writes to it")
+            self._blocks[block.name] = block
+        if not self._blocks:
+            raise ValueError("a receiver needs at least one block")
+
+    @property
+    def blocks(self) -> tuple[RAMBlock, ...]:
+        """The blocks, in the order given."""
+        return tuple(self._blocks.values())
+
+    def resolve(self, header: PacketHeader, *, channel: int | None = None) -> RAMBlock:
+        """Return the block a packet with pages writes to, after checking every offset.
+
+        Raises:
+            UnknownBlockError: No block has the packet's name.
+            OffsetError: An offset is beyond the block or not page-aligned.
+        """
+        block = self._blocks.get(header.block_name)
+        if block is None:
+            raise UnknownBlockError(
+                f"packet names unknown block {header.block_name!r}",
+                field="ramblock",
+                value=header.block_name,
+                limit=sorted(self._blocks),
+                channel=channel,
+                packet_num=header.packet_num,
+            )
+        offsets = header.offsets
+        # One C-level pass each: the largest offset bounds them all, and OR-ing every
+        # offset keeps any low bit set by an unaligned one.
+        last = max(offsets)
+        limit = len(block.view) - block.page_size
+        if last > limit:
+            raise OffsetError(
+                f"offset {last:#x} is beyond block {block.name!r}: the last page starts at"
+                f" {limit:#x}",
+                field="offset",
+                value=last,
+                limit=limit,
+                channel=channel,
+                packet_num=header.packet_num,
+            )
+        if functools.reduce(operator.or_, offsets) & self._mask:
+            bad = next(o for o in offsets if o & self._mask)
+            raise OffsetError(
+                f"offset {bad:#x} in block {block.name!r} is not aligned to the page size"
+                f" {block.page_size}",
+                field="offset",
+                value=bad,
+                limit=block.page_size,
+                channel=channel,
+                packet_num=header.packet_num,
+            )
+        return block

@@ -1,0 +1,473 @@
+"""The multifd wire format: a sans-I/O codec for the handshake and the packet header.
+
+Byte for byte QEMU's ``MultiFDInit_t`` and ``MultiFDPacket_t`` in current QEMU's layout
+(QEMU 7.2 and later: ``zero_pages`` sits in what the 2020 layout called ``unused``). All
+integers are big-endian. Nothing here does I/O or imports Trio: decoders take bytes and
+return frozen values or raise a :class:`~trio_multifd.ProtocolError` subclass naming the
+field, the value seen and the limit.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import struct
+import uuid as uuid_mod
+
+import attrs
+
+from ._errors import (
+    BlockNameError,
+    ChannelIdError,
+    FlagsError,
+    MagicError,
+    PageCountError,
+    UUIDMismatchError,
+    VersionError,
+)
+
+__all__ = [
+    "BLOCK_NAME_SIZE",
+    "COMPRESSION_MASK",
+    "HANDSHAKE_SIZE",
+    "HEADER_FIXED_SIZE",
+    "MAGIC",
+    "PACKET_SIZE",
+    "VERSION",
+    "Compression",
+    "Feature",
+    "Flag",
+    "Handshake",
+    "PacketHeader",
+    "decode_handshake",
+    "decode_packet_header",
+    "encode_handshake",
+    "encode_packet_header",
+    "header_size",
+    "page_count_for",
+]
+
+MAGIC = 0x11223344
+"""First four bytes of every handshake and packet header."""
+VERSION = 1
+"""The only multifd version there is."""
+HANDSHAKE_SIZE = 64
+"""Length of ``MultiFDInit_t``."""
+HEADER_FIXED_SIZE = 320
+"""Length of ``MultiFDPacket_t`` before its ``offset[]`` array."""
+BLOCK_NAME_SIZE = 256
+"""Size of the NUL-terminated ``ramblock`` field (names are at most 255 bytes)."""
+PACKET_SIZE = 512 * 1024
+"""Page bytes per packet (QEMU's ``MULTIFD_PACKET_SIZE``): 128 pages of 4 KiB."""
+COMPRESSION_MASK = 0x3E
+"""The bits of ``flags`` that name the compression method, compared for equality."""
+
+
+class Flag(enum.IntFlag):
+    """Bits of a packet header's ``flags`` word.
+
+    QEMU allocates its flags upward from bit 0; trio_multifd's own extensions take bits
+    downward from 31 so that a stream without them stays byte-identical to QEMU's.
+    """
+
+    SYNC = 0x1
+    """The packet ends a SYNC round on its channel."""
+    ZLIB = 0x2
+    ZSTD = 0x4
+    QPL = 0x8
+    UADK = 0x10
+    QATZIP = 0x20
+    DEVICE_STATE = 0x40
+    """QEMU 10's device-state packets, not supported here and always rejected."""
+    END_OF_STREAM = 0x20000000
+    """This SYNC is the sender's last, for streams that cannot half-close (trio_multifd)."""
+    FINAL_ROUND = 0x40000000
+    """This SYNC closes the final pre-copy round (trio_multifd)."""
+    CHECKSUMS = 0x80000000
+    """The header carries xxh3-64 checksums at offsets 40 and 48 (trio_multifd)."""
+
+
+class Compression(enum.IntEnum):
+    """Values of the compression field (``flags & COMPRESSION_MASK``)."""
+
+    NONE = 0x0
+    ZLIB = 0x2
+    ZSTD = 0x4
+    QPL = 0x8
+    UADK = 0x10
+    QATZIP = 0x20
+
+
+class Feature(enum.IntFlag):
+    """Bits of the handshake's features word (be64 at offset 32, QEMU's ``unused2[0]``)."""
+
+    CHECKSUMS = 0x1
+    """Every packet of the channel carries header and payload checksums."""
+
+
+_KNOWN_FLAGS = (
+    Flag.SYNC | COMPRESSION_MASK | Flag.END_OF_STREAM | Flag.FINAL_ROUND | Flag.CHECKSUMS
+)
+
+_HANDSHAKE = struct.Struct(">II16sB7xQQQQ")
+# magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
+# zero_pages, unused32, header checksum, payload checksum, unused64, ramblock.
+_HEADER = struct.Struct(">IIIIIIQIIQQQ256s")
+assert _HANDSHAKE.size == HANDSHAKE_SIZE
+assert _HEADER.size == HEADER_FIXED_SIZE
+
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+
+@functools.cache
+def _offsets_struct(count: int) -> struct.Struct:
+    # One precomputed format per count, so a header's offsets decode in one C call.
+    return struct.Struct(f">{count}Q")
+
+
+def page_count_for(page_size: int) -> int:
+    """Return how many pages fit in one packet (QEMU's ``page_count``) for ``page_size``.
+
+    Raises:
+        ValueError: ``page_size`` is not a power of two between 512 and
+            :data:`PACKET_SIZE`.
+    """
+    if not (512 <= page_size <= PACKET_SIZE) or page_size & (page_size - 1):
+        raise ValueError(
+            f"page_size must be a power of two from 512 to {PACKET_SIZE}, got {page_size}"
+        )
+    return PACKET_SIZE // page_size
+
+
+def header_size(pages_alloc: int) -> int:
+    """Return the length of a packet header with ``pages_alloc`` offset slots."""
+    return HEADER_FIXED_SIZE + 8 * pages_alloc
+
+
+@attrs.frozen
+class Handshake:
+    """``MultiFDInit_t``: the first 64 bytes of every channel.
+
+    Attributes:
+        uuid: Identifies the transfer (QEMU: the VM's uuid). Every channel of one
+            transfer carries the same.
+        channel_id: The channel's 0-based id.
+        features: trio_multifd's features word (:class:`Feature`); 0 for QEMU.
+    """
+
+    uuid: uuid_mod.UUID
+    channel_id: int
+    features: int = 0
+
+
+@attrs.frozen
+class PacketHeader:
+    """``MultiFDPacket_t``: the header in front of every packet's payload.
+
+    Attributes:
+        flags: The flags word (:class:`Flag` bits and the compression field).
+        pages_alloc: Offset slots in the header (QEMU's ``page_count``, 128 for 4 KiB).
+        normal_pages: Pages whose data follows in the payload.
+        next_packet_size: Payload bytes after the header.
+        packet_num: The sender's global packet sequence number.
+        zero_pages: Pages that are all zero (no data sent); their offsets follow the
+            normal pages' offsets.
+        block_name: The RAM block the pages belong to ("" on early SYNC packets).
+        offsets: ``normal_pages + zero_pages`` byte offsets into the block, the normal
+            pages' first.
+        header_checksum: xxh3-64 of the header (with :attr:`Flag.CHECKSUMS`), else 0.
+        payload_checksum: xxh3-64 of the payload (with :attr:`Flag.CHECKSUMS`), else 0.
+    """
+
+    flags: int
+    pages_alloc: int
+    normal_pages: int
+    next_packet_size: int
+    packet_num: int
+    zero_pages: int = 0
+    block_name: str = ""
+    offsets: tuple[int, ...] = ()
+    header_checksum: int = 0
+    payload_checksum: int = 0
+
+    @property
+    def compression(self) -> int:
+        """The compression field, ``flags & COMPRESSION_MASK``."""
+        return self.flags & COMPRESSION_MASK
+
+    @property
+    def is_sync(self) -> bool:
+        """Whether the packet carries :attr:`Flag.SYNC`."""
+        return bool(self.flags & Flag.SYNC)
+
+    @property
+    def carries_pages(self) -> bool:
+        """Whether the packet names any page (normal or zero)."""
+        return self.normal_pages + self.zero_pages > 0
+
+
+def encode_handshake(handshake: Handshake) -> bytes:
+    """Return the 64 wire bytes of ``handshake``.
+
+    Raises:
+        ValueError: The channel id does not fit a byte or the features word 64 bits.
+    """
+    if not 0 <= handshake.channel_id <= 255:
+        raise ValueError(f"channel_id must be 0..255, got {handshake.channel_id}")
+    if not 0 <= handshake.features <= _U64_MAX:
+        raise ValueError(f"features must fit 64 bits, got {handshake.features}")
+    return _HANDSHAKE.pack(
+        MAGIC, VERSION, handshake.uuid.bytes, handshake.channel_id, handshake.features, 0, 0, 0
+    )
+
+
+def decode_handshake(
+    data: bytes | bytearray | memoryview,
+    *,
+    channels: int,
+    uuid: uuid_mod.UUID | None = None,
+) -> Handshake:
+    """Decode and check the 64 bytes of a channel's handshake.
+
+    Args:
+        data: Exactly :data:`HANDSHAKE_SIZE` bytes.
+        channels: The receiver's channel count; the id must be below it.
+        uuid: The transfer's uuid, or ``None`` to accept any.
+
+    Raises:
+        MagicError: The magic is wrong.
+        VersionError: The version is not 1.
+        UUIDMismatchError: The uuid differs from ``uuid``.
+        ChannelIdError: The id is not below ``channels``.
+        ValueError: ``data`` is not 64 bytes long.
+
+    Each :class:`~trio_multifd.ProtocolError` has ``channel`` set to the id byte as
+    received.
+    """
+    if len(data) != HANDSHAKE_SIZE:
+        raise ValueError(f"a handshake is {HANDSHAKE_SIZE} bytes, got {len(data)}")
+    magic, version, raw_uuid, channel_id, features, _, _, _ = _HANDSHAKE.unpack(data)
+    if magic != MAGIC:
+        raise MagicError(
+            f"handshake magic is {magic:#010x}, expected {MAGIC:#010x}",
+            field="magic",
+            value=magic,
+            limit=MAGIC,
+            channel=channel_id,
+        )
+    if version != VERSION:
+        raise VersionError(
+            f"handshake version is {version}, expected {VERSION}",
+            field="version",
+            value=version,
+            limit=VERSION,
+            channel=channel_id,
+        )
+    peer_uuid = uuid_mod.UUID(bytes=raw_uuid)
+    if uuid is not None and peer_uuid != uuid:
+        raise UUIDMismatchError(
+            f"handshake uuid is {peer_uuid}, expected {uuid}",
+            field="uuid",
+            value=peer_uuid,
+            limit=uuid,
+            channel=channel_id,
+        )
+    if channel_id >= channels:
+        raise ChannelIdError(
+            f"handshake channel id is {channel_id}, must be below the channel count {channels}",
+            field="id",
+            value=channel_id,
+            limit=channels,
+            channel=channel_id,
+        )
+    return Handshake(uuid=peer_uuid, channel_id=channel_id, features=features)
+
+
+def encode_packet_header(header: PacketHeader) -> bytes:
+    """Return the wire bytes of ``header``: ``header_size(header.pages_alloc)`` bytes.
+
+    Offset slots past ``normal_pages + zero_pages`` are zero.
+
+    Raises:
+        ValueError: A count does not fit its field or ``pages_alloc``, the block name is
+            longer than 255 bytes of UTF-8 or contains NUL, or the number of offsets
+            differs from ``normal_pages + zero_pages``.
+    """
+    for name in ("flags", "pages_alloc", "normal_pages", "next_packet_size", "zero_pages"):
+        value = getattr(header, name)
+        if not 0 <= value <= _U32_MAX:
+            raise ValueError(f"{name} must fit 32 bits, got {value}")
+    for name in ("packet_num", "header_checksum", "payload_checksum"):
+        value = getattr(header, name)
+        if not 0 <= value <= _U64_MAX:
+            raise ValueError(f"{name} must fit 64 bits, got {value}")
+    used = header.normal_pages + header.zero_pages
+    if used > header.pages_alloc:
+        raise ValueError(
+            f"normal_pages + zero_pages = {used} exceeds pages_alloc {header.pages_alloc}"
+        )
+    if len(header.offsets) != used:
+        raise ValueError(f"{len(header.offsets)} offsets given for {used} pages")
+    raw_name = header.block_name.encode()
+    if len(raw_name) >= BLOCK_NAME_SIZE or b"\0" in raw_name:
+        raise ValueError(f"block name must be at most 255 bytes without NUL: {raw_name!r}")
+    fixed = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        header.flags,
+        header.pages_alloc,
+        header.normal_pages,
+        header.next_packet_size,
+        header.packet_num,
+        header.zero_pages,
+        0,
+        header.header_checksum,
+        header.payload_checksum,
+        0,
+        raw_name,
+    )
+    try:
+        offsets = _offsets_struct(used).pack(*header.offsets)
+    except struct.error as exc:
+        raise ValueError(f"offsets must fit 64 bits: {exc}") from None
+    return fixed + offsets + bytes(8 * (header.pages_alloc - used))
+
+
+def decode_packet_header(
+    data: bytes | bytearray | memoryview, *, page_count: int, channel: int | None = None
+) -> PacketHeader:
+    """Decode and check a packet header.
+
+    Checks everything that does not need the receiver's blocks or method: magic,
+    version, flags (no unknown bits, no device state), ``pages_alloc <= page_count``,
+    ``normal_pages <= pages_alloc``, ``zero_pages <= pages_alloc - normal_pages`` and a
+    NUL-terminated UTF-8 block name. Allocates nothing in proportion to a claimed size.
+
+    Args:
+        data: At least ``header_size(page_count)`` bytes (the connection's header length).
+        page_count: The receiver's offset slots per packet (see :func:`page_count_for`).
+        channel: Named in any exception raised.
+
+    Raises:
+        MagicError: The magic is wrong.
+        VersionError: The version is not 1.
+        FlagsError: Unknown bits or ``DEVICE_STATE`` in the flags.
+        PageCountError: A page count is out of range.
+        BlockNameError: The block name is not NUL-terminated UTF-8.
+        ValueError: ``data`` is shorter than the header.
+    """
+    if len(data) < header_size(page_count):
+        raise ValueError(f"a header is {header_size(page_count)} bytes, got {len(data)}")
+    (
+        magic,
+        version,
+        flags,
+        pages_alloc,
+        normal_pages,
+        next_packet_size,
+        packet_num,
+        zero_pages,
+        _,
+        header_checksum,
+        payload_checksum,
+        _,
+        raw_name,
+    ) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MagicError(
+            f"packet magic is {magic:#010x}, expected {MAGIC:#010x}",
+            field="magic",
+            value=magic,
+            limit=MAGIC,
+            channel=channel,
+        )
+    if version != VERSION:
+        raise VersionError(
+            f"packet version is {version}, expected {VERSION}",
+            field="version",
+            value=version,
+            limit=VERSION,
+            channel=channel,
+            packet_num=packet_num,
+        )
+    if flags & Flag.DEVICE_STATE:
+        raise FlagsError(
+            f"flags {flags:#x} carry DEVICE_STATE (0x40): device-state packets are not supported",
+            field="flags",
+            value=flags,
+            limit=int(_KNOWN_FLAGS),
+            channel=channel,
+            packet_num=packet_num,
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise FlagsError(
+            f"flags {flags:#x} carry unknown bits {flags & ~_KNOWN_FLAGS:#x}",
+            field="flags",
+            value=flags,
+            limit=int(_KNOWN_FLAGS),
+            channel=channel,
+            packet_num=packet_num,
+        )
+    if pages_alloc > page_count:
+        raise PageCountError(
+            f"pages_alloc is {pages_alloc}, more than the {page_count} slots per packet",
+            field="pages_alloc",
+            value=pages_alloc,
+            limit=page_count,
+            channel=channel,
+            packet_num=packet_num,
+        )
+    if normal_pages > pages_alloc:
+        raise PageCountError(
+            f"normal_pages is {normal_pages}, more than pages_alloc {pages_alloc}",
+            field="normal_pages",
+            value=normal_pages,
+            limit=pages_alloc,
+            channel=channel,
+            packet_num=packet_num,
+        )
+    if zero_pages > pages_alloc - normal_pages:
+        raise PageCountError(
+            f"zero_pages is {zero_pages}, more than pages_alloc - normal_pages"
+            f" = {pages_alloc - normal_pages}",
+            field="zero_pages",
+            value=zero_pages,
+            limit=pages_alloc - normal_pages,
+            channel=channel,
+            packet_num=packet_num,
+        )
+    end = raw_name.find(b"\0")
+    if end < 0:
+        raise BlockNameError(
+            "ramblock is not NUL-terminated within 256 bytes",
+            field="ramblock",
+            value=raw_name[:32],
+            limit=BLOCK_NAME_SIZE - 1,
+            channel=channel,
+            packet_num=packet_num,
+        )
+    try:
+        block_name = raw_name[:end].decode()
+    except UnicodeDecodeError:
+        raise BlockNameError(
+            f"ramblock {raw_name[:end]!r} is not valid UTF-8",
+            field="ramblock",
+            value=raw_name[:end],
+            channel=channel,
+            packet_num=packet_num,
+        ) from None
+    used = normal_pages + zero_pages
+    offsets = _offsets_struct(used).unpack_from(data, HEADER_FIXED_SIZE) if used else ()
+    return PacketHeader(
+        flags=flags,
+        pages_alloc=pages_alloc,
+        normal_pages=normal_pages,
+        next_packet_size=next_packet_size,
+        packet_num=packet_num,
+        zero_pages=zero_pages,
+        block_name=block_name,
+        offsets=offsets,
+        header_checksum=header_checksum,
+        payload_checksum=payload_checksum,
+    )
