@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def test_all_has_no_duplicates() -> None:
 def test_public_objects_claim_the_package_as_home() -> None:
     for name in trio_multifd.__all__:
         obj = getattr(trio_multifd, name)
-        if isinstance(obj, type) or callable(obj):
+        if isinstance(obj, type) or inspect.isfunction(obj):
             assert obj.__module__.startswith("trio_multifd"), name
 
 

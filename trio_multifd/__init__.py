@@ -30,6 +30,9 @@ from ._errors import (
     UUIDMismatchError as UUIDMismatchError,
     VersionError as VersionError,
 )
+from ._receiver import Receiver as Receiver, open_receiver as open_receiver
+from ._sender import Connector as Connector, Sender as Sender, open_sender as open_sender
+from ._stats import ChannelStats as ChannelStats, TransferStats as TransferStats
 from ._wire import (
     BLOCK_NAME_SIZE as BLOCK_NAME_SIZE,
     COMPRESSION_MASK as COMPRESSION_MASK,
@@ -63,8 +66,10 @@ __all__ = [
     "VERSION",
     "BlockNameError",
     "ChannelIdError",
+    "ChannelStats",
     "Compression",
     "CompressionMismatchError",
+    "Connector",
     "DecompressionError",
     "DeliveryError",
     "DuplicateChannelError",
@@ -85,9 +90,12 @@ __all__ = [
     "ProtocolError",
     "RAMBlock",
     "ReceiveTimeoutError",
+    "Receiver",
     "SendStalledError",
+    "Sender",
     "TooManyChannelsError",
     "TransferIncompleteError",
+    "TransferStats",
     "TransportError",
     "TruncatedError",
     "UUIDMismatchError",
@@ -99,5 +107,7 @@ __all__ = [
     "encode_handshake",
     "encode_packet_header",
     "header_size",
+    "open_receiver",
+    "open_sender",
     "page_count_for",
 ]

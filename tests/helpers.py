@@ -1,0 +1,95 @@
+"""Shared test helpers: streams that record or break, and page data."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.testing
+
+import trio_multifd as m
+
+PAGE = 4096
+
+
+def random_pages(pages: int, *, zero_every: int = 0, seed: int = 0) -> bytearray:
+    """Random bytes; with ``zero_every`` > 0, every that-many-th page is all zero."""
+    data = bytearray(random.Random(seed).randbytes(pages * PAGE))
+    if zero_every:
+        for page in range(0, pages, zero_every):
+            data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    return data
+
+
+def pattern(size: int) -> bytearray:
+    """A non-zero fill for targets, so zero pages and untouched pages both show."""
+    return bytearray(b"\xa5" * size)
+
+
+class TrackedStream(trio.abc.HalfCloseableStream):
+    """Wraps a stream, records whether it was closed, and can break after N bytes."""
+
+    def __init__(self, inner: trio.abc.Stream, *, break_after: int | None = None) -> None:
+        self.inner = inner
+        self.closed = False
+        self.sent = 0
+        self.break_after = break_after
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.break_after is not None and self.sent + len(data) > self.break_after:
+            keep = self.break_after - self.sent
+            if keep > 0:
+                await self.inner.send_all(memoryview(data)[:keep])
+            self.sent = self.break_after
+            await trio.aclose_forcefully(self.inner)
+            raise trio.BrokenResourceError("injected fault")
+        self.sent += len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        assert isinstance(self.inner, trio.abc.HalfCloseableStream)
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.inner.aclose()
+
+
+def memory_channels(
+    count: int, *, wrap: Callable[[int, trio.abc.Stream], trio.abc.Stream] | None = None
+) -> tuple[Callable[[int], Awaitable[trio.abc.Stream]], list[trio.abc.Stream]]:
+    """``count`` in-memory stream pairs: a sender ``connect`` and the receiver's ends."""
+    pairs = [trio.testing.memory_stream_pair() for _ in range(count)]
+    sender_ends: list[trio.abc.Stream] = [
+        wrap(i, a) if wrap else a for i, (a, _) in enumerate(pairs)
+    ]
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        return sender_ends[channel]
+
+    return connect, [b for _, b in pairs]
+
+
+def shuffled(offsets: list[int], seed: int) -> list[int]:
+    out = list(offsets)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def block_pair(name: str, pages: int, seed: int = 0) -> tuple[m.RAMBlock, m.RAMBlock]:
+    src = random_pages(pages, zero_every=7, seed=seed)
+    dst = pattern(pages * PAGE)
+    return m.RAMBlock(name, src), m.RAMBlock(name, dst)
+
+
+def urandom_page() -> bytes:
+    return os.urandom(PAGE)

@@ -1,0 +1,244 @@
+"""The transfer engine: pages land, rounds complete, the newest content wins."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+import trio_multifd as m
+
+from .helpers import PAGE, block_pair, memory_channels, pattern, random_pages, shuffled
+from .transfer import transfer
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 8])
+@pytest.mark.parametrize("via", ["tcp", "memory", "unix"])
+async def test_every_page_of_several_blocks_lands(channels: int, via: str) -> None:
+    a_src, a_dst = block_pair("pc.ram", 700, seed=1)
+    b_src, b_dst = block_pair("vga", 300, seed=2)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(a_src, shuffled(list(range(0, a_src.size, PAGE)), 3))
+        await sender.queue_pages(b_src, range(0, b_src.size, PAGE))
+        assert await sender.sync() == 1
+
+    with trio.fail_after(30):
+        sent, received, rounds = await transfer(
+            [a_src, b_src], [a_dst, b_dst], body, channels=channels, via=via
+        )
+    assert a_dst.view == a_src.view
+    assert b_dst.view == b_src.view
+    assert rounds == [1, 2]  # the body's round and the one sent at exit
+    assert sent.pages == received.pages == 1000
+    assert sent.zero_pages == received.zero_pages == 100 + 43
+    assert sent.bytes == received.bytes
+    assert received.rounds == 2
+
+
+async def test_pages_repeated_across_rounds_end_with_the_newest_content() -> None:
+    src = random_pages(256, seed=5)
+    source = m.RAMBlock("mem", src)
+    target = m.RAMBlock("mem", pattern(len(src)))
+    rng = random.Random(9)
+
+    async def body(sender: m.Sender) -> None:
+        for round_number in range(1, 11):
+            pages = rng.sample(range(256), 64)
+            for page in pages:
+                src[page * PAGE : page * PAGE + 8] = round_number.to_bytes(8, "big")
+            await sender.queue_pages(source, [p * PAGE for p in pages])
+            assert await sender.sync() == round_number
+        await sender.queue_pages(source, range(0, len(src), PAGE))
+
+    with trio.fail_after(30):
+        _, received, rounds = await transfer([source], [target], body, channels=4)
+    assert target.view == source.view
+    assert rounds == list(range(1, 12))
+    assert received.rounds == 11
+
+
+async def test_queue_page_one_at_a_time_and_block_switches_flush() -> None:
+    a_src, a_dst = block_pair("a", 40, seed=3)
+    b_src, b_dst = block_pair("b", 40, seed=4)
+
+    async def body(sender: m.Sender) -> None:
+        for page in range(40):
+            await sender.queue_page(a_src, page * PAGE)
+            await sender.queue_page(b_src, page * PAGE)
+
+    with trio.fail_after(20):
+        sent, _, _ = await transfer([a_src, b_src], [a_dst, b_dst], body, channels=2)
+    assert a_dst.view == a_src.view
+    assert b_dst.view == b_src.view
+    # Alternating blocks: every packet holds one page (a page of another block flushes).
+    assert sent.packets - sum(c.syncs for c in sent.channels) == 80
+
+
+async def test_sender_without_zero_page_detection_sends_zero_pages_as_data() -> None:
+    src, dst = block_pair("mem", 70, seed=8)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(20):
+        sent, _, _ = await transfer(
+            [src], [dst], body, sender_options={"zero_page_detection": "none"}
+        )
+    assert dst.view == src.view
+    assert sent.zero_pages == 0
+    assert sent.normal_pages == 70
+
+
+async def test_known_zero_target_skips_zero_pages_never_written() -> None:
+    data = random_pages(32, zero_every=2, seed=6)
+    source = m.RAMBlock("mem", data)
+    target_buffer = bytearray(len(data))
+    target = m.RAMBlock("mem", target_buffer, zeroed=True)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(source, range(0, len(data), PAGE))
+        await sender.sync()
+        data[0:PAGE] = b"\x01" * PAGE  # page 0 written, then zeroed again
+        await sender.queue_page(source, 0)
+        await sender.sync()
+        data[0:PAGE] = bytes(PAGE)
+        await sender.queue_page(source, 0)
+
+    # A poisoned byte in a never-written zero page shows whether the receiver touched it.
+    target_buffer[2 * PAGE] = 0x77
+    with trio.fail_after(20):
+        _, received, _ = await transfer([source], [target], body)
+    assert target_buffer[2 * PAGE] == 0x77
+    target_buffer[2 * PAGE] = 0
+    assert target_buffer == data
+    assert received.zero_pages == 17
+
+
+def make_packet(name: str, pages: dict[int, bytes], *, flags: int = 0, num: int = 0) -> bytes:
+    offsets = tuple(pages)
+    header = m.PacketHeader(
+        flags=flags,
+        pages_alloc=128,
+        normal_pages=len(offsets),
+        next_packet_size=PAGE * len(offsets),
+        packet_num=num,
+        block_name=name,
+        offsets=offsets,
+    )
+    return m.encode_packet_header(header) + b"".join(pages.values())
+
+
+def sync_packet(num: int = 0) -> bytes:
+    return m.encode_packet_header(
+        m.PacketHeader(
+            flags=m.Flag.SYNC, pages_alloc=128, normal_pages=0, next_packet_size=0, packet_num=num
+        )
+    )
+
+
+def handshake(channel: int, uuid_int: int = 7) -> bytes:
+    import uuid
+
+    return m.encode_handshake(m.Handshake(uuid=uuid.UUID(int=uuid_int), channel_id=channel))
+
+
+async def test_round_barrier_lets_the_newer_round_win_over_a_delayed_channel() -> None:
+    # Channel 0 carries page 0 in round 1 but is delayed; channel 1 already carries the
+    # page's round-2 content. Without the barrier the old content would land last.
+    old, new = b"\x01" * PAGE, b"\x02" * PAGE
+    target = m.RAMBlock("mem", pattern(2 * PAGE))
+    connect, ends = memory_channels(2)
+    s0, s1 = await connect(0), await connect(1)
+    with trio.fail_after(10):
+        async with m.open_receiver([target], channels=2) as receiver:
+            await s0.send_all(handshake(0))
+            await s1.send_all(
+                handshake(1) + sync_packet() + make_packet("mem", {0: new}) + sync_packet()
+            )
+            await receiver.add_channel(ends[0])
+            await receiver.add_channel(ends[1])
+            await trio.sleep(0.2)
+            assert receiver.rounds_completed == 0
+            assert target.view[:PAGE] == pattern(PAGE)
+            await s0.send_all(make_packet("mem", {0: old}) + sync_packet() + sync_packet())
+            assert await receiver.sync() == 1
+            assert await receiver.sync() == 2
+            assert target.view[:PAGE] == new
+            await s0.send_eof()  # type: ignore[attr-defined]
+            await s1.send_eof()  # type: ignore[attr-defined]
+            await receiver.wait_closed()
+
+
+async def test_channel_ending_with_pages_after_its_last_sync_is_an_error() -> None:
+    target = m.RAMBlock("mem", pattern(2 * PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    await s0.send_all(handshake(0) + make_packet("mem", {0: b"x" * PAGE}))
+    await s0.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(10), pytest.raises(m.TransferIncompleteError) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.wait_closed()
+    assert info.value.channel == 0
+    assert "after its last SYNC" in str(info.value)
+
+
+async def test_channel_ending_while_another_waits_at_a_later_sync_is_an_error() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(2)
+    s0, s1 = await connect(0), await connect(1)
+    await s0.send_all(handshake(0) + sync_packet())
+    await s1.send_all(handshake(1))
+    await s1.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(10), pytest.raises(m.TransferIncompleteError) as info:
+        async with m.open_receiver([target], channels=2) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.add_channel(ends[1])
+            await receiver.sync()
+    assert "waits at SYNC 1" in str(info.value) or "ended after round 0" in str(info.value)
+
+
+async def test_receiver_sync_that_can_never_complete_raises() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    await s0.send_all(handshake(0) + sync_packet())
+    await s0.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(10):
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ends[0])
+            assert await receiver.sync() == 1
+            with pytest.raises(m.TransferIncompleteError, match="round 2 cannot complete"):
+                await receiver.sync()
+            await receiver.wait_closed()
+
+
+async def test_uuid_none_adopts_the_first_channel_and_rejects_others() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(2)
+    s0, s1 = await connect(0), await connect(1)
+    await s0.send_all(handshake(0, uuid_int=1))
+    await s1.send_all(handshake(1, uuid_int=2))
+    with trio.fail_after(10), pytest.raises(m.UUIDMismatchError) as info:
+        async with m.open_receiver([target], channels=2) as receiver:
+            assert await receiver.add_channel(ends[0]) == 0
+            await receiver.add_channel(ends[1])
+    assert info.value.channel == 1
+
+
+async def test_stats_count_packets_pages_and_bytes_per_channel() -> None:
+    src, dst = block_pair("mem", 256, seed=12)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(20):
+        sent, received, _ = await transfer([src], [dst], body, channels=2)
+    assert sent.channels == received.channels
+    header = m.header_size(128)
+    expected_bytes = 2 * 64 + sent.packets * header + sent.normal_pages * PAGE
+    assert sent.bytes == expected_bytes
+    assert sent.page_bytes == 256 * PAGE
+    assert sum(c.syncs for c in sent.channels) == 2

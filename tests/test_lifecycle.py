@@ -1,0 +1,193 @@
+"""Teardown and errors: one clear exception, nothing left running or open."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+
+import trio_multifd as m
+
+from . import captures
+from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern
+from .transfer import listening
+
+
+async def test_qemu_capture_replays_into_a_receiver_then_reports_the_cut() -> None:
+    data = captures.load("nocomp")
+    ram = captures.nocomp_guest_ram()
+    target = m.RAMBlock("mem", pattern(captures.GUEST_RAM_SIZE))
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(data)
+    await feed.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(20), pytest.raises(m.TruncatedError) as info:
+        async with m.open_receiver([target], channels=1, uuid=uuid.UUID(int=0)) as receiver:
+            assert await receiver.add_channel(ends[0]) == 0
+            assert await receiver.sync() == 1
+            await receiver.wait_closed()
+    assert info.value.channel == 0
+    assert str(info.value).startswith("channel 0")
+    assert "inside a payload" in str(info.value)
+    # Whole packets: pages 0..895 (offsets 0, 1 MiB, ... in runs of 128). The cut packet
+    # (pages 1792..1919 here) may have landed a prefix, and one page partly.
+    whole = {p for n in range(7) for p in range(n * 256, n * 256 + 128)}
+    partly = 0
+    for page in range(captures.GUEST_RAM_SIZE // PAGE):
+        got = bytes(target.view[page * PAGE : (page + 1) * PAGE])
+        want = ram[page * PAGE : (page + 1) * PAGE]
+        if page in whole:
+            assert got == want, page
+        elif 1792 <= page < 1920 and got != want and got != pattern(PAGE):
+            partly += 1
+        elif not 1792 <= page < 1920:
+            assert got == pattern(PAGE), page
+    assert partly <= 1
+    assert receiver.stats.normal_pages == 896
+
+
+async def _sender_with_broken_channel(
+    via_memory: bool,
+) -> tuple[list[TrackedStream], BaseException, BaseException]:
+    src, dst = block_pair("mem", 512, seed=1)
+    tracked: list[TrackedStream] = []
+    receiver_error: BaseException | None = None
+    sender_error: BaseException | None = None
+
+    def wrap(channel: int, stream: trio.abc.Stream) -> trio.abc.Stream:
+        t = TrackedStream(stream, break_after=300_000 if channel == 1 else None)
+        tracked.append(t)
+        return t
+
+    async def run_receiver(
+        ends: list[trio.abc.Stream], task_status: trio.TaskStatus[m.Receiver]
+    ) -> None:
+        nonlocal receiver_error
+        try:
+            async with m.open_receiver([dst], channels=2) as receiver:
+                task_status.started(receiver)
+                for end in ends:
+                    await receiver.add_channel(end)
+                await receiver.wait_closed()
+        except m.MultiFDError as exc:
+            receiver_error = exc
+
+    connect, ends = memory_channels(2, wrap=wrap)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_receiver, ends)
+        try:
+            async with m.open_sender(connect, channels=2) as sender:
+                await sender.queue_pages(src.__class__("mem", src.view), range(0, src.size, PAGE))
+                await sender.sync()
+        except m.MultiFDError as exc:
+            sender_error = exc
+    assert sender_error is not None and receiver_error is not None
+    return tracked, sender_error, receiver_error
+
+
+async def test_a_channel_failing_mid_transfer_fails_both_ends_and_closes_everything() -> None:
+    with trio.fail_after(20):
+        tracked, sender_error, receiver_error = await _sender_with_broken_channel(True)
+    assert isinstance(sender_error, m.TransportError)
+    assert sender_error.channel == 1
+    assert isinstance(receiver_error, m.TruncatedError | m.TransportError)
+    assert receiver_error.channel == 1
+    assert all(t.closed for t in tracked)
+    assert isinstance(sender_error.__cause__, BaseException)
+
+
+async def test_application_exception_passes_through_unchanged_and_closes_channels() -> None:
+    src, dst = block_pair("mem", 16)
+    connect, ends = memory_channels(2, wrap=lambda i, s: TrackedStream(s))
+    opened: list[trio.abc.Stream] = []
+
+    async def tracking_connect(channel: int) -> trio.abc.Stream:
+        stream = await connect(channel)
+        opened.append(stream)
+        return stream
+
+    class Boom(Exception):
+        pass
+
+    boom = Boom()
+    with trio.fail_after(10), pytest.raises(m.MultiFDError):
+        async with m.open_receiver([dst], channels=2) as receiver:
+            async with trio.open_nursery() as nursery:
+                for end in ends:
+                    nursery.start_soon(receiver.add_channel, end)
+                with pytest.raises(Boom) as info:
+                    async with m.open_sender(tracking_connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                        raise boom
+                assert info.value is boom
+                assert all(isinstance(s, TrackedStream) and s.closed for s in opened)
+            await receiver.wait_closed()
+
+
+async def test_keyboard_interrupt_in_the_body_shuts_down_cleanly() -> None:
+    src, _ = block_pair("mem", 4)
+    connect, _ = memory_channels(1)
+    with trio.fail_after(10), pytest.raises(KeyboardInterrupt):
+        async with m.open_sender(connect, channels=1) as sender:
+            await sender.queue_page(src, 0)
+            raise KeyboardInterrupt
+
+
+async def test_cancellation_from_outside_shuts_the_sender_down() -> None:
+    src, _ = block_pair("mem", 4)
+    connect, _ = memory_channels(2)
+    with trio.fail_after(10):
+        with trio.move_on_after(0.2) as scope:
+            async with m.open_sender(connect, channels=2) as sender:
+                await sender.queue_page(src, 0)
+                await sender.sync()  # nobody reads: waits until cancelled
+        assert scope.cancelled_caught
+
+
+async def test_receiver_failure_reaches_the_sender_as_a_multifd_error_over_tcp() -> None:
+    src, _ = block_pair("mem", 256)
+    wrong = m.RAMBlock("other", pattern(256 * PAGE))
+    sender_error: BaseException | None = None
+    receiver_error: BaseException | None = None
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect):
+            async with trio.open_nursery() as nursery:
+
+                async def receive(task_status: trio.TaskStatus[None]) -> None:
+                    nonlocal receiver_error
+                    try:
+                        async with m.open_receiver([wrong], channels=2) as receiver:
+                            await nursery.start(receiver.serve, listeners)
+                            task_status.started()
+                            await receiver.wait_closed()
+                    except m.MultiFDError as exc:
+                        receiver_error = exc
+
+                await nursery.start(receive)
+                try:
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                        await sender.sync()
+                except m.MultiFDError as exc:
+                    sender_error = exc
+    assert isinstance(receiver_error, m.UnknownBlockError)
+    assert isinstance(sender_error, m.TransportError | m.DeliveryError)
+
+
+async def test_sender_exit_reports_failure_when_the_receiver_leaves_early() -> None:
+    src, dst = block_pair("mem", 8)
+
+    async def receive_then_leave() -> None:
+        async with m.open_receiver([dst], channels=2) as receiver:
+            await receiver.serve(listeners)
+        # Left before the transfer completed: every channel was reset.
+
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive_then_leave)
+                with pytest.raises((m.DeliveryError, m.TransportError)) as info:
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+    assert info.value.channel in (0, 1)

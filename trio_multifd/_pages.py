@@ -1,0 +1,78 @@
+"""Page batches and the page-level helpers both sides share: runs of contiguous pages
+and zero-page detection."""
+
+from __future__ import annotations
+
+from typing import final
+
+import attrs
+
+from ._block import RAMBlock
+from ._wire import PACKET_SIZE
+
+__all__ = ["ZEROS", "PageBatch", "page_runs", "split_zero_pages"]
+
+ZEROS = bytes(PACKET_SIZE)
+"""One packet of zero bytes: compared against and copied from, never written."""
+
+
+@final
+@attrs.define(eq=False)
+class PageBatch:
+    """The pages queued for one packet: one block, up to ``page_count`` offsets.
+
+    A fixed set of batches circulates between the sender's main side and its channel
+    tasks (QEMU's batch swap), so no batch is allocated per packet.
+    """
+
+    block: RAMBlock | None = None
+    offsets: list[int] = attrs.Factory(list)
+
+    def clear(self) -> None:
+        """Empty the batch for reuse (the list keeps its capacity)."""
+        self.block = None
+        self.offsets.clear()
+
+
+def page_runs(offsets: tuple[int, ...] | list[int], page_size: int) -> list[tuple[int, int]]:
+    """Group offsets, in their order, into runs ``(start, length in bytes)`` of pages
+    that follow each other in memory, so each run moves as one buffer."""
+    if not offsets:
+        return []
+    first = offsets[0]
+    count = len(offsets)
+    # The common case (a sequential scan) is recognised in one C-level comparison.
+    if offsets[-1] == first + (count - 1) * page_size and list(offsets) == list(
+        range(first, first + count * page_size, page_size)
+    ):
+        return [(first, count * page_size)]
+    runs = []
+    start = prev = first
+    for offset in offsets[1:]:
+        if offset != prev + page_size:
+            runs.append((start, prev + page_size - start))
+            start = offset
+        prev = offset
+    runs.append((start, prev + page_size - start))
+    return runs
+
+
+def split_zero_pages(
+    view: memoryview, offsets: list[int], page_size: int
+) -> tuple[list[int], list[int]]:
+    """Split ``offsets`` into (normal, zero) pages by their content in ``view``.
+
+    Whole runs are compared against zeros first (memcmp speed); only a run that is not
+    all zero is looked at page by page, and a page with a non-zero first byte costs one
+    byte of comparison.
+    """
+    normal: list[int] = []
+    zero: list[int] = []
+    is_zero = ZEROS.startswith
+    for start, length in page_runs(offsets, page_size):
+        if is_zero(view[start : start + length]):
+            zero.extend(range(start, start + length, page_size))
+            continue
+        for offset in range(start, start + length, page_size):
+            (zero if is_zero(view[offset : offset + page_size]) else normal).append(offset)
+    return normal, zero

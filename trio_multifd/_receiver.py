@@ -1,0 +1,493 @@
+"""The receiving end: :func:`open_receiver`, :class:`Receiver` and its channel tasks.
+
+QEMU's receive threads post ``sem_sync`` at each SYNC packet and wait on their own
+semaphore until the main thread has seen every channel arrive. Here the channel tasks
+wait for each other directly: a round completes when every channel has reached its SYNC,
+so no page of round n+1 is written before every channel has finished round n. Every
+state change (a round completed, a channel ended) wakes the waiters of one parking lot,
+which re-check their own condition.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import final
+
+import trio
+
+from ._block import BlockTable, RAMBlock
+from ._errors import (
+    CompressionMismatchError,
+    DuplicateChannelError,
+    FeatureError,
+    HandshakeTimeoutError,
+    MultiFDError,
+    PayloadSizeError,
+    ProtocolError,
+    TooManyChannelsError,
+    TransferIncompleteError,
+    TransportError,
+)
+from ._methods import Decoder, Method, get_method, method_for_flag
+from ._pages import ZEROS, page_runs
+from ._stats import TransferStats
+from ._supervisor import Supervisor, logger
+from ._transport import Transport, open_transport
+from ._wire import (
+    HANDSHAKE_SIZE,
+    Flag,
+    PacketHeader,
+    decode_handshake,
+    decode_packet_header,
+    header_size,
+    page_count_for,
+)
+
+__all__ = ["Receiver", "open_receiver"]
+
+
+@final
+class Receiver:
+    """The receiving end of a transfer; made by :func:`open_receiver`.
+
+    Attributes:
+        channels: The number of channels expected.
+        uuid: The transfer's uuid: as given, or adopted from the first channel.
+        page_size: Bytes per page (the blocks').
+        stats: Counters per channel and in total (:class:`TransferStats`).
+    """
+
+    def __init__(
+        self,
+        blocks: Iterable[RAMBlock],
+        *,
+        channels: int,
+        uuid: uuid_mod.UUID | None,
+        compression: str,
+        handshake_timeout: float | None,
+        receive_timeout: float | None,
+    ) -> None:
+        blocks = list(blocks)
+        if not isinstance(channels, int) or not 1 <= channels <= 255:
+            raise ValueError(f"channels must be 1..255, got {channels!r}")
+        if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
+            raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
+        for name, value in (("handshake", handshake_timeout), ("receive", receive_timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}_timeout must be positive or None, got {value!r}")
+        self._method: Method = get_method(compression)
+        page_size = blocks[0].page_size if blocks and isinstance(blocks[0], RAMBlock) else 4096
+        self._table = BlockTable(blocks, page_size=page_size)
+        self.page_size = page_size
+        self._page_count = page_count_for(page_size)
+        self.channels = channels
+        self.uuid = uuid
+        self.stats = TransferStats.for_channels(channels)
+        self._handshake_timeout = handshake_timeout
+        self._receive_timeout = receive_timeout
+        self._supervisor = Supervisor("receiver")
+        self._changed = trio.lowlevel.ParkingLot()
+        self._connected: set[int] = set()
+        self._syncs = [0] * channels
+        self._open_pages = [0] * channels
+        self._ended: dict[int, int] = {}
+        self._completed = 0
+        self._sync_calls = 0
+        # A known-zero block gets a zero page written only over a page written before.
+        self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
+        self._limiter = trio.CapacityLimiter(max(1, min(channels, os.cpu_count() or 1)))
+
+    @property
+    def blocks(self) -> tuple[RAMBlock, ...]:
+        """The target blocks."""
+        return self._table.blocks
+
+    @property
+    def rounds_completed(self) -> int:
+        """How many SYNC rounds are complete on every channel."""
+        return self._completed
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.unpark_all()
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.park()
+
+    def _all_ended(self) -> bool:
+        return len(self._ended) == self.channels
+
+    async def sync(self) -> int:
+        """Wait for the next SYNC round: the n-th call returns n once round n is complete
+        on every channel (at once if it already is).
+
+        Returns:
+            The round number.
+
+        Raises:
+            TransferIncompleteError: Every channel has ended and round n never completed.
+        """
+        self._sync_calls += 1
+        number = self._sync_calls
+        await trio.lowlevel.checkpoint()
+
+        def ready() -> bool:
+            return self._completed >= number or self._all_ended()
+
+        await self._wait_until(ready)
+        if self._completed < number:
+            raise TransferIncompleteError(
+                f"round {number} cannot complete: every channel has ended after round"
+                f" {self._completed}"
+            )
+        return number
+
+    async def wait_closed(self) -> None:
+        """Wait until the sender has finished: every channel at a clean end of stream
+        after its last SYNC, every round complete."""
+        await trio.lowlevel.checkpoint()
+        await self._wait_until(self._all_ended)
+
+    # -- channels -----------------------------------------------------------------------------
+
+    async def add_channel(self, stream: trio.abc.Stream) -> int:
+        """Read and check a channel's handshake, then start its receive task.
+
+        From the call on, the receiver owns ``stream`` and closes it on any error or
+        cancellation, handshake included. A bad handshake fails the whole transfer (as in
+        QEMU) and is also raised here.
+
+        Returns:
+            The channel id.
+
+        Raises:
+            ProtocolError: A subclass naming what was wrong with the handshake.
+            HandshakeTimeoutError: No complete handshake within ``handshake_timeout``.
+        """
+        try:
+            transport, channel = await self._handshake(stream)
+        except MultiFDError as exc:
+            self._supervisor.fail(exc)
+            raise
+        self._start_channel(transport, channel)
+        return channel
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[Transport, int]:
+        transport = open_transport(stream, channel=None, receive_timeout=self._receive_timeout)
+        try:
+            buffer = bytearray(HANDSHAKE_SIZE)
+            timeout = self._handshake_timeout
+            with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+                await _complete_tls_handshake(stream)
+                await transport.receive_into([memoryview(buffer)], "the handshake")
+            if scope.cancelled_caught:
+                raise HandshakeTimeoutError(
+                    f"no complete handshake within handshake_timeout={timeout}s"
+                )
+            handshake = decode_handshake(buffer, channels=self.channels, uuid=self.uuid)
+            channel = handshake.channel_id
+            if len(self._connected) >= self.channels:
+                raise TooManyChannelsError(
+                    f"a channel connected after all {self.channels} channels were set up",
+                    field="id",
+                    value=channel,
+                    limit=self.channels,
+                    channel=channel,
+                )
+            if channel in self._connected:
+                raise DuplicateChannelError(
+                    f"a second handshake for channel id {channel}",
+                    field="id",
+                    value=channel,
+                    channel=channel,
+                )
+            if handshake.features:
+                raise FeatureError(
+                    f"the sender announces features {handshake.features:#x}, this receiver"
+                    " supports none of them",
+                    field="features",
+                    value=handshake.features,
+                    limit=0,
+                    channel=channel,
+                )
+        except BaseException:
+            await transport.reset()
+            raise
+        if self.uuid is None:
+            self.uuid = handshake.uuid
+        self._connected.add(channel)
+        transport.channel = channel
+        self.stats.channels[channel].bytes += HANDSHAKE_SIZE
+        logger.info("receiver: channel %d connected (uuid %s)", channel, handshake.uuid)
+        return transport, channel
+
+    def _start_channel(self, transport: Transport, channel: int) -> None:
+        self._supervisor.nursery.start_soon(
+            self._run_channel, transport, channel, name=f"multifd receive {channel}"
+        )
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept channels from ``listeners`` until ``channels`` handshakes are done.
+
+        A connection whose handshake fails or times out is logged and closed, and
+        accepting goes on (a listening port meets scanners): only good channels count.
+        Stopping the accept loop does not cancel handshakes already under way. Use with
+        ``nursery.start`` to know when it accepts.
+        """
+        async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(self._accept, listener, handshakes, accepting)
+            task_status.started()
+
+    async def _accept(
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        handshakes: trio.Nursery,
+        accepting: trio.Nursery,
+    ) -> None:
+        async def handshake(stream: trio.abc.Stream) -> None:
+            try:
+                transport, channel = await self._handshake(stream)
+            except MultiFDError as exc:
+                logger.warning("receiver: refused a connection: %s", exc)
+                return
+            self._start_channel(transport, channel)
+            if len(self._connected) == self.channels:
+                accepting.cancel_scope.cancel()
+
+        while True:
+            stream = await listener.accept()
+            handshakes.start_soon(handshake, stream)
+
+    # -- the channel task ---------------------------------------------------------------------
+
+    async def _run_channel(self, transport: Transport, channel: int) -> None:
+        decoder: Decoder | None = None
+        clean = False
+        try:
+            if self._method.compresses:
+                decoder = self._method.new_decoder()
+            await self._receive_packets(transport, channel, decoder)
+            # The stream ended cleanly after its last SYNC; once every channel has, the
+            # transfer is complete and the clean close tells the sender so.
+            await self._wait_until(self._all_ended)
+            await transport.aclose()
+            clean = True
+            logger.info("receiver: channel %d done", channel)
+        except MultiFDError as exc:
+            self._supervisor.fail(exc, channel=channel)
+            raise
+        finally:
+            if decoder is not None:
+                decoder.close()
+            if not clean:
+                await transport.reset()
+
+    async def _receive_packets(
+        self, transport: Transport, channel: int, decoder: Decoder | None
+    ) -> None:
+        size = header_size(self._page_count)
+        buffer = memoryview(bytearray(size))
+        payload_buffer: memoryview | None = None
+        if decoder is not None:
+            payload_buffer = memoryview(
+                bytearray(self._method.payload_bound(self._page_count * self.page_size))
+            )
+        stats = self.stats.channels[channel]
+        while True:
+            if not await transport.receive_or_eof(buffer, "a packet header"):
+                self._end_channel(channel)
+                return
+            header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
+            stats.packets += 1
+            stats.bytes += size
+            try:
+                if header.carries_pages:
+                    await self._receive_pages(transport, channel, header, decoder, payload_buffer)
+            except ProtocolError as exc:
+                exc.channel = channel
+                if exc.packet_num is None:
+                    exc.packet_num = header.packet_num
+                raise
+            if header.is_sync:
+                stats.syncs += 1
+                await self._arrive(channel)
+                if header.flags & Flag.END_OF_STREAM:
+                    self._end_channel(channel)
+                    return
+
+    def _check_method(self, header: PacketHeader) -> None:
+        if header.compression == self._method.flag:
+            return
+        # Raises UnsupportedCompressionError for a method not available here.
+        theirs = method_for_flag(header.compression)
+        raise CompressionMismatchError(
+            f"packet is compressed with {theirs.name!r}, the receiver expects"
+            f" {self._method.name!r}",
+            field="flags",
+            value=header.flags,
+            limit=self._method.flag,
+        )
+
+    async def _receive_pages(
+        self,
+        transport: Transport,
+        channel: int,
+        header: PacketHeader,
+        decoder: Decoder | None,
+        payload_buffer: memoryview | None,
+    ) -> None:
+        self._check_method(header)
+        block = self._table.resolve(header, channel=channel)
+        page_size = self.page_size
+        view = block.view
+        normal = header.offsets[: header.normal_pages]
+        stats = self.stats.channels[channel]
+        if normal:
+            expected = len(normal) * page_size
+            payload = header.next_packet_size
+            bound = expected if decoder is None else self._method.payload_bound(expected)
+            if not (1 <= payload <= bound) or (decoder is None and payload != expected):
+                raise PayloadSizeError(
+                    f"next_packet_size is {payload}, outside 1..{bound} for"
+                    f" {len(normal)} pages of method {self._method.name!r}",
+                    field="next_packet_size",
+                    value=payload,
+                    limit=bound,
+                )
+            runs = [view[start : start + length] for start, length in page_runs(normal, page_size)]
+            if decoder is None:
+                await transport.receive_into(runs, "a payload")
+            else:
+                assert payload_buffer is not None
+                data = payload_buffer[:payload]
+                await transport.receive_into([data], "a payload")
+                await trio.to_thread.run_sync(
+                    decoder.decode_into, data, runs, limiter=self._limiter
+                )
+            stats.bytes += payload
+            self._open_pages[channel] += len(normal)
+            received = self._received.get(block.name)
+            if received is not None:
+                for offset in normal:
+                    received[offset // page_size] = 1
+        zero = header.offsets[header.normal_pages :]
+        if zero:
+            received = self._received.get(block.name)
+            if received is not None:
+                # Known-zero target: skip pages never written, so they stay untouched.
+                zero = tuple(o for o in zero if received[o // page_size])
+            for start, length in page_runs(zero, page_size):
+                view[start : start + length] = ZEROS[:length]
+            self._open_pages[channel] += header.zero_pages
+        stats.normal_pages += header.normal_pages
+        stats.zero_pages += header.zero_pages
+        stats.page_bytes += (header.normal_pages + header.zero_pages) * page_size
+
+    async def _arrive(self, channel: int) -> None:
+        number = self._syncs[channel] + 1
+        self._syncs[channel] = number
+        self._open_pages[channel] = 0
+        for other, last in self._ended.items():
+            if last < number:
+                raise TransferIncompleteError(
+                    f"reached SYNC {number}, but channel {other} ended after round {last}"
+                )
+        arrived = sum(1 for s in self._syncs if s >= number)
+        if arrived == self.channels:
+            self._completed = number
+            self.stats.rounds = number
+            logger.debug("receiver: round %d complete", number)
+            self._notify()
+            return
+        await self._wait_until(lambda: self._completed >= number)
+
+    def _end_channel(self, channel: int) -> None:
+        last = self._syncs[channel]
+        if self._open_pages[channel]:
+            raise TransferIncompleteError(
+                f"stream ended with {self._open_pages[channel]} pages after its last SYNC"
+                f" (round {last + 1} never completed)"
+            )
+        waiting = [c for c, s in enumerate(self._syncs) if s > last]
+        if waiting:
+            raise TransferIncompleteError(
+                f"stream ended after round {last} while channel {waiting[0]} waits at SYNC"
+                f" {self._syncs[waiting[0]]}"
+            )
+        self._ended[channel] = last
+        logger.info("receiver: channel %d reached its end after round %d", channel, last)
+        self._notify()
+
+
+async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:
+    # A TLS handshake counts against handshake_timeout too, and its failure is a
+    # transport error of this connection.
+    if isinstance(stream, trio.SSLStream):
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportError(f"TLS handshake failed: {exc.__cause__ or exc!r}") from exc
+
+
+@asynccontextmanager
+async def open_receiver(
+    blocks: Iterable[RAMBlock],
+    *,
+    channels: int = 2,
+    uuid: uuid_mod.UUID | None = None,
+    compression: str = "none",
+    handshake_timeout: float | None = 10.0,
+    receive_timeout: float | None = None,
+) -> AsyncIterator[Receiver]:
+    """Open the receiving end of a transfer into ``blocks``.
+
+    Channels join with :meth:`Receiver.add_channel` (a stream you accepted) or
+    :meth:`Receiver.serve` (listeners). Leaving the block never waits for the peer: it
+    closes every channel (with a reset, unless the transfer completed).
+
+    Args:
+        blocks: The target blocks, writable, all with the same page size; packets name
+            them by :attr:`RAMBlock.name`.
+        channels: How many channels the sender opens.
+        uuid: The transfer's uuid; ``None`` adopts the first channel's and then rejects
+            channels of any other transfer. Not authentication: use TLS for that.
+        compression: The method the sender uses (``"none"``, ``"zlib"``, ``"zstd"``...).
+        handshake_timeout: Seconds from :meth:`Receiver.add_channel` (or the accept in
+            :meth:`Receiver.serve`) to a complete handshake, TLS included; ``None`` waits
+            forever.
+        receive_timeout: Seconds a channel may sit inside a packet with no byte arriving;
+            ``None`` (the default) waits forever.
+
+    Raises:
+        ValueError: A bad argument (no blocks, read-only or mixed page sizes, method).
+        MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
+    """
+    receiver = Receiver(
+        blocks,
+        channels=channels,
+        uuid=uuid,
+        compression=compression,
+        handshake_timeout=handshake_timeout,
+        receive_timeout=receive_timeout,
+    )
+
+    async def start(nursery: trio.Nursery) -> None:
+        pass
+
+    async def finish() -> None:
+        # Leaving never waits for peers: cancelling the channel tasks closes them all.
+        receiver._supervisor.nursery.cancel_scope.cancel()
+
+    async with receiver._supervisor.run(start, finish):
+        yield receiver

@@ -1,0 +1,95 @@
+"""Structured teardown shared by both ends: first error wins, everything is cancelled,
+and the user sees one exception.
+
+This replaces QEMU's ``terminate_threads`` (an atomic "exiting" flag, semaphores posted
+to wake every waiter, channels shut down by hand) with a nursery's cancel scope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import final
+
+import trio
+
+from ._errors import MultiFDError
+
+__all__ = ["Supervisor", "logger"]
+
+logger = logging.getLogger("trio_multifd")
+
+
+@final
+class Supervisor:
+    """Owns a transfer's nursery and decides what leaves its ``async with``."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.error: MultiFDError | None = None
+        self._errors: list[MultiFDError] = []
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The nursery of the transfer's tasks."""
+        assert self._nursery is not None
+        return self._nursery
+
+    def fail(self, exc: MultiFDError, *, channel: int | None = None) -> None:
+        """Record ``exc`` (of ``channel``, when it names none yet); the first one
+        recorded cancels the whole transfer."""
+        if exc.channel is None:
+            exc.channel = channel
+        self._errors.append(exc)
+        if self.error is not None:
+            return
+        self.error = exc
+        logger.error("%s failed: %s", self.role, exc)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _is_ours(self, exc: BaseException) -> bool:
+        if isinstance(exc, BaseExceptionGroup):
+            return all(self._is_ours(e) for e in exc.exceptions)
+        return isinstance(exc, trio.Cancelled) or any(exc is e for e in self._errors)
+
+    def _outcome(self, exc: BaseException, body_exc: BaseException | None) -> BaseException:
+        if body_exc is not None and not self._is_ours(body_exc):
+            # The application's own exception (KeyboardInterrupt included) passes
+            # through as it was raised, not wrapped in our nursery's group.
+            return body_exc
+        if self.error is not None:
+            if exc is not self.error:
+                self.error.__cause__ = exc
+            return self.error
+        return exc
+
+    @asynccontextmanager
+    async def run(
+        self,
+        start: Callable[[trio.Nursery], Awaitable[None]],
+        finish: Callable[[], Awaitable[None]],
+    ) -> AsyncIterator[None]:
+        """Run ``start``, the body, then ``finish``, all inside the transfer's nursery."""
+        pending: BaseException | None = None
+        body_exc: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await start(nursery)
+                try:
+                    yield
+                except BaseException as exc:
+                    body_exc = exc
+                    raise
+                await finish()
+        except BaseException as exc:
+            pending = self._outcome(exc, body_exc)
+        else:
+            # The nursery absorbs the Cancelled of its own scope: the recorded error
+            # must be raised explicitly, or the body's failure would pass as success.
+            pending = self.error
+        if pending is not None:
+            raise pending

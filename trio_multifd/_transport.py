@@ -1,0 +1,323 @@
+"""Moving a channel's bytes: a zero-copy path for sockets and a generic path for streams.
+
+Every failure of the underlying stream leaves this module as a
+:class:`~trio_multifd.MultiFDError` naming the channel: :class:`TransportError` for a
+broken stream, :class:`TruncatedError` for an end of stream inside a structure,
+:class:`SendStalledError` / :class:`ReceiveTimeoutError` for a peer that stopped moving.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket as stdlib_socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._errors import (
+    DeliveryError,
+    ReceiveTimeoutError,
+    SendStalledError,
+    TransportError,
+    TruncatedError,
+)
+
+__all__ = ["Transport", "open_transport"]
+
+Buffer = bytes | bytearray | memoryview
+
+# Closing with SO_LINGER {on, 0} sends a TCP reset: how the receiver tells a sender that
+# a channel failed (a clean FIN means "everything read and completed").
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_FAILED = b"!"
+
+
+def _find_socket(stream: object) -> trio.socket.SocketType | None:
+    # SocketStream exposes .socket; SSLStream and friends wrap another stream in
+    # .transport_stream: walk down to the socket, if there is one.
+    for _ in range(8):
+        sock = getattr(stream, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            return sock
+        stream = getattr(stream, "transport_stream", None)
+        if stream is None:
+            return None
+    return None
+
+
+def _advance(buffers: list[memoryview], sent: int) -> list[memoryview]:
+    while sent:
+        first = buffers[0]
+        if sent < len(first):
+            buffers[0] = first[sent:]
+            return buffers
+        sent -= len(first)
+        del buffers[0]
+    return buffers
+
+
+def _deadline_scope(timeout: float | None) -> trio.CancelScope:
+    return trio.move_on_after(math.inf if timeout is None else timeout)
+
+
+class Transport:
+    """One channel's stream, with the operations the engine needs.
+
+    Attributes:
+        channel: The channel id, named in every error (``None`` before the handshake).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        channel: int | None,
+        send_timeout: float | None = None,
+        receive_timeout: float | None = None,
+    ) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.send_timeout = send_timeout
+        self.receive_timeout = receive_timeout
+        self.closed = False
+
+    @property
+    def can_half_close(self) -> bool:
+        """Whether the stream can signal EOF and still receive (not so for TLS)."""
+        return isinstance(self.stream, trio.abc.HalfCloseableStream)
+
+    def _broken(self, exc: BaseException, doing: str) -> TransportError:
+        err = TransportError(f"stream failed while {doing}: {exc!r}", channel=self.channel)
+        err.__cause__ = exc
+        return err
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        """Send every byte of ``parts`` in order."""
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        with _deadline_scope(self.send_timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise self._broken(exc, "sending") from exc
+        if scope.cancelled_caught:
+            raise SendStalledError(
+                f"sending a packet took longer than send_timeout={self.send_timeout}s",
+                channel=self.channel,
+            )
+
+    async def _receive_some(self, max_bytes: int, what: str) -> bytes | bytearray:
+        with _deadline_scope(self.receive_timeout) as scope:
+            try:
+                return await self.stream.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise self._broken(exc, f"receiving {what}") from exc
+        assert scope.cancelled_caught
+        raise ReceiveTimeoutError(
+            f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s",
+            channel=self.channel,
+        )
+
+    async def receive_into(self, views: Sequence[memoryview], what: str) -> None:
+        """Fill ``views`` exactly from the stream, never reading past them.
+
+        Raises:
+            TruncatedError: The stream ended first.
+        """
+        total = sum(len(v) for v in views)
+        got = 0
+        for view in views:
+            pos = 0
+            while pos < len(view):
+                # Asking for no more than the view still needs: no byte of the next
+                # structure is ever read here, so no buffer of leftovers is needed.
+                data = await self._receive_some(len(view) - pos, what)
+                if not data:
+                    self._truncated(what, got + pos, total)
+                view[pos : pos + len(data)] = data
+                pos += len(data)
+            got += pos
+
+    async def receive_or_eof(self, view: memoryview, what: str) -> bool:
+        """Fill ``view``; return ``False`` for a clean end of stream before its first byte."""
+        # Without a timeout: a healthy channel may sit idle between packets for any time.
+        saved, self.receive_timeout = self.receive_timeout, None
+        try:
+            data = await self._receive_some(len(view), what)
+        finally:
+            self.receive_timeout = saved
+        if not data:
+            return False
+        view[: len(data)] = data
+        if len(data) < len(view):
+            await self.receive_into([view[len(data) :]], what)
+        return True
+
+    def _truncated(self, what: str, got: int, total: int) -> None:
+        raise TruncatedError(
+            f"stream ended inside {what} after {got} of {total} bytes",
+            field="stream",
+            value=got,
+            limit=total,
+            channel=self.channel,
+        )
+
+    async def finish(self, within: float | None) -> None:
+        """Half-close, then wait for the peer's clean close (the delivery confirmation).
+
+        Raises:
+            DeliveryError: The peer reset the stream, sent data, or did not close within
+                ``within`` seconds.
+        """
+        if self.can_half_close:
+            assert isinstance(self.stream, trio.abc.HalfCloseableStream)
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise DeliveryError(
+                    f"could not half-close the stream: {exc!r}", channel=self.channel
+                ) from exc
+        with _deadline_scope(within) as scope:
+            try:
+                data = await self.stream.receive_some(1)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise DeliveryError(
+                    "the receiver did not confirm the transfer: its stream failed"
+                    f" ({exc!r}); it reported an error or stopped early",
+                    channel=self.channel,
+                ) from exc
+        if scope.cancelled_caught:
+            raise DeliveryError(
+                f"the receiver did not close the channel within {within}s after the final SYNC",
+                channel=self.channel,
+            )
+        if data:
+            raise DeliveryError(
+                "the receiver sent data instead of closing the channel", channel=self.channel
+            )
+
+    async def aclose(self) -> None:
+        """Close cleanly (the peer sees an orderly end of stream)."""
+        self.closed = True
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+    async def reset(self) -> None:
+        """Close at once, so that the peer learns of a failure.
+
+        On TCP that is a reset (``SO_LINGER`` 0). Other streams (Unix sockets, memory
+        streams) have no reset: one byte is written first, which a sender waiting for the
+        clean close reads as the failure it is (a QEMU destination never writes on a
+        multifd channel), and which a receiver cannot take for a packet boundary.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        sock = _find_socket(self.stream)
+        if sock is not None and sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+            try:
+                sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        else:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.2):
+                try:
+                    await self.stream.send_all(_FAILED)
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    trio.BusyResourceError,
+                    OSError,
+                ):
+                    pass
+        await trio.aclose_forcefully(self.stream)
+
+
+class SocketTransport(Transport):
+    """The fast path: ``sendmsg`` scatter-gather from the blocks' memory and
+    ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
+        super().__init__(stream, **kw)
+        self.sock = sock
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        buffers = [memoryview(p) for p in parts]
+        while buffers:
+            # send_timeout bounds each wait for progress, not the whole packet: a slow
+            # but moving peer is not stalled.
+            with _deadline_scope(self.send_timeout):
+                try:
+                    sent = await self.sock.sendmsg(buffers)
+                except OSError as exc:
+                    if exc.errno == errno.EBADF:
+                        raise self._broken(trio.ClosedResourceError(), "sending") from exc
+                    raise self._broken(exc, "sending") from exc
+                buffers = _advance(buffers, sent)
+                continue
+            raise SendStalledError(
+                f"the peer accepted no byte for send_timeout={self.send_timeout}s",
+                channel=self.channel,
+            )
+
+    async def receive_into(self, views: Sequence[memoryview], what: str) -> None:
+        buffers = list(views)
+        total = sum(len(v) for v in buffers)
+        got = 0
+        while buffers:
+            with _deadline_scope(self.receive_timeout):
+                try:
+                    n = (await self.sock.recvmsg_into(buffers))[0]
+                except OSError as exc:
+                    raise self._broken(exc, f"receiving {what}") from exc
+                if not n:
+                    self._truncated(what, got, total)
+                got += n
+                buffers = _advance(buffers, n)
+                continue
+            raise ReceiveTimeoutError(
+                f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s",
+                channel=self.channel,
+            )
+
+    async def receive_or_eof(self, view: memoryview, what: str) -> bool:
+        try:
+            n = await self.sock.recv_into(view)
+        except OSError as exc:
+            raise self._broken(exc, f"receiving {what}") from exc
+        if not n:
+            return False
+        if n < len(view):
+            await self.receive_into([view[n:]], what)
+        return True
+
+
+def open_transport(
+    stream: trio.abc.Stream,
+    *,
+    channel: int | None,
+    send_timeout: float | None = None,
+    receive_timeout: float | None = None,
+) -> Transport:
+    """Wrap ``stream``: the zero-copy socket path when it exposes a trio socket."""
+    sock = getattr(stream, "socket", None)
+    if isinstance(sock, trio.socket.SocketType) and hasattr(sock, "sendmsg"):
+        return SocketTransport(
+            stream,
+            sock,
+            channel=channel,
+            send_timeout=send_timeout,
+            receive_timeout=receive_timeout,
+        )
+    return Transport(
+        stream, channel=channel, send_timeout=send_timeout, receive_timeout=receive_timeout
+    )
