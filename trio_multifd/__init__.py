@@ -30,6 +30,16 @@ from ._errors import (
     UUIDMismatchError as UUIDMismatchError,
     VersionError as VersionError,
 )
+from ._methods import (
+    Decoder as Decoder,
+    Encoder as Encoder,
+    Method as Method,
+    get_method as get_method,
+    method_for_flag as method_for_flag,
+    methods as methods,
+    register_method as register_method,
+    unregister_method as unregister_method,
+)
 from ._receiver import Receiver as Receiver, open_receiver as open_receiver
 from ._sender import Connector as Connector, Sender as Sender, open_sender as open_sender
 from ._stats import ChannelStats as ChannelStats, TransferStats as TransferStats
@@ -70,9 +80,11 @@ __all__ = [
     "Compression",
     "CompressionMismatchError",
     "Connector",
+    "Decoder",
     "DecompressionError",
     "DeliveryError",
     "DuplicateChannelError",
+    "Encoder",
     "Feature",
     "FeatureError",
     "Flag",
@@ -81,6 +93,7 @@ __all__ = [
     "HandshakeTimeoutError",
     "IntegrityError",
     "MagicError",
+    "Method",
     "MultiFDError",
     "OffsetError",
     "PacketHeader",
@@ -106,8 +119,13 @@ __all__ = [
     "decode_packet_header",
     "encode_handshake",
     "encode_packet_header",
+    "get_method",
     "header_size",
+    "method_for_flag",
+    "methods",
     "open_receiver",
     "open_sender",
     "page_count_for",
+    "register_method",
+    "unregister_method",
 ]

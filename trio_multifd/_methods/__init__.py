@@ -38,13 +38,18 @@ _HARDWARE = {
 }
 _HARDWARE_NAMES = {name.lower(): name for name in _HARDWARE.values()}
 
+_BUILTIN = frozenset(method.name for method in (NoneMethod, ZlibMethod, ZstdMethod))
+
+# Changes take the lock so that the two tables always agree; a lookup is one dict read
+# and needs none.
 _lock = threading.Lock()
 _by_name: dict[str, Method] = {}
 _by_flag: dict[int, Method] = {}
 
 
 def _known_names() -> str:
-    return ", ".join(sorted(_by_name))
+    with _lock:
+        return ", ".join(sorted(_by_name))
 
 
 def _check(method: Method) -> None:
@@ -133,9 +138,12 @@ def get_method(name: str) -> Method:
         The method.
 
     Raises:
+        TypeError: ``name`` is not a str.
         ValueError: No method has that name (the message lists those that do), or it
             names one of QEMU's hardware methods, which are not supported.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a method name is a str, got {type(name).__name__}")
     method = _by_name.get(name)
     if method is not None:
         return method
@@ -169,7 +177,9 @@ def method_for_flag(flag: int) -> Method:
     method = _by_flag.get(flag)
     if method is not None:
         return method
-    known = tuple(sorted(_by_flag))
+    with _lock:
+        known = tuple(sorted(_by_flag))
+        listing = ", ".join(f"{m.name} {f:#x}" for f, m in sorted(_by_flag.items()))
     if flag in _HARDWARE:
         raise UnsupportedCompressionError(
             f"compression field {flag:#x} is QEMU's hardware-accelerated {_HARDWARE[flag]},"
@@ -179,8 +189,7 @@ def method_for_flag(flag: int) -> Method:
             limit=known,
         )
     raise UnsupportedCompressionError(
-        f"compression field {flag:#x} names no known method"
-        f" (known: {', '.join(f'{m.name} {f:#x}' for f, m in sorted(_by_flag.items()))})",
+        f"compression field {flag:#x} names no known method (known: {listing})",
         field="flags",
         value=flag,
         limit=known,
@@ -197,7 +206,6 @@ def methods() -> Mapping[str, Method]:
         return types.MappingProxyType(dict(_by_name))
 
 
-_BUILTIN = frozenset(method.name for method in (NoneMethod, ZlibMethod, ZstdMethod))
 for _builtin in (NoneMethod(), ZlibMethod(), ZstdMethod()):
     # Not through _check: "none" has flag 0 and does not compress, as only it may.
     _add(_builtin)

@@ -58,18 +58,19 @@ class Encoder(abc.ABC):
 class Decoder(abc.ABC):
     """The decompressing end of one channel's stream; state carries across packets.
 
-    After a :class:`~trio_multifd.DecompressionError` the stream's state is unknown and
-    every later call raises one too.
+    After a :class:`~trio_multifd.DecompressionError` the stream's state is unknown: the
+    engine uses the decoder no more, and the built-in decoders raise the error again on
+    any later call.
     """
 
     @abc.abstractmethod
     def decode_into(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview]
     ) -> None:
-        """Decode one packet's payload straight into its pages.
+        """Decode one packet's payload into its pages.
 
-        Memory stays bounded whatever the payload claims: no byte is decoded beyond a
-        small step past ``runs``.
+        Memory stays bounded whatever the payload claims: decoding stops a bounded step
+        (for the built-in methods, one byte) past the size of ``runs``.
 
         Args:
             payload: The packet's ``next_packet_size`` bytes.
@@ -201,7 +202,12 @@ def compressed_payload_bound(page_bytes: int) -> int:
 
 
 def scatter(data: memoryview, runs: Sequence[memoryview]) -> None:
-    """Copy ``data`` into ``runs`` one after the other; the lengths must add up."""
+    """Copy ``data`` into ``runs``, one after the other: a slice assignment per run.
+
+    Args:
+        data: Exactly ``sum(len(run) for run in runs)`` bytes.
+        runs: The target memory.
+    """
     start = 0
     for run in runs:
         end = start + len(run)
