@@ -60,8 +60,11 @@ from ._wire import (
     decode_packet_header as decode_packet_header,
     encode_handshake as encode_handshake,
     encode_packet_header as encode_packet_header,
+    header_checksum as header_checksum,
     header_size as header_size,
     page_count_for as page_count_for,
+    payload_checksum as payload_checksum,
+    seal_header as seal_header,
 )
 
 __version__ = "0.1.0"
@@ -120,12 +123,15 @@ __all__ = [
     "encode_handshake",
     "encode_packet_header",
     "get_method",
+    "header_checksum",
     "header_size",
     "method_for_flag",
     "methods",
     "open_receiver",
     "open_sender",
     "page_count_for",
+    "payload_checksum",
     "register_method",
+    "seal_header",
     "unregister_method",
 ]

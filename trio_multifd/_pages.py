@@ -41,10 +41,9 @@ def page_runs(offsets: tuple[int, ...] | list[int], page_size: int) -> list[tupl
         return []
     first = offsets[0]
     count = len(offsets)
-    # The common case (a sequential scan) is recognised in one C-level comparison.
-    if offsets[-1] == first + (count - 1) * page_size and list(offsets) == list(
-        range(first, first + count * page_size, page_size)
-    ):
+    end = first + count * page_size
+    # The common case (a sequential scan) is recognised with C-level comparisons only.
+    if offsets[-1] == end - page_size and offsets == type(offsets)(range(first, end, page_size)):
         return [(first, count * page_size)]
     runs = []
     start = prev = first
@@ -62,17 +61,30 @@ def split_zero_pages(
 ) -> tuple[list[int], list[int]]:
     """Split ``offsets`` into (normal, zero) pages by their content in ``view``.
 
-    Whole runs are compared against zeros first (memcmp speed); only a run that is not
-    all zero is looked at page by page, and a page with a non-zero first byte costs one
-    byte of comparison.
+    Whole runs are compared against zeros first (memcmp speed). In a run that is not all
+    zero, only pages whose first byte is zero can be zero pages: one strided read of the
+    first bytes finds them, so pages of random data cost nothing each.
     """
     normal: list[int] = []
     zero: list[int] = []
     is_zero = ZEROS.startswith
     for start, length in page_runs(offsets, page_size):
-        if is_zero(view[start : start + length]):
+        run = view[start : start + length]
+        if is_zero(run):
             zero.extend(range(start, start + length, page_size))
             continue
-        for offset in range(start, start + length, page_size):
-            (zero if is_zero(view[offset : offset + page_size]) else normal).append(offset)
+        firsts = run[::page_size].tobytes()
+        candidate = firsts.find(0)
+        if candidate < 0:
+            normal.extend(range(start, start + length, page_size))
+            continue
+        done = 0
+        while candidate >= 0:
+            page = start + candidate * page_size
+            if is_zero(view[page : page + page_size]):
+                normal.extend(range(start + done * page_size, page, page_size))
+                zero.append(page)
+                done = candidate + 1
+            candidate = firsts.find(0, candidate + 1)
+        normal.extend(range(start + done * page_size, start + length, page_size))
     return normal, zero

@@ -23,7 +23,9 @@ from ._errors import (
     CompressionMismatchError,
     DuplicateChannelError,
     FeatureError,
+    FlagsError,
     HandshakeTimeoutError,
+    IntegrityError,
     MultiFDError,
     PayloadSizeError,
     ProtocolError,
@@ -32,18 +34,22 @@ from ._errors import (
     TransportError,
 )
 from ._methods import Decoder, Method, get_method, method_for_flag
+from ._methods._base import scatter
 from ._pages import ZEROS, page_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
-from ._transport import Transport, open_transport
+from ._transport import Transport, open_transport, root_cause
 from ._wire import (
     HANDSHAKE_SIZE,
+    Feature,
     Flag,
     PacketHeader,
     decode_handshake,
     decode_packet_header,
+    header_checksum,
     header_size,
     page_count_for,
+    payload_checksum,
 )
 
 __all__ = ["Receiver", "open_receiver"]
@@ -69,6 +75,7 @@ class Receiver:
         compression: str,
         handshake_timeout: float | None,
         receive_timeout: float | None,
+        integrity: bool,
     ) -> None:
         blocks = list(blocks)
         if not isinstance(channels, int) or not 1 <= channels <= 255:
@@ -88,6 +95,7 @@ class Receiver:
         self.stats = TransferStats.for_channels(channels)
         self._handshake_timeout = handshake_timeout
         self._receive_timeout = receive_timeout
+        self._integrity = bool(integrity)
         self._supervisor = Supervisor("receiver")
         self._changed = trio.lowlevel.ParkingLot()
         self._connected: set[int] = set()
@@ -206,13 +214,14 @@ class Receiver:
                     value=channel,
                     channel=channel,
                 )
-            if handshake.features:
+            wanted = Feature.CHECKSUMS if self._integrity else 0
+            if handshake.features != wanted:
                 raise FeatureError(
                     f"the sender announces features {handshake.features:#x}, this receiver"
-                    " supports none of them",
+                    f" was opened for {wanted:#x} (integrity={self._integrity})",
                     field="features",
                     value=handshake.features,
-                    limit=0,
+                    limit=int(wanted),
                     channel=channel,
                 )
         except BaseException:
@@ -299,19 +308,23 @@ class Receiver:
         size = header_size(self._page_count)
         buffer = memoryview(bytearray(size))
         payload_buffer: memoryview | None = None
-        if decoder is not None:
-            payload_buffer = memoryview(
-                bytearray(self._method.payload_bound(self._page_count * self.page_size))
-            )
+        if decoder is not None or self._integrity:
+            # One bounded buffer per channel: payloads are checked (checksum) or
+            # decoded from here, never larger than a full packet's bound.
+            bound = self._method.payload_bound(self._page_count * self.page_size)
+            payload_buffer = memoryview(bytearray(bound))
         stats = self.stats.channels[channel]
         while True:
             if not await transport.receive_or_eof(buffer, "a packet header"):
                 self._end_channel(channel)
                 return
+            if self._integrity:
+                _check_header_checksum(buffer)
             header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
             stats.packets += 1
             stats.bytes += size
             try:
+                self._check_checksum_flag(header)
                 if header.carries_pages:
                     await self._receive_pages(transport, channel, header, decoder, payload_buffer)
             except ProtocolError as exc:
@@ -325,6 +338,23 @@ class Receiver:
                 if header.flags & Flag.END_OF_STREAM:
                     self._end_channel(channel)
                     return
+
+    def _check_checksum_flag(self, header: PacketHeader) -> None:
+        flagged = bool(header.flags & Flag.CHECKSUMS)
+        if flagged == self._integrity:
+            return
+        if flagged:
+            raise FlagsError(
+                "packet carries checksums (flag 0x80000000) on a channel that did not"
+                " agree to them",
+                field="flags",
+                value=header.flags,
+            )
+        raise IntegrityError(
+            "packet without checksums on a channel that agreed to them",
+            field="flags",
+            value=header.flags,
+        )
 
     def _check_method(self, header: PacketHeader) -> None:
         if header.compression == self._method.flag:
@@ -366,15 +396,27 @@ class Receiver:
                     limit=bound,
                 )
             runs = [view[start : start + length] for start, length in page_runs(normal, page_size)]
-            if decoder is None:
+            if payload_buffer is None:
                 await transport.receive_into(runs, "a payload")
             else:
-                assert payload_buffer is not None
                 data = payload_buffer[:payload]
                 await transport.receive_into([data], "a payload")
-                await trio.to_thread.run_sync(
-                    decoder.decode_into, data, runs, limiter=self._limiter
-                )
+                if self._integrity:
+                    actual = payload_checksum([data])
+                    if actual != header.payload_checksum:
+                        raise IntegrityError(
+                            f"payload checksum is {actual:#018x}, the header says"
+                            f" {header.payload_checksum:#018x}: nothing of it was written",
+                            field="payload_checksum",
+                            value=actual,
+                            limit=header.payload_checksum,
+                        )
+                if decoder is None:
+                    scatter(data, runs)
+                else:
+                    await trio.to_thread.run_sync(
+                        decoder.decode_into, data, runs, limiter=self._limiter
+                    )
             stats.bytes += payload
             self._open_pages[channel] += len(normal)
             received = self._received.get(block.name)
@@ -430,6 +472,20 @@ class Receiver:
         self._notify()
 
 
+def _check_header_checksum(buffer: memoryview) -> None:
+    # Before any other check or write: a header with a flipped bit must not be trusted
+    # for anything, not even to name its own fields.
+    stored = int.from_bytes(buffer[40:48], "big")
+    actual = header_checksum(buffer)
+    if actual != stored:
+        raise IntegrityError(
+            f"header checksum is {actual:#018x}, the header says {stored:#018x}",
+            field="header_checksum",
+            value=actual,
+            limit=stored,
+        )
+
+
 async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:
     # A TLS handshake counts against handshake_timeout too, and its failure is a
     # transport error of this connection.
@@ -437,7 +493,7 @@ async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:
         try:
             await stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise TransportError(f"TLS handshake failed: {exc.__cause__ or exc!r}") from exc
+            raise TransportError(f"TLS handshake failed: {root_cause(exc)!r}") from exc
 
 
 @asynccontextmanager
@@ -449,6 +505,7 @@ async def open_receiver(
     compression: str = "none",
     handshake_timeout: float | None = 10.0,
     receive_timeout: float | None = None,
+    integrity: bool = False,
 ) -> AsyncIterator[Receiver]:
     """Open the receiving end of a transfer into ``blocks``.
 
@@ -468,6 +525,10 @@ async def open_receiver(
             forever.
         receive_timeout: Seconds a channel may sit inside a packet with no byte arriving;
             ``None`` (the default) waits forever.
+        integrity: Expect end-to-end checksums on every packet (the sender's setting
+            must match, else :class:`FeatureError` at the handshake). Headers are checked
+            before anything else and payloads before any byte of them is written; a
+            mismatch is an :class:`IntegrityError` and its round never completes.
 
     Raises:
         ValueError: A bad argument (no blocks, read-only or mixed page sizes, method).
@@ -480,6 +541,7 @@ async def open_receiver(
         compression=compression,
         handshake_timeout=handshake_timeout,
         receive_timeout=receive_timeout,
+        integrity=integrity,
     )
 
     async def start(nursery: trio.Nursery) -> None:

@@ -48,6 +48,14 @@ def _find_socket(stream: object) -> trio.socket.SocketType | None:
     return None
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: Trio wraps an ``ssl.SSLError`` or ``OSError`` in
+    ``BrokenResourceError``, and the user wants the wrapped reason."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
 def _advance(buffers: list[memoryview], sent: int) -> list[memoryview]:
     while sent:
         first = buffers[0]
@@ -90,7 +98,9 @@ class Transport:
         return isinstance(self.stream, trio.abc.HalfCloseableStream)
 
     def _broken(self, exc: BaseException, doing: str) -> TransportError:
-        err = TransportError(f"stream failed while {doing}: {exc!r}", channel=self.channel)
+        err = TransportError(
+            f"stream failed while {doing}: {root_cause(exc)!r}", channel=self.channel
+        )
         err.__cause__ = exc
         return err
 

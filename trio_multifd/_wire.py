@@ -13,8 +13,10 @@ import enum
 import functools
 import struct
 import uuid as uuid_mod
+from collections.abc import Iterable
 
 import attrs
+import xxhash
 
 from ._errors import (
     BlockNameError,
@@ -43,8 +45,11 @@ __all__ = [
     "decode_packet_header",
     "encode_handshake",
     "encode_packet_header",
+    "header_checksum",
     "header_size",
     "page_count_for",
+    "payload_checksum",
+    "seal_header",
 ]
 
 MAGIC = 0x11223344
@@ -115,6 +120,9 @@ _HANDSHAKE = struct.Struct(">II16sB7xQQQQ")
 _HEADER = struct.Struct(">IIIIIIQIIQQQ256s")
 assert _HANDSHAKE.size == HANDSHAKE_SIZE
 assert _HEADER.size == HEADER_FIXED_SIZE
+
+_CHECKSUM_AT = 40
+_ZERO_CHECKSUM = bytes(8)
 
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
@@ -471,3 +479,26 @@ def decode_packet_header(
         header_checksum=header_checksum,
         payload_checksum=payload_checksum,
     )
+
+
+def header_checksum(data: bytes | bytearray | memoryview) -> int:
+    """Return the xxh3-64 of a packet header as trio_multifd's integrity mode defines it:
+    the whole header with its own checksum field (offset 40, 8 bytes) read as zero."""
+    digest = xxhash.xxh3_64(data[:_CHECKSUM_AT])
+    digest.update(_ZERO_CHECKSUM)
+    digest.update(data[_CHECKSUM_AT + 8 :])
+    return digest.intdigest()
+
+
+def payload_checksum(parts: Iterable[bytes | bytearray | memoryview]) -> int:
+    """Return the xxh3-64 of a payload given as consecutive parts."""
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return digest.intdigest()
+
+
+def seal_header(data: bytes) -> bytes:
+    """Return an encoded header with its header checksum written at offset 40."""
+    checksum = header_checksum(data)
+    return data[:_CHECKSUM_AT] + checksum.to_bytes(8, "big") + data[_CHECKSUM_AT + 8 :]

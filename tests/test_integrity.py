@@ -1,0 +1,189 @@
+"""Opt-in end-to-end checksums: agreed at the handshake, checked before any write."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+import pytest
+import trio
+
+import trio_multifd as m
+
+from .helpers import PAGE, block_pair, memory_channels, pattern
+from .transfer import transfer
+
+
+class FlippingStream(trio.abc.HalfCloseableStream):
+    """Flips one bit of the byte at stream position ``at`` on its way out."""
+
+    def __init__(self, inner: trio.abc.Stream, at: int) -> None:
+        self.inner = inner
+        self.at = at
+        self.sent = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        chunk = bytearray(data)
+        if self.sent <= self.at < self.sent + len(chunk):
+            chunk[self.at - self.sent] ^= 0x10
+        self.sent += len(chunk)
+        await self.inner.send_all(chunk)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        assert isinstance(self.inner, trio.abc.HalfCloseableStream)
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "zlib"])
+@pytest.mark.parametrize("via", ["tcp", "memory"])
+async def test_transfer_with_integrity_lands_every_page(compression: str, via: str) -> None:
+    src, dst = block_pair("mem", 300, seed=3)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+        await sender.sync()
+        await sender.queue_pages(src, range(0, src.size // 2, PAGE))
+
+    options = {"integrity": True}
+    with trio.fail_after(30):
+        sent, received, rounds = await transfer(
+            [src],
+            [dst],
+            body,
+            channels=2,
+            via=via,
+            compression=compression,
+            sender_options=options,
+            receiver_options=options,
+        )
+    assert dst.view == src.view
+    assert rounds == [1, 2]
+    assert received.zero_pages == sent.zero_pages > 0
+
+
+@pytest.mark.parametrize(("sender_on", "receiver_on"), [(True, False), (False, True)])
+async def test_integrity_setting_mismatch_fails_at_the_handshake(
+    sender_on: bool, receiver_on: bool
+) -> None:
+    _, dst = block_pair("mem", 4)
+    transfer_uuid = uuid.uuid4()
+    handshake = m.encode_handshake(
+        m.Handshake(uuid=transfer_uuid, channel_id=1, features=int(sender_on))
+    )
+    connect, ends = memory_channels(2)
+    await (await connect(1)).send_all(handshake)
+    with trio.fail_after(10), pytest.raises(m.FeatureError) as info:
+        async with m.open_receiver([dst], channels=2, integrity=receiver_on) as receiver:
+            await receiver.add_channel(ends[1])
+    assert info.value.channel == 1
+    assert info.value.field == "features"
+
+
+async def _transfer_with_flip(
+    at: int, compression: str = "none"
+) -> tuple[BaseException | None, BaseException | None, m.RAMBlock, m.RAMBlock]:
+    src, dst = block_pair("mem", 128, seed=4)
+    connect, ends = memory_channels(1, wrap=lambda i, s: FlippingStream(s, at))
+    sender_error: BaseException | None = None
+    receiver_error: BaseException | None = None
+
+    async def receive() -> None:
+        nonlocal receiver_error
+        try:
+            async with m.open_receiver(
+                [dst], channels=1, integrity=True, compression=compression
+            ) as receiver:
+                await receiver.add_channel(ends[0])
+                await receiver.wait_closed()
+        except m.MultiFDError as exc:
+            receiver_error = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        try:
+            async with m.open_sender(
+                connect, channels=1, integrity=True, compression=compression
+            ) as sender:
+                await sender.queue_pages(src, range(0, src.size, PAGE))
+                await sender.sync()
+        except m.MultiFDError as exc:
+            sender_error = exc
+    return sender_error, receiver_error, src, dst
+
+
+HEADER = m.header_size(128)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+async def test_a_flipped_payload_byte_is_an_integrity_error_and_writes_nothing(
+    compression: str,
+) -> None:
+    at = 64 + HEADER + 5000  # inside the first packet's payload
+    with trio.fail_after(20):
+        sender_error, receiver_error, _, dst = await _transfer_with_flip(at, compression)
+    assert isinstance(receiver_error, m.IntegrityError)
+    assert receiver_error.channel == 0
+    assert receiver_error.packet_num == 0
+    assert receiver_error.field == "payload_checksum"
+    assert isinstance(sender_error, m.MultiFDError)
+    assert dst.view == pattern(dst.size)
+
+
+async def test_a_flipped_header_byte_is_an_integrity_error_before_any_other_check() -> None:
+    at = 64 + 64 + 3  # inside the block name of the first header
+    with trio.fail_after(20):
+        _, receiver_error, _, dst = await _transfer_with_flip(at)
+    assert isinstance(receiver_error, m.IntegrityError)
+    assert receiver_error.field == "header_checksum"
+    assert receiver_error.channel == 0
+    assert dst.view == pattern(dst.size)
+
+
+def _packet(flags: int) -> bytes:
+    return m.encode_packet_header(
+        m.PacketHeader(
+            flags=flags, pages_alloc=128, normal_pages=0, next_packet_size=0, packet_num=0
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("integrity", "flags", "error"),
+    [
+        (False, m.Flag.SYNC | m.Flag.CHECKSUMS, m.FlagsError),
+        (True, m.Flag.SYNC, m.IntegrityError),
+    ],
+)
+async def test_checksum_flag_must_match_the_channel_agreement(
+    integrity: bool, flags: int, error: type[m.MultiFDError]
+) -> None:
+    _, dst = block_pair("mem", 4)
+    data = m.encode_handshake(
+        m.Handshake(uuid=uuid.UUID(int=1), channel_id=0, features=int(integrity))
+    )
+    packet = m.seal_header(_packet(flags)) if integrity else _packet(flags)
+    connect, ends = memory_channels(1)
+    await (await connect(0)).send_all(data + packet)
+    with trio.fail_after(10), pytest.raises(error) as info:
+        async with m.open_receiver([dst], channels=1, integrity=integrity) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.sync()
+    assert info.value.channel == 0
+
+
+def test_sealed_header_checksum_covers_the_header_with_its_field_zeroed() -> None:
+    sealed = m.seal_header(_packet(m.Flag.SYNC | m.Flag.CHECKSUMS))
+    stored = struct.unpack_from(">Q", sealed, 40)[0]
+    assert stored == m.header_checksum(sealed)
+    tampered = bytearray(sealed)
+    tampered[100] ^= 1
+    assert m.header_checksum(tampered) != stored

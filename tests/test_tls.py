@@ -1,0 +1,121 @@
+"""Channels over TLS (``trio.SSLStream``), certificates from ``trustme``."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trustme
+
+import trio_multifd as m
+
+from .helpers import PAGE, block_pair, pattern
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("multifd.test").configure_cert(context)
+    return context
+
+
+def client_context(ca: trustme.CA | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca is not None:
+        ca.configure_trust(context)
+    return context
+
+
+@asynccontextmanager
+async def tls_listener(
+    ca: trustme.CA, *, hostname: str = "multifd.test", trusted: bool = True
+) -> AsyncIterator[
+    tuple[list[trio.SSLListener[trio.SocketStream]], Callable[[int], Awaitable[trio.abc.Stream]]]
+]:
+    tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = tcp[0].socket.getsockname()[1]
+    listeners = [trio.SSLListener(tcp[0], server_context(ca))]
+    client = client_context(ca if trusted else None)
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        return trio.SSLStream(stream, client, server_hostname=hostname)
+
+    try:
+        yield listeners, connect
+    finally:
+        await tcp[0].aclose()
+
+
+async def run(
+    ca: trustme.CA,
+    *,
+    hostname: str = "multifd.test",
+    trusted: bool = True,
+    receiver_block: str = "mem",
+) -> tuple[BaseException | None, BaseException | None, m.RAMBlock, m.RAMBlock]:
+    src, dst = block_pair("mem", 200, seed=2)
+    target = m.RAMBlock(receiver_block, dst.view)
+    sender_error: BaseException | None = None
+    receiver_error: BaseException | None = None
+    async with tls_listener(ca, hostname=hostname, trusted=trusted) as (listeners, connect):
+
+        async def receive() -> None:
+            nonlocal receiver_error
+            try:
+                async with m.open_receiver([target], channels=2, handshake_timeout=5) as r:
+                    # add_channel: a failed TLS handshake fails the transfer (serve would
+                    # log it and keep accepting).
+                    for _ in range(2):
+                        await r.add_channel(await listeners[0].accept())
+                    await r.wait_closed()
+            except m.MultiFDError as exc:
+                receiver_error = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            try:
+                async with m.open_sender(connect, channels=2, send_timeout=5) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    await sender.sync()
+            except m.MultiFDError as exc:
+                sender_error = exc
+    return sender_error, receiver_error, src, dst
+
+
+async def test_transfer_over_tls_lands_every_page_and_confirms_delivery(ca: trustme.CA) -> None:
+    with trio.fail_after(20):
+        sender_error, receiver_error, src, dst = await run(ca)
+    assert sender_error is None
+    assert receiver_error is None
+    assert dst.view == src.view
+
+
+async def test_tls_sender_learns_of_a_receiver_failure(ca: trustme.CA) -> None:
+    with trio.fail_after(20):
+        sender_error, receiver_error, _, dst = await run(ca, receiver_block="other")
+    assert isinstance(receiver_error, m.UnknownBlockError)
+    assert isinstance(sender_error, m.MultiFDError)
+    assert dst.view == pattern(dst.size)
+
+
+@pytest.mark.parametrize(
+    ("hostname", "trusted"), [("wrong.example", True), ("multifd.test", False)]
+)
+async def test_bad_certificate_fails_both_sides_and_writes_nothing(
+    ca: trustme.CA, hostname: str, trusted: bool
+) -> None:
+    with trio.fail_after(20):
+        sender_error, receiver_error, _, dst = await run(ca, hostname=hostname, trusted=trusted)
+    assert isinstance(sender_error, m.TransportError)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(sender_error)
+    assert isinstance(receiver_error, m.TransportError)
+    assert "TLS handshake failed" in str(receiver_error)
+    assert dst.view == pattern(dst.size)
