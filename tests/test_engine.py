@@ -242,3 +242,30 @@ async def test_stats_count_packets_pages_and_bytes_per_channel() -> None:
     assert sent.bytes == expected_bytes
     assert sent.page_bytes == 256 * PAGE
     assert sum(c.syncs for c in sent.channels) == 2
+
+
+async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None:
+    src, dst = block_pair("mem", 64, seed=21)
+    finals: list[int | None] = []
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+        assert await sender.sync() == 1
+        await sender.queue_pages(src, range(0, PAGE * 8, PAGE))
+        assert await sender.sync(final_round=True) == 2
+
+    connect, ends = memory_channels(2)
+    with trio.fail_after(20):
+        async with m.open_receiver([dst], channels=2) as receiver:
+            async with trio.open_nursery() as nursery:
+                for end in ends:
+                    nursery.start_soon(receiver.add_channel, end)
+                async with m.open_sender(connect, channels=2) as sender:
+                    await body(sender)
+            # The application only now looks at the rounds: the mark is already known.
+            finals.append(receiver.final_round)
+            assert await receiver.sync() == 1
+            assert await receiver.sync() == 2
+            await receiver.wait_closed()
+    assert finals == [2]
+    assert dst.view == src.view

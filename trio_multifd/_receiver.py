@@ -104,6 +104,8 @@ class Receiver:
         self._ended: dict[int, int] = {}
         self._completed = 0
         self._sync_calls = 0
+        self._final_round: int | None = None
+        self._final_marks: dict[int, int] = {}
         # A known-zero block gets a zero page written only over a page written before.
         self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
         self._limiter = trio.CapacityLimiter(max(1, min(channels, os.cpu_count() or 1)))
@@ -117,6 +119,16 @@ class Receiver:
     def rounds_completed(self) -> int:
         """How many SYNC rounds are complete on every channel."""
         return self._completed
+
+    @property
+    def final_round(self) -> int | None:
+        """The number of the round whose SYNC packets carried ``FINAL_ROUND`` (the sender
+        called ``sync(final_round=True)``), once that round is complete; else ``None``.
+
+        Known as soon as the channel tasks complete the round, even when the application
+        is still waiting for earlier rounds in :meth:`sync`.
+        """
+        return self._final_round
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -334,7 +346,7 @@ class Receiver:
                 raise
             if header.is_sync:
                 stats.syncs += 1
-                await self._arrive(channel)
+                await self._arrive(channel, final_round=bool(header.flags & Flag.FINAL_ROUND))
                 if header.flags & Flag.END_OF_STREAM:
                     self._end_channel(channel)
                     return
@@ -436,7 +448,7 @@ class Receiver:
         stats.zero_pages += header.zero_pages
         stats.page_bytes += (header.normal_pages + header.zero_pages) * page_size
 
-    async def _arrive(self, channel: int) -> None:
+    async def _arrive(self, channel: int, *, final_round: bool = False) -> None:
         number = self._syncs[channel] + 1
         self._syncs[channel] = number
         self._open_pages[channel] = 0
@@ -446,7 +458,11 @@ class Receiver:
                     f"reached SYNC {number}, but channel {other} ended after round {last}"
                 )
         arrived = sum(1 for s in self._syncs if s >= number)
+        if final_round:
+            self._final_marks[number] = self._final_marks.get(number, 0) + 1
         if arrived == self.channels:
+            if self._final_marks.pop(number, 0) == self.channels:
+                self._final_round = number
             self._completed = number
             self.stats.rounds = number
             logger.debug("receiver: round %d complete", number)

@@ -60,6 +60,7 @@ class _SyncRound:
     number: int
     final: bool
     remaining: int
+    final_round: bool
     written: trio.Event = attrs.Factory(trio.Event)
 
 
@@ -205,22 +206,27 @@ class Sender:
         await self._jobs_send.send(batch)
         self._batch = await self._pool_receive.receive()
 
-    async def sync(self) -> int:
+    async def sync(self, *, final_round: bool = False) -> int:
         """Flush the queued pages and send a SYNC packet on every channel.
 
         Returns when every channel has written its SYNC packet into its stream (for
         sockets: into the kernel). The receiver's round with the same number completes
         once it has every page queued before this call.
 
+        Args:
+            final_round: Mark this round as the last of a pre-copy migration (flag
+                ``FINAL_ROUND`` on its SYNC packets, which QEMU ignores); the receiver
+                records it in :attr:`Receiver.final_round`.
+
         Returns:
             The round number: 1 for the first call, then 2, ...
         """
-        return await self._sync(final=False)
+        return await self._sync(final=False, final_round=final_round)
 
-    async def _sync(self, *, final: bool) -> int:
+    async def _sync(self, *, final: bool, final_round: bool = False) -> int:
         await self._flush()
         self._rounds += 1
-        sync_round = _SyncRound(self._rounds, final, self.channels)
+        sync_round = _SyncRound(self._rounds, final, self.channels, final_round)
         for _ in range(self.channels):
             await self._jobs_send.send(sync_round)
         await sync_round.written.wait()
@@ -362,6 +368,8 @@ class Sender:
 
     async def _send_sync(self, channel: int, transport: Transport, job: _SyncRound) -> None:
         flags = Flag.SYNC
+        if job.final_round:
+            flags |= Flag.FINAL_ROUND
         if job.final and not transport.can_half_close:
             # No half-close (TLS): the receiver learns the stream's end in band.
             flags |= Flag.END_OF_STREAM
