@@ -10,7 +10,6 @@ which re-check their own condition.
 
 from __future__ import annotations
 
-import os
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -108,7 +107,8 @@ class Receiver:
         self._final_marks: dict[int, int] = {}
         # A known-zero block gets a zero page written only over a page written before.
         self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
-        self._limiter = trio.CapacityLimiter(max(1, min(channels, os.cpu_count() or 1)))
+        # One worker thread per channel for the transfer's life.
+        self._threads = trio.CapacityLimiter(channels)
 
     @property
     def blocks(self) -> tuple[RAMBlock, ...]:
@@ -298,7 +298,12 @@ class Receiver:
         try:
             if self._method.compresses:
                 decoder = self._method.new_decoder()
-            await self._receive_packets(transport, channel, decoder)
+            # The packet loop runs in a worker thread: socket I/O and decompression
+            # release the GIL, so channels receive on several cores at once. It comes
+            # back to Trio only at SYNC barriers and at the end of the stream.
+            await trio.to_thread.run_sync(
+                self._receive_packets, transport, channel, decoder, limiter=self._threads
+            )
             # The stream ended cleanly after its last SYNC; once every channel has, the
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
@@ -314,7 +319,7 @@ class Receiver:
             if not clean:
                 await transport.reset()
 
-    async def _receive_packets(
+    def _receive_packets(
         self, transport: Transport, channel: int, decoder: Decoder | None
     ) -> None:
         size = header_size(self._page_count)
@@ -327,8 +332,8 @@ class Receiver:
             payload_buffer = memoryview(bytearray(bound))
         stats = self.stats.channels[channel]
         while True:
-            if not await transport.receive_or_eof(buffer, "a packet header"):
-                self._end_channel(channel)
+            if not transport.receive_or_eof_sync(buffer, "a packet header"):
+                trio.from_thread.run_sync(self._end_channel, channel)
                 return
             if self._integrity:
                 _check_header_checksum(buffer)
@@ -338,7 +343,7 @@ class Receiver:
             try:
                 self._check_checksum_flag(header)
                 if header.carries_pages:
-                    await self._receive_pages(transport, channel, header, decoder, payload_buffer)
+                    self._receive_pages(transport, channel, header, decoder, payload_buffer)
             except ProtocolError as exc:
                 exc.channel = channel
                 if exc.packet_num is None:
@@ -346,9 +351,10 @@ class Receiver:
                 raise
             if header.is_sync:
                 stats.syncs += 1
-                await self._arrive(channel, final_round=bool(header.flags & Flag.FINAL_ROUND))
+                final_round = bool(header.flags & Flag.FINAL_ROUND)
+                trio.from_thread.run(self._arrive, channel, final_round)
                 if header.flags & Flag.END_OF_STREAM:
-                    self._end_channel(channel)
+                    trio.from_thread.run_sync(self._end_channel, channel)
                     return
 
     def _check_checksum_flag(self, header: PacketHeader) -> None:
@@ -381,7 +387,7 @@ class Receiver:
             limit=self._method.flag,
         )
 
-    async def _receive_pages(
+    def _receive_pages(
         self,
         transport: Transport,
         channel: int,
@@ -409,10 +415,10 @@ class Receiver:
                 )
             runs = [view[start : start + length] for start, length in page_runs(normal, page_size)]
             if payload_buffer is None:
-                await transport.receive_into(runs, "a payload")
+                transport.receive_into_sync(runs, "a payload")
             else:
                 data = payload_buffer[:payload]
-                await transport.receive_into([data], "a payload")
+                transport.receive_into_sync([data], "a payload")
                 if self._integrity:
                     actual = payload_checksum([data])
                     if actual != header.payload_checksum:
@@ -426,9 +432,7 @@ class Receiver:
                 if decoder is None:
                     scatter(data, runs)
                 else:
-                    await trio.to_thread.run_sync(
-                        decoder.decode_into, data, runs, limiter=self._limiter
-                    )
+                    decoder.decode_into(data, runs)
             stats.bytes += payload
             self._open_pages[channel] += len(normal)
             received = self._received.get(block.name)
@@ -448,7 +452,7 @@ class Receiver:
         stats.zero_pages += header.zero_pages
         stats.page_bytes += (header.normal_pages + header.zero_pages) * page_size
 
-    async def _arrive(self, channel: int, *, final_round: bool = False) -> None:
+    async def _arrive(self, channel: int, final_round: bool = False) -> None:
         number = self._syncs[channel] + 1
         self._syncs[channel] = number
         self._open_pages[channel] = 0

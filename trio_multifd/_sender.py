@@ -3,11 +3,14 @@
 QEMU's sender hands full page batches to idle channel threads through semaphores
 (``channels_ready``, ``sem``, ``pending_job``) and waits on ``sem_sync`` for SYNC. Here:
 
-- one unbuffered memory channel of jobs, which every channel task reads: a full batch
-  goes to whichever channel is idle first (the ``channels_ready`` scan), and queueing
-  waits while every channel is busy (backpressure, bounded memory);
-- a pool of ``channels + 1`` batches travelling main -> channel task -> pool and back
-  empty (QEMU's batch swap, no allocation per packet);
+- each channel task hands its packet loop to a worker thread of its own (sendmsg,
+  zlib and zstd release the GIL, so channels move and compress on several cores); jobs
+  reach the threads through one thread-safe queue, which every channel thread reads: a
+  full batch goes to whichever channel is idle first (the ``channels_ready`` scan);
+- a pool of ``channels + 1`` batches travelling main -> channel thread -> pool (a Trio
+  memory channel) and back empty: QEMU's batch swap, no allocation per packet, and
+  queueing waits for an empty batch while every channel is busy (backpressure, bounded
+  memory);
 - a SYNC round is ``channels`` tokens in the same job channel; a channel that took one
   writes its SYNC packet and waits for the round before taking another job, so every
   channel takes exactly one;
@@ -17,7 +20,8 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
 from __future__ import annotations
 
 import itertools
-import os
+import queue
+import threading
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -32,7 +36,7 @@ from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, page_runs, split_zero_pages
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
-from ._transport import Transport, open_transport
+from ._transport import CANCEL_CHECK, Transport, open_transport
 from ._wire import (
     Feature,
     Flag,
@@ -61,7 +65,11 @@ class _SyncRound:
     final: bool
     remaining: int
     final_round: bool
+    # Set by the channel thread that writes the round's last SYNC packet: the threading
+    # event releases the other channel threads, the Trio event the application.
     written: trio.Event = attrs.Factory(trio.Event)
+    all_written: threading.Event = attrs.Factory(threading.Event)
+    lock: threading.Lock = attrs.Factory(threading.Lock)
 
 
 @final
@@ -112,7 +120,10 @@ class Sender:
         self._integrity = bool(integrity)
         self._empty_checksum = payload_checksum([]) if integrity else 0
         self._supervisor = Supervisor("sender")
-        self._jobs_send, self._jobs_receive = trio.open_memory_channel[PageBatch | _SyncRound](0)
+        # Jobs go to the channel threads through a thread-safe queue (no Trio round trip
+        # per packet); empty batches come back through the pool, whose fixed size bounds
+        # memory and makes queueing wait while every channel is busy.
+        self._jobs: queue.SimpleQueue[PageBatch | _SyncRound] = queue.SimpleQueue()
         self._pool_send, self._pool_receive = trio.open_memory_channel[PageBatch](channels + 1)
         for _ in range(channels):
             self._pool_send.send_nowait(PageBatch())
@@ -122,9 +133,10 @@ class Sender:
         self._connected = 0
         self._all_connected = trio.Event()
         self._closing = False
-        # Compression runs in worker threads (zlib and zstd release the GIL), one
-        # packet per channel at a time, so N channels compress on up to N cores.
-        self._limiter = trio.CapacityLimiter(max(1, min(channels, os.cpu_count() or 1)))
+        # One worker thread per channel moves (and compresses) its packets: sendmsg,
+        # zlib and zstd release the GIL, so N channels use up to N cores.
+        self._threads = trio.CapacityLimiter(channels)
+        self._token = trio.lowlevel.current_trio_token()
 
     # -- the application's side -------------------------------------------------------------
 
@@ -203,7 +215,7 @@ class Sender:
         batch = self._batch
         if not batch.offsets:
             return
-        await self._jobs_send.send(batch)
+        self._jobs.put(batch)
         self._batch = await self._pool_receive.receive()
 
     async def sync(self, *, final_round: bool = False) -> int:
@@ -228,7 +240,7 @@ class Sender:
         self._rounds += 1
         sync_round = _SyncRound(self._rounds, final, self.channels, final_round)
         for _ in range(self.channels):
-            await self._jobs_send.send(sync_round)
+            self._jobs.put(sync_round)
         await sync_round.written.wait()
         self.stats.rounds = sync_round.number
         logger.debug("sender: round %d written on every channel", sync_round.number)
@@ -268,20 +280,9 @@ class Sender:
             self._connected += 1
             if self._connected == self.channels:
                 self._all_connected.set()
-            while True:
-                job = await self._jobs_receive.receive()
-                if isinstance(job, PageBatch):
-                    await self._send_batch(channel, transport, encoder, job)
-                    job.clear()
-                    self._pool_send.send_nowait(job)
-                    continue
-                await self._send_sync(channel, transport, job)
-                job.remaining -= 1
-                if not job.remaining:
-                    job.written.set()
-                await job.written.wait()
-                if job.final:
-                    break
+            await trio.to_thread.run_sync(
+                self._channel_thread, channel, transport, encoder, limiter=self._threads
+            )
             await transport.finish(self._send_timeout)
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
@@ -323,8 +324,8 @@ class Sender:
     def _prepare(
         self, block: RAMBlock, offsets: list[int], encoder: Encoder | None
     ) -> tuple[list[int], list[int], list[Buffer], int]:
-        """Split off zero pages, build the payload and its checksum; in a worker thread
-        when it compresses or checksums."""
+        """Split off zero pages, build the payload and its checksum (in the channel's
+        worker thread)."""
         view, size = block.view, self.page_size
         if self._detect_zero:
             normal, zero = split_zero_pages(view, offsets, size)
@@ -345,20 +346,46 @@ class Sender:
         checksum = payload_checksum(payload) if self._integrity else 0
         return normal, zero, payload, checksum
 
-    async def _send_batch(
+    def _channel_thread(self, channel: int, transport: Transport, encoder: Encoder | None) -> None:
+        """A channel's packet loop, in its worker thread, until the final SYNC."""
+        while True:
+            job = self._next_job()
+            if isinstance(job, PageBatch):
+                self._send_batch(channel, transport, encoder, job)
+                job.clear()
+                self._token.run_sync_soon(self._pool_send.send_nowait, job)
+                continue
+            self._send_sync(channel, transport, job)
+            with job.lock:
+                job.remaining -= 1
+                last = not job.remaining
+            if last:
+                job.all_written.set()
+                self._token.run_sync_soon(job.written.set)
+            # Wait for the round before taking another job, so every channel takes
+            # exactly one of the round's SYNC tokens.
+            while not job.all_written.wait(CANCEL_CHECK):
+                trio.from_thread.check_cancelled()
+            if job.final:
+                return
+
+    def _next_job(self) -> PageBatch | _SyncRound:
+        while True:
+            trio.from_thread.check_cancelled()
+            try:
+                return self._jobs.get(timeout=CANCEL_CHECK)
+            except queue.Empty:
+                continue
+
+    def _send_batch(
         self, channel: int, transport: Transport, encoder: Encoder | None, batch: PageBatch
     ) -> None:
         block = batch.block
         assert block is not None
-        if encoder is None and not self._integrity:
-            normal, zero, payload, checksum = self._prepare(block, batch.offsets, None)
-        else:
-            normal, zero, payload, checksum = await trio.to_thread.run_sync(
-                self._prepare, block, batch.offsets, encoder, limiter=self._limiter
-            )
+        normal, zero, payload, checksum = self._prepare(block, batch.offsets, encoder)
         size = sum(len(p) for p in payload)
         header = self._header(self._method.flag, block.name, normal, zero, size, checksum)
-        await transport.send_parts([header, *payload])
+        transport.send_parts_sync([header, *payload])
         stats = self.stats.channels[channel]
         stats.packets += 1
         stats.normal_pages += len(normal)
@@ -366,7 +393,7 @@ class Sender:
         stats.page_bytes += (len(normal) + len(zero)) * self.page_size
         stats.bytes += len(header) + size
 
-    async def _send_sync(self, channel: int, transport: Transport, job: _SyncRound) -> None:
+    def _send_sync(self, channel: int, transport: Transport, job: _SyncRound) -> None:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
@@ -374,7 +401,7 @@ class Sender:
             # No half-close (TLS): the receiver learns the stream's end in band.
             flags |= Flag.END_OF_STREAM
         header = self._header(int(flags), "", [], [], 0, self._empty_checksum)
-        await transport.send_parts([header])
+        transport.send_parts_sync([header])
         stats = self.stats.channels[channel]
         stats.packets += 1
         stats.syncs += 1

@@ -1,5 +1,13 @@
 """Moving a channel's bytes: a zero-copy path for sockets and a generic path for streams.
 
+A channel's packets are moved by a worker thread (see the engine), so that the kernel's
+copies of several channels, and compression, run on several cores while the Trio thread
+only coordinates. The ``*_sync`` methods are what that thread calls: on sockets they do
+the I/O right there (``sendmsg`` / ``recvmsg_into`` on a non-blocking duplicate of the
+socket, waiting in ``poll``, which release the GIL); on other streams they hand each
+operation back to Trio (``trio.from_thread.run``). Every wait checks for cancellation at
+least every :data:`CANCEL_CHECK` seconds.
+
 Every failure of the underlying stream leaves this module as a
 :class:`~trio_multifd.MultiFDError` naming the channel: :class:`TransportError` for a
 broken stream, :class:`TruncatedError` for an end of stream inside a structure,
@@ -8,10 +16,12 @@ broken stream, :class:`TruncatedError` for an end of stream inside a structure,
 
 from __future__ import annotations
 
-import errno
 import math
+import os
+import select
 import socket as stdlib_socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +43,9 @@ Buffer = bytes | bytearray | memoryview
 # a channel failed (a clean FIN means "everything read and completed").
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _FAILED = b"!"
+
+CANCEL_CHECK = 0.02
+"""Longest wait of a channel thread between two checks for cancellation (seconds)."""
 
 
 def _find_socket(stream: object) -> trio.socket.SocketType | None:
@@ -165,6 +178,23 @@ class Transport:
             await self.receive_into([view[len(data) :]], what)
         return True
 
+    # -- called from the channel's worker thread ---------------------------------------------
+
+    def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
+        """:meth:`send_parts`, from a worker thread."""
+        trio.from_thread.run(self.send_parts, parts)
+
+    def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
+        """:meth:`receive_into`, from a worker thread."""
+        trio.from_thread.run(self.receive_into, views, what)
+
+    def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
+        """:meth:`receive_or_eof`, from a worker thread."""
+        return trio.from_thread.run(self.receive_or_eof, view, what)
+
+    def close_sync_side(self) -> None:
+        """Release what the thread side holds (nothing for generic streams)."""
+
     def _truncated(self, what: str, got: int, total: int) -> None:
         raise TruncatedError(
             f"stream ended inside {what} after {got} of {total} bytes",
@@ -211,6 +241,7 @@ class Transport:
     async def aclose(self) -> None:
         """Close cleanly (the peer sees an orderly end of stream)."""
         self.closed = True
+        self.close_sync_side()
         with trio.move_on_after(5) as scope:
             scope.shield = True
             try:
@@ -232,6 +263,7 @@ class Transport:
             return
         self.closed = True
         sock = _find_socket(self.stream)
+        self.close_sync_side()
         if sock is not None and sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
             try:
                 sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, _LINGER_RESET)
@@ -253,62 +285,103 @@ class Transport:
 
 class SocketTransport(Transport):
     """The fast path: ``sendmsg`` scatter-gather from the blocks' memory and
-    ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet.
+    ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet,
+    done by the channel's worker thread on a duplicate of the socket's descriptor.
     """
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
         super().__init__(stream, **kw)
-        self.sock = sock
+        # A second descriptor of the same socket, so that the thread never touches the
+        # trio socket object; both are non-blocking (one open file description).
+        self.sync_sock: stdlib_socket.socket | None = stdlib_socket.socket(
+            sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())
+        )
+        self._poll = select.poll()
+        self._poll.register(self.sync_sock.fileno(), select.POLLIN | select.POLLOUT)
 
-    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+    def close_sync_side(self) -> None:
+        if self.sync_sock is not None:
+            self._poll.unregister(self.sync_sock.fileno())
+            self.sync_sock.close()
+            self.sync_sock = None
+
+    def _wait(self, events: int, timeout: float | None, doing: str) -> None:
+        """Wait until the socket is ready for ``events`` (a worker thread), checking for
+        cancellation; raise when ``timeout`` passes without readiness."""
+        self._poll.modify(self._fd, events)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            trio.from_thread.check_cancelled()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if events == select.POLLOUT:
+                    raise SendStalledError(
+                        f"the peer accepted no byte for send_timeout={timeout}s",
+                        channel=self.channel,
+                    )
+                raise ReceiveTimeoutError(
+                    f"no byte of {doing} arrived for receive_timeout={timeout}s",
+                    channel=self.channel,
+                )
+            if self._poll.poll(1000 * min(left, CANCEL_CHECK)):
+                return
+
+    @property
+    def _fd(self) -> int:
+        assert self.sync_sock is not None
+        return self.sync_sock.fileno()
+
+    def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
+        assert self.sync_sock is not None
         buffers = [memoryview(p) for p in parts]
+        sendmsg = self.sync_sock.sendmsg
         while buffers:
-            # send_timeout bounds each wait for progress, not the whole packet: a slow
-            # but moving peer is not stalled.
-            with _deadline_scope(self.send_timeout):
-                try:
-                    sent = await self.sock.sendmsg(buffers)
-                except OSError as exc:
-                    if exc.errno == errno.EBADF:
-                        raise self._broken(trio.ClosedResourceError(), "sending") from exc
-                    raise self._broken(exc, "sending") from exc
-                buffers = _advance(buffers, sent)
+            try:
+                sent = sendmsg(buffers)
+            except BlockingIOError:
+                # send_timeout bounds each wait for progress, not the whole packet: a
+                # slow but moving peer is not stalled.
+                self._wait(select.POLLOUT, self.send_timeout, "sending")
                 continue
-            raise SendStalledError(
-                f"the peer accepted no byte for send_timeout={self.send_timeout}s",
-                channel=self.channel,
-            )
+            except OSError as exc:
+                raise self._broken(exc, "sending") from exc
+            buffers = _advance(buffers, sent)
 
-    async def receive_into(self, views: Sequence[memoryview], what: str) -> None:
+    def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
+        assert self.sync_sock is not None
         buffers = list(views)
         total = sum(len(v) for v in buffers)
         got = 0
+        recvmsg_into = self.sync_sock.recvmsg_into
         while buffers:
-            with _deadline_scope(self.receive_timeout):
-                try:
-                    n = (await self.sock.recvmsg_into(buffers))[0]
-                except OSError as exc:
-                    raise self._broken(exc, f"receiving {what}") from exc
-                if not n:
-                    self._truncated(what, got, total)
-                got += n
-                buffers = _advance(buffers, n)
+            try:
+                n = recvmsg_into(buffers)[0]
+            except BlockingIOError:
+                self._wait(select.POLLIN, self.receive_timeout, what)
                 continue
-            raise ReceiveTimeoutError(
-                f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s",
-                channel=self.channel,
-            )
+            except OSError as exc:
+                raise self._broken(exc, f"receiving {what}") from exc
+            if not n:
+                self._truncated(what, got, total)
+            got += n
+            buffers = _advance(buffers, n)
 
-    async def receive_or_eof(self, view: memoryview, what: str) -> bool:
-        try:
-            n = await self.sock.recv_into(view)
-        except OSError as exc:
-            raise self._broken(exc, f"receiving {what}") from exc
-        if not n:
-            return False
-        if n < len(view):
-            await self.receive_into([view[n:]], what)
-        return True
+    def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
+        assert self.sync_sock is not None
+        while True:
+            try:
+                n = self.sync_sock.recv_into(view)
+            except BlockingIOError:
+                # Between packets a healthy channel may sit idle for any time.
+                self._wait(select.POLLIN, None, what)
+                continue
+            except OSError as exc:
+                raise self._broken(exc, f"receiving {what}") from exc
+            if not n:
+                return False
+            if n < len(view):
+                self.receive_into_sync([view[n:]], what)
+            return True
 
 
 def open_transport(
