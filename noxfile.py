@@ -48,7 +48,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the tests."""
     session.install("-e", ".", *_group("typecheck"))
-    session.run("mypy", "--strict", "trio_multifd", "tests")
+    session.run("mypy", "--strict", "trio_multifd", "tests", "examples")
 
 
 @nox.session
@@ -57,3 +57,17 @@ def docs(session: nox.Session) -> None:
     session.install("-e", ".", *_group("docs"))
     with tempfile.TemporaryDirectory() as out:
         session.run("sphinx-build", "-n", "-W", "--keep-going", "-b", "html", "docs", out)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark (not a default session): ``nox -s bench -- --size 1GiB --repeat 3``."""
+    session.install("-e", ".")
+    session.run("trio-multifd", "bench", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The soak run (not a default session): ``nox -s soak -- --seconds 90``."""
+    session.install("-e", ".")
+    session.run("python", "-m", "tests.soak", *session.posargs)

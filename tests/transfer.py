@@ -44,8 +44,10 @@ async def listening(
     try:
         yield listeners, connect
     finally:
-        for listener in listeners:
-            await listener.aclose()
+        # Shielded: a cancellation here must not replace the exception in flight.
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
 
 
 async def transfer(

@@ -40,6 +40,13 @@ from ._methods import (
     register_method as register_method,
     unregister_method as unregister_method,
 )
+from ._precopy import (
+    DirtyTracker as DirtyTracker,
+    PrecopyReport as PrecopyReport,
+    PrecopyRound as PrecopyRound,
+    precopy as precopy,
+    receive_precopy as receive_precopy,
+)
 from ._receiver import Receiver as Receiver, open_receiver as open_receiver
 from ._sender import Connector as Connector, Sender as Sender, open_sender as open_sender
 from ._stats import ChannelStats as ChannelStats, TransferStats as TransferStats
@@ -86,6 +93,7 @@ __all__ = [
     "Decoder",
     "DecompressionError",
     "DeliveryError",
+    "DirtyTracker",
     "DuplicateChannelError",
     "Encoder",
     "Feature",
@@ -103,6 +111,8 @@ __all__ = [
     "PageCountError",
     "PayloadSizeError",
     "PrecopyAbortedError",
+    "PrecopyReport",
+    "PrecopyRound",
     "ProtocolError",
     "RAMBlock",
     "ReceiveTimeoutError",
@@ -131,6 +141,8 @@ __all__ = [
     "open_sender",
     "page_count_for",
     "payload_checksum",
+    "precopy",
+    "receive_precopy",
     "register_method",
     "seal_header",
     "unregister_method",

@@ -50,10 +50,13 @@ class RAMBlock:
     """
 
     name: str
+    """The block's name, matched between sender and receiver."""
     view: memoryview
     """The block's bytes as a flat ``memoryview`` of unsigned bytes."""
     page_size: int
+    """Bytes per page."""
     zeroed: bool
+    """Whether the receiver may assume the buffer starts all zero."""
 
     def __init__(
         self, name: str, buffer: object, *, page_size: int = 4096, zeroed: bool = False

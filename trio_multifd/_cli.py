@@ -1,23 +1,432 @@
-"""The ``trio-multifd`` command."""
+"""The ``trio-multifd`` command: ``demo``, ``send``, ``recv`` and ``bench``.
+
+Exit status: 0 on success, 1 when the work failed (one line on stderr, or a traceback
+with ``--debug``), 2 for a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+__all__ = ["main", "parse_hostport", "parse_size"]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_METHODS = ("none", "zlib", "zstd")
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``8MiB``, ``1G``, ``1GiB``: a byte count (K/M/G are binary)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MiB, 64K, 1G)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _page_size_arg(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0 or size % 4096:
+        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 4096: {text!r}")
+    return size
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _list_of(
+    kind: Callable[[str], Any], choices: Sequence[Any] | None = None
+) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            items = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad list: {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        for item in items:
+            if choices is not None and item not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"{item!r} is not one of {', '.join(map(str, choices))}"
+                )
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def _channels_arg(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"channels must be 1..255, got {value}")
+    return value
+
+
+def _channel_list(text: str) -> list[int]:
+    values: list[int] = _list_of(int)(text)
+    for value in values:
+        if not 1 <= value <= 255:
+            raise argparse.ArgumentTypeError(f"channels must be 1..255, got {value}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._bench import DATA_KINDS
+
+    parser = argparse.ArgumentParser(
+        prog="trio-multifd",
+        description="QEMU multifd-compatible page transfer over parallel streams.",
+    )
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="a loopback transfer between two processes, verified, with its baseline",
+        description="Send mixed data (a quarter zero pages, a quarter random, half"
+        " text-like) to a receiver process over 127.0.0.1, verify it, print the figures.",
+    )
+    demo.add_argument(
+        "--size", type=_page_size_arg, default=256 << 20, help="bytes to send (default 256MiB)"
+    )
+    demo.add_argument("--channels", type=_channels_arg, default=4, help="default 4")
+    demo.add_argument("--compression", choices=_METHODS, default="zstd", help="default zstd")
+    demo.add_argument("--level", type=int, default=None, help="compression level")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout (ok, figures or error)",
+    )
+    common.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="send a file to a `recv`",
+        description="Send the file PATH to a `trio-multifd recv` at"
+        " HOST:PORT through N parallel channels.",
+    )
+    send.add_argument("path", metavar="PATH")
+    send.add_argument("address", metavar="HOST:PORT", type=parse_hostport)
+    send.add_argument("--channels", type=_channels_arg, default=4, help="default 4")
+    send.add_argument("--compression", choices=_METHODS, default="none", help="default none")
+    send.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="compression level (zlib 0-9, zstd 0-20; default 1)",
+    )
+    send.add_argument(
+        "--tls-ca", metavar="FILE", help="use TLS; trust this CA file (the host name is checked)"
+    )
+
+    recv = sub.add_parser(
+        "recv",
+        parents=[common],
+        help="receive one file, then exit",
+        description="Listen at HOST:PORT, receive one file into PATH (a"
+        " file name, or a directory for the sender's file name), exit.",
+    )
+    recv.add_argument("path", metavar="PATH")
+    recv.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=parse_hostport,
+        required=True,
+        help="where to listen; port 0 picks a free port (printed on stderr)",
+    )
+    recv.add_argument("--force", action="store_true", help="replace an existing file")
+    recv.add_argument("--tls-cert", metavar="FILE", help="use TLS with this certificate chain")
+    recv.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure against raw sockets and naive Trio",
+        description="Two fresh processes per run over 127.0.0.1 TCP; trio_multifd against"
+        " raw_socket, raw_socket_threads and naive_trio on the same data.",
+    )
+    bench.add_argument(
+        "--size",
+        type=_page_size_arg,
+        default=256 << 20,
+        help="bytes per run, a multiple of 4096 (default 256MiB)",
+    )
+    bench.add_argument(
+        "--channels",
+        type=_channel_list,
+        default=[1, 2, 4, 8],
+        help="channel counts (default 1,2,4,8)",
+    )
+    bench.add_argument(
+        "--compression",
+        type=_list_of(str, _METHODS),
+        default=["none", "zlib", "zstd"],
+        help="methods (default none,zlib,zstd)",
+    )
+    bench.add_argument(
+        "--data",
+        type=_list_of(str, DATA_KINDS),
+        default=["random", "compressible", "zero"],
+        help=f"data kinds among {','.join(DATA_KINDS)} (default random,compressible,zero)",
+    )
+    bench.add_argument("--level", type=int, default=None, help="compression level")
+    bench.add_argument("--repeat", type=int, default=5, help="repeats (default 5)")
+    bench.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the baselines (default yes)",
+    )
+    bench.add_argument(
+        "--json", metavar="PATH", dest="json_path", help="write the results as a JSON array"
+    )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-multifd`` command line; return the exit status."""
-    parser = argparse.ArgumentParser(prog="trio-multifd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="decode a QEMU multifd channel capture")
-    demo.add_argument("capture", help="a file of multifd channel bytes")
-    args = parser.parse_args(argv)
-    from ._demo import decode_capture
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        _validate(parser, args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = bool(args.debug)
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
 
-    return decode_capture(args.capture)
+            return run_demo(
+                size=args.size,
+                channels=args.channels,
+                compression=args.compression,
+                level=args.level,
+            )
+        if args.command == "bench":
+            return _bench(parser, args)
+        return _copy(parser, args)
+    except KeyboardInterrupt:
+        sys.stderr.write("trio-multifd: interrupted\n")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        from ._filecopy import describe
+
+        sys.stderr.write(f"trio-multifd: error: {describe(exc)}\n")
+        return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks argparse cannot express; each failure is a usage error (exit 2)."""
+    from ._methods import get_method
+
+    if args.command == "bench":
+        if args.repeat < 1:
+            parser.error("--repeat must be at least 1")
+        if args.size < 4096 * max(args.channels):
+            parser.error("--size must hold at least one page per channel")
+    if args.command == "recv" and bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    level = getattr(args, "level", None)
+    if level is not None:
+        methods = args.compression if isinstance(args.compression, list) else [args.compression]
+        for name in methods:
+            if name == "none" and len(methods) == 1:
+                parser.error("--level needs --compression zlib or zstd")
+            if name != "none":
+                try:
+                    get_method(name).check_level(level)
+                except ValueError as exc:
+                    parser.error(str(exc))
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ._bench import format_table, run_bench
+
+    def progress(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    import os
+
+    progress(
+        f"bench: {args.size} bytes per run, {args.repeat} repeats, {os.cpu_count()} CPUs,"
+        f" load {os.getloadavg()[0]:.2f}"
+    )
+    results = run_bench(
+        size=args.size,
+        channels=args.channels,
+        compressions=args.compression,
+        data=args.data,
+        repeat=args.repeat,
+        baselines=args.baselines,
+        level=args.level,
+        progress=progress,
+    )
+    objects = [r.to_json(baselines=args.baselines) for r in results]
+    sys.stdout.write(format_table(results, baselines=args.baselines) + "\n")
+    loads = [load for obj in objects for load in obj["load_1m"]]
+    sys.stdout.write(
+        f"{args.size / (1 << 20):g} MiB per run, medians of {args.repeat}; ratio = median of"
+        f" per-repeat ratios to the baseline with as many connections; RSS+ = peak RSS beyond"
+        f" the data buffer; load {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs\n"
+    )
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(objects, f, indent=1)
+            f.write("\n")
+    failed = [obj for obj in objects if not obj["verified"]]
+    for obj in failed:
+        sys.stderr.write(
+            f"trio-multifd: error: {obj['impl']} ch={obj['channels']} {obj['compression']}"
+            f" {obj['data']}: {obj.get('error', 'not verified')}\n"
+        )
+    return 1 if failed else 0
+
+
+class _Reporter:
+    """Progress on stderr: a rich bar on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, what: str, *, quiet: bool, err: TextIO) -> None:
+        self.what = what
+        self.quiet = quiet
+        self.err = err
+        self.tty = err.isatty()
+        self.next_tenth = 1
+        self.started = 0.0
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if not self.started:
+            self.started = time.monotonic()
+        if self.tty:
+            if self._progress is None:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    Progress,
+                    TimeRemainingColumn,
+                    TransferSpeedColumn,
+                )
+
+                self._progress = Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(file=self.err),
+                    transient=False,
+                )
+                self._progress.start()
+                self._task = self._progress.add_task(self.what, total=max(total, 1))
+            self._progress.update(self._task, completed=done)
+            return
+        while total and done * 10 >= total * self.next_tenth and self.next_tenth <= 10:
+            elapsed = time.monotonic() - self.started
+            rate = done / elapsed / 1e6 if elapsed > 0 else 0.0
+            self.err.write(
+                f"{self.what}: {self.next_tenth * 10}% ({done} bytes, {rate:.0f} MB/s)\n"
+            )
+            self.err.flush()
+            self.next_tenth += 1
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import trio
+
+    from . import _filecopy as fc
+
+    tls = None
+    if args.command == "send":
+        if args.tls_ca:
+            tls = fc.client_context(args.tls_ca)
+    elif args.tls_cert:
+        tls = fc.server_context(args.tls_cert, args.tls_key)
+    err = sys.stderr
+    reporter = _Reporter(
+        "sending" if args.command == "send" else "receiving",
+        quiet=args.quiet or args.json,
+        err=err,
+    )
+
+    def announce(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        err.write(f"listening on {shown}:{port}\n")
+        err.flush()
+
+    try:
+        if args.command == "send":
+            host, port = args.address
+            summary = trio.run(
+                lambda: fc.send_file(
+                    args.path,
+                    host,
+                    port,
+                    channels=args.channels,
+                    compression=args.compression,
+                    level=args.level,
+                    tls=tls,
+                    progress=reporter,
+                )
+            )
+        else:
+            host, port = args.listen
+            summary = trio.run(
+                lambda: fc.receive_file(
+                    args.path,
+                    host,
+                    port,
+                    force=args.force,
+                    tls=tls,
+                    progress=reporter,
+                    announce=announce,
+                )
+            )
+    except Exception as exc:
+        reporter.stop()
+        if args.debug:
+            raise
+        message = fc.describe(exc)
+        if args.json:
+            sys.stdout.write(
+                json.dumps({"ok": False, "command": args.command, "error": message}) + "\n"
+            )
+        err.write(f"trio-multifd: error: {message}\n")
+        return 1
+    reporter.stop()
+    result = summary.to_json(args.command)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif not args.quiet:
+        verb = "sent" if args.command == "send" else "received"
+        err.write(
+            f"{verb} {summary.path}: {summary.size} bytes ({summary.data_bytes} in data"
+            f" extents) in {summary.seconds:.2f} s, {result['gbps']:.2f} GB/s; wire"
+            f" {summary.wire_bytes} bytes, {summary.zero_pages} zero pages;"
+            f" xxh3_128 {summary.checksum}\n"
+        )
+    return 0

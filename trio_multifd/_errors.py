@@ -42,8 +42,11 @@ class MultiFDError(Exception):
     """Base class of every error of a transfer.
 
     Attributes:
+        message: The description of the error, without the channel and packet prefix
+            that ``str()`` adds.
         channel: The channel id the error belongs to, or ``None`` when it concerns the
-            transfer as a whole. The message starts with ``channel N:`` when it is set.
+            transfer as a whole (or the channel is not known yet, as before a
+            handshake). The message starts with ``channel N:`` when it is set.
         packet_num: The ``packet_num`` of the packet at fault, when there is one.
     """
 

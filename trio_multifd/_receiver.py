@@ -264,6 +264,12 @@ class Receiver:
         accepting goes on (a listening port meets scanners): only good channels count.
         Stopping the accept loop does not cancel handshakes already under way. Use with
         ``nursery.start`` to know when it accepts.
+
+        Args:
+            listeners: Where channels connect (e.g. from ``trio.open_tcp_listeners``, or
+                a ``trio.SSLListener`` for TLS). They stay open: closing them is the
+                caller's business.
+            task_status: For ``nursery.start``; started once accepting has begun.
         """
         async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
             for listener in listeners:

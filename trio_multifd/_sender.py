@@ -54,7 +54,9 @@ Buffer = bytes | bytearray | memoryview
 __all__ = ["Connector", "Sender", "open_sender"]
 
 Connector = Callable[[int], Awaitable[trio.abc.Stream]]
-"""``connect(channel_id)``: open the stream of one channel."""
+"""The type of ``connect``: an async function that takes a channel id and returns an
+open ``trio.abc.Stream`` for that channel (e.g. ``trio.open_tcp_stream`` to an address
+chosen by the id, or a ``trio.SSLStream`` around one)."""
 
 _ZERO_PAGE_MODES = ("multifd", "none")
 
@@ -349,7 +351,7 @@ class Sender:
     def _channel_thread(self, channel: int, transport: Transport, encoder: Encoder | None) -> None:
         """A channel's packet loop, in its worker thread, until the final SYNC."""
         while True:
-            job = self._next_job()
+            job = self._next_job(transport)
             if isinstance(job, PageBatch):
                 self._send_batch(channel, transport, encoder, job)
                 job.clear()
@@ -369,13 +371,15 @@ class Sender:
             if job.final:
                 return
 
-    def _next_job(self) -> PageBatch | _SyncRound:
+    def _next_job(self, transport: Transport) -> PageBatch | _SyncRound:
         while True:
             trio.from_thread.check_cancelled()
             try:
                 return self._jobs.get(timeout=CANCEL_CHECK)
             except queue.Empty:
-                continue
+                # An idle channel still notices a receiver that failed, so the
+                # application learns of it without sending anything.
+                transport.check_peer_sync()
 
     def _send_batch(
         self, channel: int, transport: Transport, encoder: Encoder | None, batch: PageBatch

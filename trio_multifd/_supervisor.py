@@ -19,6 +19,8 @@ from ._errors import MultiFDError
 __all__ = ["Supervisor", "logger"]
 
 logger = logging.getLogger("trio_multifd")
+# A library stays silent unless the application configures logging.
+logger.addHandler(logging.NullHandler())
 
 
 @final
@@ -58,7 +60,13 @@ class Supervisor:
     def _outcome(self, exc: BaseException, body_exc: BaseException | None) -> BaseException:
         if body_exc is not None and not self._is_ours(body_exc):
             # The application's own exception (KeyboardInterrupt included) passes
-            # through as it was raised, not wrapped in our nursery's group.
+            # through as it was raised, not wrapped in our nursery's group; from a group
+            # of the application's, the Cancelled and errors of this transfer are
+            # stripped (they only say the transfer stopped because of it).
+            if isinstance(body_exc, BaseExceptionGroup):
+                _, rest = body_exc.split(lambda e: self._is_ours(e))
+                if rest is not None:
+                    return rest
             return body_exc
         if self.error is not None:
             if exc is not self.error:

@@ -104,6 +104,9 @@ class Transport:
         self.send_timeout = send_timeout
         self.receive_timeout = receive_timeout
         self.closed = False
+        # A send_all that did not return leaves the stream in an unknown state (Trio's
+        # contract): reset() must not write to it again.
+        self._send_interrupted = False
 
     @property
     def can_half_close(self) -> bool:
@@ -122,7 +125,9 @@ class Transport:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         with _deadline_scope(self.send_timeout) as scope:
             try:
+                self._send_interrupted = True
                 await self.stream.send_all(data)
+                self._send_interrupted = False
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._broken(exc, "sending") from exc
         if scope.cancelled_caught:
@@ -194,6 +199,10 @@ class Transport:
 
     def close_sync_side(self) -> None:
         """Release what the thread side holds (nothing for generic streams)."""
+
+    def check_peer_sync(self) -> None:
+        """Raise if the peer has already failed the channel (an idle sender's check);
+        only sockets can tell without reading."""
 
     def _truncated(self, what: str, got: int, total: int) -> None:
         raise TruncatedError(
@@ -269,7 +278,7 @@ class Transport:
                 sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
-        else:
+        elif not self._send_interrupted:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.2):
                 try:
                     await self.stream.send_all(_FAILED)
@@ -330,6 +339,25 @@ class SocketTransport(Transport):
     def _fd(self) -> int:
         assert self.sync_sock is not None
         return self.sync_sock.fileno()
+
+    def check_peer_sync(self) -> None:
+        # A receiver never writes on a channel and closes it only after the transfer
+        # completed: anything readable, a hang-up or an error here is its failure.
+        assert self.sync_sock is not None
+        self._poll.modify(self._fd, select.POLLIN)
+        if not self._poll.poll(0):
+            return
+        try:
+            data = self.sync_sock.recv(1, stdlib_socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise self._broken(exc, "waiting for work") from exc
+        what = "sent data (its failure signal)" if data else "closed the channel"
+        raise TransportError(
+            f"the receiver {what} while the channel was idle: it failed or left",
+            channel=self.channel,
+        )
 
     def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
         assert self.sync_sock is not None

@@ -1,0 +1,168 @@
+"""``trio-multifd bench`` and ``demo``: correctness of what they report, never timing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_multifd._bench import DATA_KINDS, _slices, fill_data, make_cases, text_pool
+
+PAGE = 4096
+TIMEOUT = 120
+
+FIELDS = {
+    "impl": str,
+    "channels": int,
+    "compression": str,
+    "data": str,
+    "bytes": int,
+    "gbps": list,
+    "gbps_median": float,
+    "verified": bool,
+    "sender_cpu_s_per_gb": float,
+    "receiver_cpu_s_per_gb": float,
+    "sender_peak_rss_mib": float,
+    "receiver_peak_rss_mib": float,
+}
+
+
+def test_bench_json_has_every_field_and_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_multifd",
+            "bench",
+            "--size",
+            "8MiB",
+            "--repeat",
+            "1",
+            "--channels",
+            "1,2",
+            "--compression",
+            "none,zstd",
+            "--data",
+            "random",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads(out.read_text())
+    impls = sorted((c["impl"], c["channels"], c["compression"]) for c in cases)
+    assert impls == [
+        ("naive_trio", 1, "none"),
+        ("raw_socket", 1, "none"),
+        ("raw_socket_threads", 2, "none"),
+        ("trio_multifd", 1, "none"),
+        ("trio_multifd", 1, "zstd"),
+        ("trio_multifd", 2, "none"),
+        ("trio_multifd", 2, "zstd"),
+    ]
+    for case in cases:
+        for field, kind in FIELDS.items():
+            assert isinstance(case[field], kind), (field, case)
+        assert case["verified"] is True
+        assert "error" not in case
+        assert case["bytes"] == 8 << 20
+        assert case["data"] == "random"
+        assert len(case["gbps"]) == 1
+        assert case["gbps_median"] > 0
+        assert case["sender_peak_rss_mib"] > 8
+        if case["impl"] == "trio_multifd":
+            assert case["raw_impl"] == (
+                "raw_socket" if case["channels"] == 1 else "raw_socket_threads"
+            )
+            assert isinstance(case["ratio_to_raw"], float)
+            assert case["ratio_to_raw"] > 0
+        else:
+            assert "ratio_to_raw" not in case
+    # The table on stdout, progress on stderr.
+    assert "trio_multifd" in proc.stdout
+    assert "[7/7]" in proc.stderr
+
+
+def test_demo_small(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_multifd", "demo", "--size", "8MiB", "--channels", "2"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for word in (
+        "GB/s",
+        "verified",
+        "wire bytes",
+        "compression ratio",
+        "zero pages",
+        "raw socket",
+    ):
+        assert word in proc.stdout
+    # A quarter of the pages are zero pages.
+    assert "512 of 2048 pages" in proc.stdout
+
+
+@pytest.mark.parametrize("kind", DATA_KINDS)
+def test_data_kinds(kind: str) -> None:
+    pages = 64
+    buffer = bytearray(b"\x01" * pages * PAGE)
+    fill_data(kind, memoryview(buffer))
+    page_list = [bytes(buffer[i * PAGE : (i + 1) * PAGE]) for i in range(pages)]
+    zero = [p == bytes(PAGE) for p in page_list]
+    if kind == "random":
+        assert not any(zero)
+    elif kind == "zero-all":
+        assert all(zero)
+    elif kind == "zero":
+        assert zero == [i % 16 != 0 for i in range(pages)]
+    elif kind == "mixed":
+        assert zero == [i % 4 == 0 for i in range(pages)]
+    else:
+        assert not any(zero)
+        # 3 KiB of text per page.
+        assert all(p[1024:].isascii() for p in page_list)
+
+
+def test_slices_cover_everything() -> None:
+    for size, parts in ((8 << 20, 4), (5 * PAGE, 4), (PAGE, 1), (3 * PAGE, 2)):
+        ranges = _slices(size, parts)
+        assert ranges[0][0] == 0
+        assert ranges[-1][1] == size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        assert all(s % PAGE == 0 for s, _ in ranges)
+
+
+def test_case_order_puts_baselines_next_to_their_runs() -> None:
+    cases = make_cases(
+        channels=[1, 4], compressions=["none", "zstd"], data=["random"], baselines=True
+    )
+    names = [(c.impl, c.channels, c.compression) for c in cases]
+    assert names == [
+        ("naive_trio", 1, "none"),
+        ("raw_socket", 1, "none"),
+        ("trio_multifd", 1, "none"),
+        ("trio_multifd", 1, "zstd"),
+        ("raw_socket_threads", 4, "none"),
+        ("trio_multifd", 4, "none"),
+        ("trio_multifd", 4, "zstd"),
+    ]
+    assert all(
+        c.impl == "trio_multifd"
+        for c in make_cases(channels=[1], compressions=["none"], data=["zero"], baselines=False)
+    )
+
+
+def test_text_pool_is_text() -> None:
+    pool = text_pool(10000)
+    assert len(pool) == 10000
+    assert pool.isascii()

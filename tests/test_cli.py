@@ -1,0 +1,307 @@
+"""The ``trio-multifd`` command end to end: real processes, loopback TCP, small files."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trustme
+
+from trio_multifd._cli import main, parse_hostport, parse_size
+from trio_multifd._filecopy import data_extents, file_checksum
+
+PAGE = 4096
+TIMEOUT = 60
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trio_multifd", *args]
+
+
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM", None)
+    env.pop("TRIO_MULTIFD_TEST_STALL", None)
+    env.update(extra or {})
+    return env
+
+
+@contextmanager
+def receiving(
+    dest: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A ``recv`` process on 127.0.0.1 port 0, and the port it printed."""
+    proc = subprocess.Popen(
+        _command("recv", str(dest), "--listen", "127.0.0.1:0", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(env),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+        assert match, line
+        yield proc, int(match.group(1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def send(
+    path: Path, port: int, *extra: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command("send", str(path), f"127.0.0.1:{port}", *extra),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(env),
+    )
+
+
+def make_sparse(path: Path) -> None:
+    """8 MiB + 1234 bytes, mostly hole: random regions, explicitly written zero pages
+    inside an allocated extent, and a random partial last page."""
+    size = 2048 * PAGE + 1234
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(3 * PAGE)
+        f.write(os.urandom(10 * PAGE))
+        f.write(bytes(8 * PAGE))  # zero pages, allocated
+        f.write(os.urandom(PAGE + 17))
+        f.seek(1000 * PAGE)
+        f.write(os.urandom(40 * PAGE))
+        f.seek(size - 700)
+        f.write(os.urandom(700))
+
+
+def test_sparse_file_copies_identically_and_stays_sparse(tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    make_sparse(src)
+    dest = tmp_path / "copy.img"
+    with receiving(dest, "--json") as (recv, port):
+        sent = send(src, port, "--channels", "3", "--compression", "zstd", "--json")
+        out, err = recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert recv.returncode == 0, err
+    assert dest.read_bytes() == src.read_bytes()
+    import json
+
+    result = json.loads(sent.stdout)
+    assert result["ok"] is True
+    assert result["size"] == src.stat().st_size
+    assert result["zero_pages"] >= 8
+    assert json.loads(out)["ok"] is True
+    # Holes were skipped and zero pages never written: the copy allocates no more than
+    # the source (which holds 8 written zero pages the copy does not).
+    allocated = dest.stat().st_blocks * 512
+    assert allocated <= src.stat().st_blocks * 512
+    assert allocated < 1024 * 1024
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_empty_and_tiny_files(tmp_path: Path) -> None:
+    for name, content in (("empty", b""), ("tiny", b"x" * 100), ("page", os.urandom(PAGE))):
+        src = tmp_path / name
+        src.write_bytes(content)
+        dest = tmp_path / f"{name}.copy"
+        with receiving(dest, "--quiet") as (recv, port):
+            sent = send(src, port, "--channels", "1", "--quiet")
+            recv.communicate(timeout=TIMEOUT)
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stderr == ""
+        assert dest.read_bytes() == content
+
+
+def test_into_directory_with_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file = tmp_path / "ca.pem", tmp_path / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(300 * PAGE + 5))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    tls = ("--tls-cert", str(cert_file), "--tls-key", str(cert_file))
+    with receiving(out_dir, *tls) as (recv, port):
+        sent = send(src, port, "--channels", "2", "--tls-ca", str(ca_file))
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert recv.returncode == 0
+    assert (out_dir / "data.bin").read_bytes() == src.read_bytes()
+
+
+def test_wrong_checksum_is_rejected_and_nothing_is_kept(tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(64 * PAGE))
+    dest = tmp_path / "b.bin"
+    with receiving(dest) as (recv, port):
+        sent = send(src, port, env={"TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM": "1"})
+        _, err = recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 1
+    assert "checksum mismatch" in sent.stderr
+    assert recv.returncode == 1
+    assert "checksum mismatch" in err
+    assert sorted(os.listdir(tmp_path)) == ["a.bin"]
+
+
+def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(8 * PAGE))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "a.bin").write_bytes(b"keep me")
+    with receiving(out_dir) as (recv, port):
+        sent = send(src, port, "--json")
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 1
+    assert recv.returncode == 1
+    import json
+
+    result = json.loads(sent.stdout)
+    assert result["ok"] is False
+    assert "exists" in result["error"]
+    assert (out_dir / "a.bin").read_bytes() == b"keep me"
+    with receiving(out_dir, "--force") as (recv, port):
+        sent = send(src, port)
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert (out_dir / "a.bin").read_bytes() == src.read_bytes()
+
+
+def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(1024 * PAGE))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with receiving(out_dir / "a.bin") as (recv, port):
+        # The sender pauses halfway (after a SYNC: half the pages are in place).
+        sender = subprocess.Popen(
+            _command("send", str(src), f"127.0.0.1:{port}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env({"TRIO_MULTIFD_TEST_STALL": "30"}),
+        )
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not any(p.endswith(".part") for p in os.listdir(out_dir)):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)
+            recv.send_signal(signal.SIGKILL)
+            recv.wait(timeout=TIMEOUT)
+            start = time.monotonic()
+            _, err = sender.communicate(timeout=TIMEOUT)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.communicate()
+    assert sender.returncode == 1
+    # Noticed through the control stream at once, not after the 30 s pause.
+    assert time.monotonic() - start < 20
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("trio-multifd: error: the receiver went away"), err
+    assert "Traceback" not in err
+    assert not (out_dir / "a.bin").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["send"],
+        ["send", "x"],
+        ["send", "x", "localhost"],
+        ["send", "x", "localhost:http"],
+        ["send", "x", "localhost:1", "--channels", "0"],
+        ["send", "x", "localhost:1", "--compression", "lz4"],
+        ["send", "x", "localhost:1", "--level", "3"],
+        ["send", "x", "localhost:1", "--compression", "zstd", "--level", "99"],
+        ["recv", "x"],
+        ["recv", "x", "--listen", "127.0.0.1:99999"],
+        ["recv", "x", "--listen", "127.0.0.1:0", "--tls-cert", "c.pem"],
+        ["bench", "--size", "1000"],
+        ["bench", "--size", "lots"],
+        ["bench", "--channels", "0"],
+        ["bench", "--compression", "lz4"],
+        ["bench", "--data", "ones"],
+        ["bench", "--repeat", "0"],
+        ["demo", "--size", "4097"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_runtime_error_is_one_line_exit_1(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    proc = subprocess.run(
+        _command("send", str(missing), "127.0.0.1:9"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"trio-multifd: error: cannot open {missing}: No such file or directory"
+    ]
+
+
+def test_connection_refused_json(tmp_path: Path) -> None:
+    src = tmp_path / "a"
+    src.write_bytes(b"a")
+    with receiving(tmp_path / "b") as (_recv, port):
+        pass  # killed: the port is free again
+    proc = subprocess.run(
+        _command("send", str(src), f"127.0.0.1:{port}", "--json"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    import json
+
+    result = json.loads(proc.stdout)
+    assert result["ok"] is False
+    assert "could not connect" in result["error"]
+
+
+def test_parsers() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("64K") == 64 * 1024
+    assert parse_size("8MiB") == 8 << 20
+    assert parse_size("1GiB") == parse_size("1g") == 1 << 30
+    assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_hostport("[::1]:80") == ("::1", 80)
+
+
+def test_extents_and_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    make_sparse(path)
+    dense = tmp_path / "d"
+    dense.write_bytes(path.read_bytes())
+    size = path.stat().st_size
+    fds = [os.open(p, os.O_RDONLY) for p in (path, dense)]
+    try:
+        extents = list(data_extents(fds[0], size))
+        assert extents[0][0] == 0 or extents[0][0] <= 3 * PAGE
+        assert sum(e - s for s, e in extents) < size // 2
+        assert file_checksum(fds[0], size) == file_checksum(fds[1], size)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,501 @@
+"""Timeouts, cancellation and interrupts: nothing hangs, everything is closed.
+
+Virtual time (``autojump_clock``) with memory streams where the exact instant matters;
+real loopback TCP, with small timeouts and small socket buffers, where the socket path
+(``sendmsg``/``recvmsg_into``) is what is under test.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+import trio_multifd as m
+
+from .helpers import PAGE, TrackedStream, block_pair, pattern
+from .proxy import TRANSFER_UUID, RecordingListener, TcpLink, queue_everything
+
+SMALL_BUFFER = 32 * 1024
+
+
+def handshake(channel: int = 0) -> bytes:
+    return m.encode_handshake(m.Handshake(uuid=TRANSFER_UUID, channel_id=channel))
+
+
+def packet(offsets: list[int], *, flags: int = 0) -> bytes:
+    header = m.PacketHeader(
+        flags=flags,
+        pages_alloc=128,
+        normal_pages=len(offsets),
+        next_packet_size=PAGE * len(offsets),
+        packet_num=0,
+        block_name="mem" if offsets else "",
+        offsets=tuple(offsets),
+    )
+    return m.encode_packet_header(header) + b"\x42" * (PAGE * len(offsets))
+
+
+SYNC = packet([], flags=m.Flag.SYNC)
+
+
+def memory_pair() -> tuple[TrackedStream, TrackedStream]:
+    """(the peer's end, the end given to the library), both tracked."""
+    a, b = trio.testing.memory_stream_pair()
+    return TrackedStream(a), TrackedStream(b)
+
+
+@asynccontextmanager
+async def stalled_tcp_link() -> AsyncIterator[TcpLink]:
+    """A link whose sockets hold little, so that a peer that stops reading is felt."""
+    async with TcpLink.open() as link:
+        link.listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        link.sndbuf = SMALL_BUFFER
+        yield link
+
+
+# -- handshake_timeout ----------------------------------------------------------------------
+
+
+async def test_handshake_timeout_defaults_to_ten_seconds_from_add_channel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = memory_pair()
+    with pytest.raises(m.HandshakeTimeoutError) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await trio.sleep(5)  # the clock starts at add_channel, not at open_receiver
+            start = trio.current_time()
+            try:
+                await receiver.add_channel(ours)
+            finally:
+                assert trio.current_time() - start == pytest.approx(10.0)
+    assert info.value.channel is None
+    assert ours.closed
+    await peer.aclose()
+
+
+async def test_a_handshake_trickling_in_still_times_out_as_a_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = memory_pair()
+
+    async def trickle() -> None:
+        for byte in handshake()[:-1]:
+            await peer.send_all(bytes([byte]))
+            await trio.sleep(0.1)  # 63 bytes over 6.3 s, never the 64th
+
+    with pytest.raises(m.HandshakeTimeoutError):
+        async with m.open_receiver([target], channels=1, handshake_timeout=5.0) as receiver:
+            receiver._supervisor.nursery.start_soon(trickle)
+            start = trio.current_time()
+            try:
+                await receiver.add_channel(ours)
+            finally:
+                assert trio.current_time() - start == pytest.approx(5.0)
+    assert ours.closed
+
+
+async def test_handshake_timeout_none_waits_for_a_late_handshake(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = memory_pair()
+
+    async def late_sender() -> None:
+        await trio.sleep(3600)
+        await peer.send_all(handshake() + SYNC)
+        await peer.send_eof()
+
+    async with m.open_receiver([target], channels=1, handshake_timeout=None) as receiver:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_sender)
+            assert await receiver.add_channel(ours) == 0
+        assert await receiver.sync() == 1
+        await receiver.wait_closed()
+
+
+async def test_a_silent_tcp_connection_times_out_and_is_reset() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            silent = await link.raw_connect()
+            with pytest.raises(m.HandshakeTimeoutError):
+                async with m.open_receiver(
+                    [target], channels=1, handshake_timeout=0.3
+                ) as receiver:
+                    await receiver.add_channel(await link.accept())
+            assert link.all_closed("receiver")
+            with pytest.raises(trio.BrokenResourceError):
+                await silent.receive_some()
+
+
+async def test_serve_drops_a_silent_connection_and_completes_with_good_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src, dst = block_pair("mem", 64, seed=1)
+    with caplog.at_level(logging.WARNING, logger="trio_multifd"), trio.fail_after(10):
+        async with RecordingListener.open() as listener:
+            silent = await trio.open_tcp_stream("127.0.0.1", listener.port)
+            async with m.open_receiver(
+                [dst], channels=2, uuid=TRANSFER_UUID, handshake_timeout=0.3
+            ) as receiver:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(receiver.serve, [listener])
+
+                    async def connect(channel: int) -> trio.abc.Stream:
+                        return await trio.open_tcp_stream("127.0.0.1", listener.port)
+
+                    async with m.open_sender(connect, channels=2, uuid=TRANSFER_UUID) as sender:
+                        await queue_everything([src], sender)
+                await receiver.wait_closed()
+            with pytest.raises(trio.BrokenResourceError):
+                await silent.receive_some()
+            await silent.aclose()
+            assert all(s.socket.fileno() == -1 for s in listener.accepted)
+            assert len(listener.accepted) == 3
+    assert dst.view == src.view
+    assert any("no complete handshake" in r.getMessage() for r in caplog.records)
+
+
+# -- send_timeout ---------------------------------------------------------------------------
+
+
+async def test_send_timeout_fails_a_channel_whose_peer_stops_reading_over_tcp() -> None:
+    src, _ = block_pair("mem", 512, seed=2)
+    with trio.fail_after(10):
+        async with stalled_tcp_link() as link:
+            start = trio.current_time()
+            with pytest.raises(m.SendStalledError) as info:
+                async with m.open_sender(link.connect, channels=2, send_timeout=0.5) as sender:
+                    for _ in range(2):
+                        await link.accept()  # accepted, never read
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    await sender.sync()
+            assert 0.5 <= trio.current_time() - start < 3
+            assert info.value.channel in (0, 1)
+            assert link.all_closed("sender")
+
+
+async def test_send_timeout_defaults_to_sixty_seconds_on_a_stream_nobody_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A lockstep stream's send_all waits for a reader that never comes: the handshake
+    # itself stalls, so open_sender fails before the body.
+    ours, _theirs = trio.testing.lockstep_stream_pair()
+    tracked = TrackedStream(ours)
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        return tracked
+
+    with pytest.raises(m.SendStalledError) as info:
+        async with m.open_sender(connect, channels=1):
+            raise AssertionError("unreachable: the handshake never went out")
+    assert trio.current_time() == pytest.approx(60.0)
+    assert info.value.channel == 0
+    assert tracked.closed
+
+
+async def test_send_timeout_none_waits_until_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, _theirs = trio.testing.lockstep_stream_pair()
+    tracked = TrackedStream(ours)
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        return tracked
+
+    with trio.move_on_after(10_000) as scope:
+        async with m.open_sender(connect, channels=1, send_timeout=None):
+            raise AssertionError("unreachable")
+    assert scope.cancelled_caught
+    assert tracked.closed
+
+
+async def test_a_slow_but_moving_peer_is_not_stalled_over_tcp() -> None:
+    # send_timeout bounds each wait for progress on a socket, not a whole packet.
+    src, _ = block_pair("mem", 128, seed=3)
+    received = 0
+    with trio.fail_after(15):
+        async with stalled_tcp_link() as link:
+
+            async def slow_reader() -> None:
+                nonlocal received
+                stream = await link.accept()
+                while data := await stream.receive_some(96 * 1024):
+                    received += len(data)
+                    await trio.sleep(0.1)
+                await stream.aclose()  # the clean close confirms the transfer
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                start = trio.current_time()
+                async with m.open_sender(link.connect, channels=1, send_timeout=0.3) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                assert trio.current_time() - start > 0.3  # it did have to wait
+            assert link.all_closed("sender")
+    assert received == sender.stats.bytes
+
+
+# -- receive_timeout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "inside"),
+    [
+        pytest.param(handshake() + packet([0])[:100], "a packet header", id="header"),
+        pytest.param(handshake() + packet([0])[: m.header_size(128) + 10], "a payload", id="pay"),
+    ],
+)
+async def test_receive_timeout_fails_a_channel_stopped_inside_a_packet(
+    autojump_clock: trio.testing.MockClock, sent: bytes, inside: str
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = memory_pair()
+    await peer.send_all(sent)
+    with pytest.raises(m.ReceiveTimeoutError) as info:
+        async with m.open_receiver([target], channels=1, receive_timeout=2.0) as receiver:
+            await receiver.add_channel(ours)
+            await receiver.wait_closed()
+    assert trio.current_time() == pytest.approx(2.0)
+    assert info.value.channel == 0
+    assert inside in str(info.value)
+    assert ours.closed
+
+
+async def test_receive_timeout_leaves_a_channel_idle_between_packets_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = memory_pair()
+
+    async def idle_sender() -> None:
+        await peer.send_all(handshake() + packet([0]))
+        await trio.sleep(3600)  # between packets: a healthy idle channel
+        await peer.send_all(SYNC)
+        await peer.send_eof()
+
+    async with m.open_receiver([target], channels=1, receive_timeout=1.0) as receiver:
+        receiver._supervisor.nursery.start_soon(idle_sender)
+        await receiver.add_channel(ours)
+        assert await receiver.sync() == 1
+        await receiver.wait_closed()
+    assert target.view == b"\x42" * PAGE
+
+
+async def test_receive_timeout_over_tcp_resets_the_stopped_channel() -> None:
+    target = m.RAMBlock("mem", pattern(2 * PAGE))
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            peer = await link.raw_connect()
+            await peer.send_all(handshake() + packet([PAGE])[: m.header_size(128) + 1000])
+            with pytest.raises(m.ReceiveTimeoutError) as info:
+                async with m.open_receiver(
+                    [target], channels=1, uuid=TRANSFER_UUID, receive_timeout=0.3
+                ) as receiver:
+                    await receiver.add_channel(await link.accept())
+                    await receiver.wait_closed()
+            assert info.value.channel == 0
+            assert link.all_closed("receiver")
+            with pytest.raises(trio.BrokenResourceError):
+                await peer.receive_some()
+    # At most the page being received is partly written; page 0 is untouched.
+    assert target.view[:PAGE] == pattern(PAGE)
+    assert target.view[PAGE : PAGE + 1000] == b"\x42" * 1000
+
+
+# -- cancellation from the application -----------------------------------------------------
+
+
+async def test_cancelling_while_a_channel_still_connects_closes_the_others() -> None:
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+
+            async def connect(channel: int) -> trio.abc.Stream:
+                if channel == 1:
+                    await trio.sleep_forever()
+                return await link.connect(channel)
+
+            with trio.move_on_after(0.2) as scope:
+                async with m.open_sender(connect, channels=2):
+                    raise AssertionError("unreachable: channel 1 never connects")
+            assert scope.cancelled_caught
+            assert len(link.sender_streams) == 1
+            assert link.all_closed("sender")
+
+
+async def test_cancelling_queue_pages_blocked_on_a_stalled_peer_shuts_down() -> None:
+    src, _ = block_pair("mem", 1024, seed=4)
+    reached = False
+    with trio.fail_after(5):
+        async with stalled_tcp_link() as link:
+            with trio.move_on_after(0.5) as scope:
+                async with m.open_sender(link.connect, channels=2) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    reached = True
+            assert scope.cancelled_caught
+            assert not reached
+            assert link.all_closed("sender")
+
+
+async def test_cancelling_sync_blocked_on_a_stalled_peer_shuts_down() -> None:
+    src, _ = block_pair("mem", 256, seed=4)
+    in_sync = False
+    with trio.fail_after(5):
+        async with stalled_tcp_link() as link:
+            with trio.move_on_after(0.5) as scope:
+                async with m.open_sender(link.connect, channels=2) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    in_sync = True
+                    await sender.sync()
+            assert scope.cancelled_caught
+            assert in_sync
+            assert link.all_closed("sender")
+
+
+async def test_cancelling_the_sender_exit_waiting_for_confirmation_shuts_down() -> None:
+    src, _ = block_pair("mem", 16, seed=4)
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+
+            async def read_but_never_close() -> None:
+                stream = await link.accept()
+                while await stream.receive_some():
+                    pass
+                await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_but_never_close)
+                with trio.move_on_after(0.5) as scope:
+                    async with m.open_sender(link.connect, channels=1) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                assert scope.cancelled_caught
+                assert link.all_closed("sender")
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("stage", ["wait_closed", "sync", "add_channel"])
+async def test_cancelling_the_receiver_closes_every_channel_and_fails_the_sender(
+    stage: str,
+) -> None:
+    src, dst = block_pair("mem", 256, seed=5)
+    sender_error: BaseException | None = None
+    receiver_gone = trio.Event()
+    with trio.fail_after(10):
+        async with TcpLink.open() as link:
+
+            async def send() -> None:
+                nonlocal sender_error
+                try:
+                    async with m.open_sender(link.connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                        await receiver_gone.wait()
+                        await queue_everything([src], sender)
+                except m.MultiFDError as exc:
+                    sender_error = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                with trio.move_on_after(0.3) as scope:
+                    async with m.open_receiver([dst], channels=2) as receiver:
+                        await receiver.add_channel(await link.accept())
+                        if stage == "add_channel":
+                            await receiver.add_channel(await link.raw_connect())  # silent
+                        await receiver.add_channel(await link.accept())
+                        if stage == "sync":
+                            await receiver.sync()
+                        await receiver.wait_closed()
+                assert scope.cancelled_caught
+                assert link.all_closed("receiver")
+                receiver_gone.set()
+    assert isinstance(sender_error, m.TransportError | m.DeliveryError)
+
+
+async def test_cancelling_serve_closes_connections_it_accepted() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    with trio.fail_after(5):
+        async with RecordingListener.open() as listener:
+            half = await trio.open_tcp_stream("127.0.0.1", listener.port)
+            await half.send_all(handshake()[:10])
+            with trio.move_on_after(0.3) as scope:
+                async with m.open_receiver([target], channels=2) as receiver:
+                    await receiver.serve([listener])
+            assert scope.cancelled_caught
+            assert len(listener.accepted) == 1
+            assert listener.accepted[0].socket.fileno() == -1
+            await half.aclose()
+
+
+# -- KeyboardInterrupt and friends from the application -----------------------------------
+
+
+class Interrupt(BaseException):
+    """A BaseException of the application's own (not Exception, not Cancelled)."""
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, Interrupt])
+async def test_an_interrupt_in_the_sender_block_passes_through_and_closes_all(
+    exc_type: type[BaseException],
+) -> None:
+    src, _ = block_pair("mem", 512, seed=6)
+    raised = exc_type()
+    with trio.fail_after(5):
+        async with stalled_tcp_link() as link:
+            with pytest.raises(exc_type) as info:
+                async with m.open_sender(link.connect, channels=2) as sender:
+                    with trio.move_on_after(0.2):  # channels now blocked mid-packet
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                    raise raised
+            assert info.value is raised
+            assert link.all_closed("sender")
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, Interrupt])
+async def test_an_interrupt_in_the_receiver_block_passes_through_and_fails_the_sender(
+    exc_type: type[BaseException],
+) -> None:
+    src, dst = block_pair("mem", 256, seed=7)
+    raised = exc_type()
+    sender_error: BaseException | None = None
+    with trio.fail_after(10):
+        async with TcpLink.open() as link:
+
+            async def send() -> None:
+                nonlocal sender_error
+                try:
+                    async with m.open_sender(link.connect, channels=2) as sender:
+                        for _ in range(50):
+                            await queue_everything([src], sender)
+                except m.MultiFDError as exc:
+                    sender_error = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                with pytest.raises(exc_type) as info:
+                    async with m.open_receiver([dst], channels=2) as receiver:
+                        for _ in range(2):
+                            await receiver.add_channel(await link.accept())
+                        await receiver.sync()
+                        raise raised
+                assert info.value is raised
+                assert link.all_closed("receiver")
+    assert isinstance(sender_error, m.TransportError | m.DeliveryError)
+    assert link.all_closed("sender")
+
+
+async def test_an_interrupt_inside_a_nursery_of_the_body_is_not_swallowed() -> None:
+    src, _ = block_pair("mem", 16, seed=8)
+    with trio.fail_after(5):
+        async with stalled_tcp_link() as link:
+            with pytest.RaisesGroup(KeyboardInterrupt):
+                async with m.open_sender(link.connect, channels=2) as sender:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(sender.queue_pages, src, range(0, src.size, PAGE))
+                        raise KeyboardInterrupt
+            assert link.all_closed("sender")

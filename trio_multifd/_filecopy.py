@@ -1,0 +1,645 @@
+"""File copy over multifd: ``trio-multifd send`` and ``trio-multifd recv``.
+
+Like QEMU's main migration channel, a *control stream* (the first connection on the
+receiver's port) carries what the receiver needs before any page moves, and the verdict
+after the last one. The framing (see docs/cli.rst):
+
+- the sender opens the connection with the 8-byte magic :data:`CONTROL_MAGIC`;
+- then each message, both ways, is a 4-byte big-endian length and that many bytes of
+  UTF-8 JSON (an object with a ``"type"``), at most :data:`MAX_MESSAGE` bytes;
+- sender -> receiver: ``manifest``; receiver -> sender: ``go`` or ``refuse``; the sender
+  then opens the multifd channels to the same port (QEMU's handshake magic
+  ``0x11223344`` is what they start with), sends, and after its final SYNC reads
+  receiver -> sender ``verdict``.
+
+The file travels as two RAM blocks: ``data`` covers its whole pages (an ``mmap`` of the
+file on both sides) and ``tail`` is one page holding the final partial page padded with
+zeros. The sender queues only pages inside data extents (``SEEK_DATA``/``SEEK_HOLE``), and
+the engine sends all-zero pages as zero pages; the receiver's blocks are known-zero (a
+fresh ``ftruncate``), so it never touches a page that no data reached: the copy is at
+least as sparse as the source.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import ssl
+import struct
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from ._block import RAMBlock
+from ._errors import MultiFDError
+from ._receiver import open_receiver
+from ._sender import open_sender
+
+__all__ = [
+    "CONTROL_MAGIC",
+    "MAX_MESSAGE",
+    "CopyError",
+    "Progress",
+    "Summary",
+    "data_extents",
+    "file_checksum",
+    "receive_file",
+    "send_file",
+]
+
+CONTROL_MAGIC = b"TMFDCTL\x01"
+"""The first 8 bytes of a control stream: ``TMFDCTL`` and the framing version, 1."""
+MAX_MESSAGE = 64 * 1024
+"""The largest control message either side accepts."""
+PAGE = 4096
+CHECKSUM = "xxh3_128"
+
+# Test hooks, read from the environment (documented in docs/cli.rst): a sender with
+# TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM=1 sends a manifest whose checksum is wrong; with
+# TRIO_MULTIFD_TEST_STALL=SECONDS it pauses that long halfway through the pages.
+_CORRUPT_ENV = "TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM"
+_STALL_ENV = "TRIO_MULTIFD_TEST_STALL"
+
+
+class CopyError(Exception):
+    """A file copy failed; the message is the one line the command prints."""
+
+
+@attrs.frozen
+class Summary:
+    """What a finished copy reports (``--json`` prints it)."""
+
+    path: str
+    size: int
+    data_bytes: int
+    seconds: float
+    wire_bytes: int
+    normal_pages: int
+    zero_pages: int
+    checksum: str
+    channels: int
+    compression: str
+
+    def to_json(self, command: str) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "command": command,
+            "path": self.path,
+            "size": self.size,
+            "data_bytes": self.data_bytes,
+            "seconds": round(self.seconds, 4),
+            "gbps": round(self.data_bytes / self.seconds / 1e9, 4) if self.seconds else 0.0,
+            "wire_bytes": self.wire_bytes,
+            "normal_pages": self.normal_pages,
+            "zero_pages": self.zero_pages,
+            "checksum": self.checksum,
+            "channels": self.channels,
+            "compression": self.compression,
+        }
+
+
+Progress = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``: called a few times a second."""
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` byte ranges holding data, by ``SEEK_DATA``/``SEEK_HOLE``
+    (the whole file when the file system cannot tell)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to the end
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, size
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size)
+        pos = end
+
+
+def file_checksum(fd: int, size: int) -> str:
+    """xxh3_128 of the file's content, holes hashed as zeros without reading them (on
+    tmpfs even a read of a hole allocates memory)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    zeros = bytes(1024 * 1024)
+    buffer = bytearray(4 * 1024 * 1024)
+    view = memoryview(buffer)
+    pos = 0
+    for start, end in data_extents(fd, size):
+        while pos < start:
+            n = min(len(zeros), start - pos)
+            digest.update(zeros[:n])
+            pos += n
+        while pos < end:
+            n = os.preadv(fd, [view[: min(len(buffer), end - pos)]], pos)
+            if not n:
+                raise CopyError(f"file shrank while reading it (at byte {pos})")
+            digest.update(view[:n])
+            pos += n
+    while pos < size:
+        n = min(len(zeros), size - pos)
+        digest.update(zeros[:n])
+        pos += n
+    return digest.hexdigest()
+
+
+def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """Data extents widened to whole pages, merged."""
+    ranges: list[tuple[int, int]] = []
+    for start, end in data_extents(fd, size):
+        start = start // PAGE * PAGE
+        end = -(-end // PAGE) * PAGE
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]))
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+# -- framing ----------------------------------------------------------------------------------
+
+
+async def _receive_exact(stream: trio.abc.Stream, count: int, what: str) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise CopyError(f"the peer closed the control stream before {what}")
+        data += chunk
+    return bytes(data)
+
+
+async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None:
+    """Send one length-prefixed JSON message."""
+    body = json.dumps(message).encode()
+    await stream.send_all(struct.pack(">I", len(body)) + body)
+
+
+async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
+    """Receive one length-prefixed JSON message (an object)."""
+    (length,) = struct.unpack(">I", await _receive_exact(stream, 4, what))
+    if length > MAX_MESSAGE:
+        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE})")
+    try:
+        message = json.loads(await _receive_exact(stream, length, what))
+    except ValueError as exc:
+        raise CopyError(f"bad control message: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise CopyError("bad control message: not an object with a type")
+    return message
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """The receiver's TLS context (certificate chain and key)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    """The sender's TLS context: trusts ``ca``, checks the host name."""
+    return ssl.create_default_context(cafile=ca)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+async def _watch(get: Callable[[], int], total: int, progress: Progress | None) -> None:
+    if progress is None:
+        return
+    while True:
+        progress(get(), total)
+        await trio.sleep(0.1)
+
+
+# -- the sender -------------------------------------------------------------------------------
+
+
+async def send_file(
+    path: str,
+    host: str,
+    port: int,
+    *,
+    channels: int = 4,
+    compression: str = "none",
+    level: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    progress: Progress | None = None,
+    connect_timeout: float = 30.0,
+) -> Summary:
+    """Send the file at ``path`` to a ``recv`` listening at ``host:port``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CopyError(f"cannot open {path}: {exc.strerror}") from None
+    mapping: mmap.mmap | None = None
+    blocks: list[RAMBlock] = []
+    try:
+        size = os.fstat(fd).st_size
+        whole = size // PAGE * PAGE
+        ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
+        tail_len = size - whole
+        tail = bytearray(PAGE)
+        if tail_len:
+            os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
+        data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
+        checksum = await trio.to_thread.run_sync(file_checksum, fd, size)
+        if os.environ.get(_CORRUPT_ENV):
+            checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
+        transfer_uuid = uuid_mod.uuid4()
+        manifest = {
+            "type": "manifest",
+            "name": os.path.basename(path),
+            "size": size,
+            "page_size": PAGE,
+            "data_bytes": data_bytes,
+            "method": compression,
+            "channels": channels,
+            "uuid": str(transfer_uuid),
+            "checksum": {"algorithm": CHECKSUM, "value": checksum},
+        }
+
+        async def open_stream() -> trio.abc.Stream:
+            try:
+                with trio.fail_after(connect_timeout):
+                    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                    if tls is not None:
+                        ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+                        await ssl_stream.do_handshake()
+                        stream = ssl_stream
+                    return stream
+            except trio.TooSlowError:
+                raise CopyError(f"could not connect to {host}:{port}: timed out") from None
+            except (OSError, trio.BrokenResourceError) as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                raise CopyError(f"could not connect to {host}:{port}: {cause}") from None
+
+        control = await open_stream()
+        try:
+            await control.send_all(CONTROL_MAGIC)
+            await send_message(control, manifest)
+            reply = await receive_message(control, "its go-ahead")
+            if reply["type"] != "go":
+                raise CopyError(f"the receiver refused: {reply.get('error', reply)}")
+            if whole:
+                mapping = mmap.mmap(fd, whole, prot=mmap.PROT_READ)
+                blocks.append(RAMBlock("data", mapping))
+            tail_block = RAMBlock("tail", tail)
+
+            async def connect(channel: int) -> trio.abc.Stream:
+                return await open_stream()
+
+            verdict: dict[str, Any] = {}
+
+            async def read_verdict() -> None:
+                # Read from the start: the receiver says nothing until its verdict, so
+                # an end of stream before it means the receiver failed or was stopped,
+                # and the transfer is cancelled at once rather than at its end.
+                try:
+                    verdict.update(await receive_message(control, "its verdict"))
+                except (trio.BrokenResourceError, CopyError) as exc:
+                    raise CopyError(
+                        "the receiver went away before its verdict (it failed or was stopped)"
+                    ) from exc
+
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_verdict)
+                async with trio.open_nursery() as watching:
+                    async with open_sender(
+                        connect,
+                        channels=channels,
+                        uuid=transfer_uuid,
+                        compression=compression,
+                        compression_level=level,
+                    ) as sender:
+                        watching.start_soon(
+                            _watch, lambda: sender.stats.page_bytes, data_bytes, progress
+                        )
+                        await _queue(sender, blocks[0] if blocks else None, ranges)
+                        if tail_len:
+                            await sender.queue_page(tail_block, 0)
+                    watching.cancel_scope.cancel()
+                seconds = trio.current_time() - start
+                if progress is not None:
+                    progress(data_bytes, data_bytes)
+            if verdict.get("type") != "verdict" or not verdict.get("ok"):
+                raise CopyError(f"the receiver rejected the copy: {verdict.get('error', verdict)}")
+        finally:
+            await trio.aclose_forcefully(control)
+        stats = sender.stats
+        return Summary(
+            path=path,
+            size=size,
+            data_bytes=data_bytes,
+            seconds=seconds,
+            wire_bytes=stats.bytes,
+            normal_pages=stats.normal_pages,
+            zero_pages=stats.zero_pages,
+            checksum=checksum,
+            channels=channels,
+            compression=compression,
+        )
+    finally:
+        if mapping is not None:
+            _unmap(mapping, blocks)
+        os.close(fd)
+
+
+async def _queue(sender: Any, block: RAMBlock | None, ranges: list[tuple[int, int]]) -> None:
+    if block is None:
+        return
+    stall = float(os.environ.get(_STALL_ENV) or 0)
+    total = sum(e - s for s, e in ranges)
+    queued = 0
+    for start, end in ranges:
+        if stall and queued + (end - start) > total // 2 >= queued:
+            middle = start + (total // 2 - queued) // PAGE * PAGE
+            await sender.queue_pages(block, range(start, middle, PAGE))
+            await sender.sync()
+            await trio.sleep(stall)
+            stall = 0
+            start = middle
+        await sender.queue_pages(block, range(start, end, PAGE))
+        queued += end - start
+
+
+# -- the receiver -----------------------------------------------------------------------------
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    def bad(field: str) -> CopyError:
+        return CopyError(f"bad manifest: field {field!r} is {manifest.get(field)!r}")
+
+    if manifest.get("type") != "manifest":
+        raise CopyError(f"expected a manifest, got a {manifest.get('type')!r} message")
+    name = manifest.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise bad("name")
+    for field in ("size", "data_bytes"):
+        if not isinstance(manifest.get(field), int) or manifest[field] < 0:
+            raise bad(field)
+    if manifest.get("page_size") != PAGE:
+        raise bad("page_size")
+    channels = manifest.get("channels")
+    if not isinstance(channels, int) or not 1 <= channels <= 255:
+        raise bad("channels")
+    if not isinstance(manifest.get("method"), str):
+        raise bad("method")
+    try:
+        uuid_mod.UUID(manifest.get("uuid"))
+    except (TypeError, ValueError, AttributeError):
+        raise bad("uuid") from None
+    checksum = manifest.get("checksum")
+    if (
+        not isinstance(checksum, dict)
+        or checksum.get("algorithm") != CHECKSUM
+        or not isinstance(checksum.get("value"), str)
+    ):
+        raise bad("checksum")
+
+
+async def receive_file(
+    path: str,
+    host: str,
+    port: int,
+    *,
+    force: bool = False,
+    tls: ssl.SSLContext | None = None,
+    progress: Progress | None = None,
+    announce: Callable[[str, int], None] | None = None,
+    handshake_timeout: float = 30.0,
+) -> Summary:
+    """Listen at ``host:port``, receive one file into ``path`` (a file name, or an
+    existing directory to put the sender's file name in), and return."""
+    listeners: list[trio.abc.Listener[trio.abc.Stream]]
+    if not force and _destination(path, "-", "-")[2] and not _isdir(path):
+        raise CopyError(f"{path} exists: refusing to overwrite it without --force")
+    try:
+        tcp = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise CopyError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listeners = list(tcp)
+    if tls is not None:
+        listeners = [trio.SSLListener(listener, tls) for listener in tcp]
+    try:
+        if announce is not None:
+            announce(host, tcp[0].socket.getsockname()[1])
+        control = await listeners[0].accept()
+        try:
+            return await _receive_with(
+                control,
+                listeners,
+                path,
+                force=force,
+                progress=progress,
+                handshake_timeout=handshake_timeout,
+            )
+        finally:
+            await trio.aclose_forcefully(control)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _receive_with(
+    control: trio.abc.Stream,
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
+    path: str,
+    *,
+    force: bool,
+    progress: Progress | None,
+    handshake_timeout: float,
+) -> Summary:
+    try:
+        with trio.fail_after(handshake_timeout):
+            if isinstance(control, trio.SSLStream):
+                await control.do_handshake()
+            magic = await _receive_exact(control, len(CONTROL_MAGIC), "the manifest")
+            if magic != CONTROL_MAGIC:
+                raise CopyError(
+                    f"the first connection is not a trio-multifd control stream (it began"
+                    f" with {magic!r})"
+                )
+            manifest = await receive_message(control, "the manifest")
+    except trio.TooSlowError:
+        raise CopyError(f"no manifest within {handshake_timeout}s") from None
+    except trio.BrokenResourceError as exc:
+        raise CopyError(f"control stream failed: {exc.__cause__ or exc}") from None
+    _check_manifest(manifest)
+    final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
+    if exists and not force:
+        await send_message(
+            control, {"type": "refuse", "error": f"{final} exists (use --force on the receiver)"}
+        )
+        raise CopyError(f"{final} exists: refusing to overwrite it without --force")
+    size: int = manifest["size"]
+    channels: int = manifest["channels"]
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        await send_message(control, {"type": "refuse", "error": f"cannot create the file: {exc}"})
+        raise CopyError(f"cannot create {temp}: {exc.strerror}") from None
+    renamed = False
+    mapping: mmap.mmap | None = None
+    try:
+        os.ftruncate(fd, size)
+        whole = size // PAGE * PAGE
+        tail_len = size - whole
+        blocks: list[RAMBlock] = []
+        if whole:
+            mapping = mmap.mmap(fd, whole)
+            blocks.append(RAMBlock("data", mapping, zeroed=True))
+        tail = bytearray(PAGE)
+        blocks.append(RAMBlock("tail", tail, zeroed=True))
+        try:
+            receiver_cm = open_receiver(
+                blocks,
+                channels=channels,
+                uuid=uuid_mod.UUID(manifest["uuid"]),
+                compression=manifest["method"],
+                handshake_timeout=handshake_timeout,
+            )
+        except ValueError as exc:
+            await send_message(control, {"type": "refuse", "error": str(exc)})
+            raise CopyError(f"cannot receive: {exc}") from None
+        start = trio.current_time()
+        async with receiver_cm as receiver:
+            await send_message(control, {"type": "go"})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    _watch, lambda: receiver.stats.page_bytes, manifest["data_bytes"], progress
+                )
+                nursery.start_soon(_watch_control, control)
+                await nursery.start(receiver.serve, listeners)
+                await receiver.wait_closed()
+                nursery.cancel_scope.cancel()
+            stats = receiver.stats
+        seconds = trio.current_time() - start
+        if progress is not None:
+            progress(manifest["data_bytes"], manifest["data_bytes"])
+        if mapping is not None:
+            _unmap(mapping, blocks)
+            mapping = None
+        if tail_len and any(tail[:tail_len]):
+            os.pwrite(fd, tail[:tail_len], whole)
+        checksum = await trio.to_thread.run_sync(file_checksum, fd, size)
+        expected = manifest["checksum"]["value"]
+        if checksum != expected:
+            error = f"checksum mismatch: the copy has {checksum}, the manifest says {expected}"
+            await send_message(control, {"type": "verdict", "ok": False, "error": error})
+            raise CopyError(error)
+        os.fsync(fd)
+        try:
+            if force:
+                os.replace(temp, final)
+            else:
+                # link() refuses an existing name, atomically: no check-then-rename race.
+                os.link(temp, final)
+                os.unlink(temp)
+        except OSError as exc:
+            error = f"cannot rename the copy to {final}: {exc.strerror}"
+            await send_message(control, {"type": "verdict", "ok": False, "error": error})
+            raise CopyError(error) from None
+        renamed = True
+        await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
+        return Summary(
+            path=final,
+            size=size,
+            data_bytes=manifest["data_bytes"],
+            seconds=seconds,
+            wire_bytes=stats.bytes,
+            normal_pages=stats.normal_pages,
+            zero_pages=stats.zero_pages,
+            checksum=checksum,
+            channels=channels,
+            compression=manifest["method"],
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise CopyError(f"control stream failed: {exc.__cause__ or exc}") from None
+    finally:
+        if mapping is not None:
+            _unmap(mapping, blocks)
+        os.close(fd)
+        if not renamed:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+
+
+def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
+    # The blocks' views pin the mapping; release them first. The pages are in the page
+    # cache either way: the checksum's pread sees them and fsync writes them.
+    for block in blocks:
+        block.view.release()
+    blocks.clear()
+    try:
+        mapping.close()
+    except BufferError:  # a view the engine still holds: the mapping goes with it
+        pass
+
+
+def _isdir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
+    """The final name, the temporary name beside it, and whether the final one exists."""
+    final = os.path.join(path, name) if os.path.isdir(path) else path
+    directory = os.path.dirname(os.path.abspath(final))
+    temp = os.path.join(directory, f".{os.path.basename(final)}.{transfer[:8]}.part")
+    return final, temp, os.path.lexists(final)
+
+
+async def _watch_control(control: trio.abc.Stream) -> None:
+    # The sender says nothing on the control stream until it reads the verdict: any
+    # byte or end of stream before then means it gave up.
+    try:
+        await control.receive_some(1)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    raise CopyError("the sender went away (its control stream closed mid-transfer)")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error, the exception group case included."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        copy = [e for e in leaves if isinstance(e, CopyError)]
+        chosen = copy[0] if copy else leaves[0] if leaves else exc
+        return describe(chosen) if chosen is not exc else str(exc)
+    if isinstance(exc, MultiFDError):
+        return f"transfer failed: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def print_line(stream: TextIO, line: str) -> None:
+    """Write one line and flush (stderr may be a pipe)."""
+    stream.write(line + "\n")
+    stream.flush()

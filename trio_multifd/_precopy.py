@@ -1,0 +1,595 @@
+"""Live pre-copy: move buffers that keep changing, in rounds, until the rest is small.
+
+QEMU migrates a running guest with iterative rounds: round 1 sends all of RAM, each later
+round resends the pages dirtied during the one before, and once the dirty set would take
+less than ``downtime-limit`` to send, the guest is paused and a last stop-and-copy round
+sends the remainder. Here the same loop drives a :class:`~trio_multifd.Sender`:
+
+- a :class:`DirtyTracker` knows which pages changed: from the application's marks (a
+  byte per page behind a lock, swapped out atomically at each collection) and, opt-in,
+  from a comparison of per-page hashes with the previous scan;
+- :func:`precopy` runs the rounds, a SYNC after each, and decides when to stop;
+- :func:`receive_precopy` follows the rounds on the receiving side and learns which one is
+  final from the ``FINAL_ROUND`` flag on its SYNC packets (``Receiver.final_round``), which
+  the channel tasks record even while the application lags behind.
+
+Dirty sets travel as bitmaps (one byte per page): marks set bytes, a union is one big-int
+OR, and the page offsets are produced with :func:`itertools.compress` at C speed, a slice
+at a time so the Trio thread is never held for long.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import threading
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Iterable
+from typing import final
+
+import attrs
+import trio
+import xxhash
+
+from ._block import RAMBlock
+from ._errors import PrecopyAbortedError, TransferIncompleteError
+from ._receiver import Receiver
+from ._sender import Sender
+
+__all__ = ["DirtyTracker", "PrecopyReport", "PrecopyRound", "precopy", "receive_precopy"]
+
+_DETECT_MODES = ("marks", "hash")
+
+# xxhash releases the GIL only for inputs above ~100 KiB (measured: a 64 KiB input keeps
+# a concurrent thread at half speed on 2 cores, 128 KiB does not). A scan therefore hashes
+# groups of pages of at least this size first, GIL released, and hashes the single pages
+# of a group (GIL held, ~0.6 us each) only when the group's hash changed.
+_GROUP_BYTES = 256 * 1024
+
+# Longest stretch of one scan chunk in its worker thread. While the chunk holds the GIL
+# (per-page hashing of changed groups) the Trio thread waits for it, so this bounds the
+# Trio thread's stall; a chunk returns to Trio after it even when more is left.
+_CHUNK_SECONDS = 0.001
+
+# Pages turned from a bitmap into offsets per step on the Trio thread (~0.5 ms).
+_OFFSETS_STEP = 1 << 15
+
+RoundCallback = Callable[["PrecopyRound"], Awaitable[None] | None]
+"""``on_round(round)``: a plain function or a coroutine function."""
+
+
+@final
+@attrs.frozen
+class PrecopyRound:
+    """The figures of one pre-copy round.
+
+    Attributes:
+        number: The SYNC round's number (what ``Sender.sync()`` / ``Receiver.sync()``
+            returned for it).
+        pages: Pages sent (received) in the round, zero pages included.
+        bytes: Page bytes of the round: ``pages x page_size`` (zero pages count in full,
+            as in QEMU's accounting; the wire bytes are in the transfer's stats).
+        seconds: Sender: from queueing the round's first page to its ``sync()``
+            returning. Receiver: from the previous round's completion (for the first
+            round, from the call of :func:`receive_precopy`) to this one's.
+        dirty_after: Sender: pages found dirty when the round ended (``0`` for the final
+            round, whose writers are stopped). ``None`` on the receiver.
+        expected_downtime: Sender: the seconds a stop-and-copy right after this round
+            would take, ``dirty_after x page_size / (bytes / seconds)``; ``0.0`` for the
+            final round. ``None`` on the receiver.
+        final: Whether this is the final (stop-and-copy) round.
+    """
+
+    number: int
+    pages: int
+    bytes: int
+    seconds: float
+    dirty_after: int | None
+    expected_downtime: float | None
+    final: bool
+
+
+@final
+@attrs.frozen
+class PrecopyReport:
+    """What :func:`precopy` did.
+
+    Attributes:
+        converged: A round's ``expected_downtime`` came within ``downtime_limit``.
+        completed: The final round was sent: the receiver holds every page as it was when
+            ``on_stop`` returned. ``False`` only when ``force_stop=False`` gave up.
+        rounds: Every round, the final one last (when ``completed``).
+        downtime: Seconds from ``on_stop()`` returning to the final ``sync()`` returning
+            (the last collection included); ``None`` when not completed.
+        stop_seconds: Seconds ``on_stop()`` took; ``None`` when it was not called.
+        total_bytes: Page bytes over all rounds.
+        seconds: Seconds :func:`precopy` took, from its call to its return.
+    """
+
+    converged: bool
+    completed: bool
+    rounds: tuple[PrecopyRound, ...]
+    downtime: float | None
+    stop_seconds: float | None
+    total_bytes: int
+    seconds: float
+
+
+@final
+class _HashState:
+    """The hashes of one block at its previous scan: per group of pages and per page."""
+
+    __slots__ = ("group_pages", "groups", "pages")
+
+    def __init__(self, block: RAMBlock) -> None:
+        self.group_pages = max(1, _GROUP_BYTES // block.page_size)
+        group_count = -(-block.page_count // self.group_pages)
+        self.groups = array("Q", bytes(8 * group_count))
+        self.pages = array("Q", bytes(8 * block.page_count))
+
+
+@final
+class DirtyTracker:
+    """Which pages of a set of blocks changed since the last collection.
+
+    The application calls :meth:`mark` after each write (from any thread); with
+    ``detect="hash"`` pages are also compared with their content at the previous scan,
+    so writes nobody marks are found too. :meth:`collect` hands over the dirty pages and
+    starts a new period.
+
+    Only marks are exact. Hash detection misses a page that was written and then written
+    back to the content it had at the previous scan (an "ABA" write, e.g. a page zeroed,
+    used and zeroed again), and the rare 64-bit hash collision.
+
+    Args:
+        blocks: The blocks to track, all with the same page size and distinct names.
+        detect: ``"marks"`` (only :meth:`mark` makes a page dirty) or ``"hash"`` (marks,
+            plus an xxh3-64 hash per page compared at each :meth:`collect`; costs a scan
+            of every block per collection, in worker threads).
+
+    Raises:
+        TypeError: A block is not a :class:`~trio_multifd.RAMBlock`, or ``detect`` is
+            not a string.
+        ValueError: No blocks, two blocks with one name, mixed page sizes, or an unknown
+            ``detect``.
+
+    Attributes:
+        detect: ``"marks"`` or ``"hash"``, as given.
+        page_size: The blocks' page size.
+    """
+
+    def __init__(self, blocks: Iterable[RAMBlock], *, detect: str = "marks") -> None:
+        blocks = tuple(blocks)
+        for block in blocks:
+            if not isinstance(block, RAMBlock):
+                raise TypeError(f"blocks must be RAMBlock, got {type(block).__name__}")
+        if not blocks:
+            raise ValueError("a DirtyTracker needs at least one block")
+        if len({b.name for b in blocks}) != len(blocks):
+            raise ValueError("two tracked blocks share a name")
+        if len({b.page_size for b in blocks}) != 1:
+            raise ValueError("tracked blocks must all have the same page size")
+        if not isinstance(detect, str):
+            raise TypeError(f"detect must be a str, got {type(detect).__name__}")
+        if detect not in _DETECT_MODES:
+            raise ValueError(f"detect must be one of {_DETECT_MODES}, got {detect!r}")
+        self._blocks = blocks
+        self._index = {block: i for i, block in enumerate(blocks)}
+        self.detect = detect
+        self.page_size = blocks[0].page_size
+        # The lock makes "look up the bitmap, set its bytes" one step against the swap
+        # in collect(): a mark lands wholly in the period before or after a collection.
+        self._lock = threading.Lock()
+        self._maps = [bytearray(b.page_count) for b in blocks]
+        self._hashes = [_HashState(b) for b in blocks] if detect == "hash" else None
+        self._scanned = False
+        self._collecting = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def blocks(self) -> tuple[RAMBlock, ...]:
+        """The tracked blocks, in the order given."""
+        return self._blocks
+
+    def mark(self, block: RAMBlock, offset: int, length: int = 4096) -> None:
+        """Mark the pages of ``block`` that overlap ``[offset, offset + length)`` dirty.
+
+        Call it after the write, never before: a mark made before its write may be
+        collected, and the page sent, before the write happens. Thread-safe and cheap
+        (a byte per page behind a lock), so writers in other threads may call it. A mark
+        made while a round is in flight belongs to the next collection.
+
+        Args:
+            block: One of the tracked blocks.
+            offset: The first byte written.
+            length: How many bytes were written (default one 4 KiB page).
+
+        Raises:
+            TypeError: ``block`` is not a :class:`~trio_multifd.RAMBlock`, or
+                ``offset``/``length`` is not an int.
+            ValueError: ``block`` is not tracked, or the range is empty or not inside it.
+        """
+        if not isinstance(block, RAMBlock):
+            raise TypeError(f"block must be a RAMBlock, got {type(block).__name__}")
+        index = self._index.get(block)
+        if index is None:
+            raise ValueError(f"block {block.name!r} is not tracked by this DirtyTracker")
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise TypeError("offset and length must be int")
+        if offset < 0 or length < 1 or offset + length > block.size:
+            raise ValueError(
+                f"block {block.name!r}: range [{offset}, {offset + length}) is empty or not"
+                f" inside [0, {block.size})"
+            )
+        first = offset // self.page_size
+        last = (offset + length - 1) // self.page_size
+        with self._lock:
+            bitmap = self._maps[index]
+            if first == last:
+                bitmap[first] = 1
+            else:
+                bitmap[first : last + 1] = b"\x01" * (last + 1 - first)
+
+    async def collect(self) -> dict[RAMBlock, list[int]]:
+        """Hand over the pages dirtied since the previous collection, and start anew.
+
+        The mark bitmaps are swapped for empty ones atomically, before the first
+        checkpoint: a mark made later, even during this call, belongs to the next
+        collection. With ``detect="hash"``, every block is then scanned (in worker
+        threads, a chunk of at most ~1 ms at a time) and pages whose hash differs from
+        the previous scan's are added; the first scan reports every page.
+
+        Returns:
+            Every tracked block, in order, with the byte offsets of its dirty pages in
+            ascending order (empty when none).
+
+        Raises:
+            RuntimeError: Another :meth:`collect` of this tracker is running.
+        """
+        maps = await self._collect_maps()
+        result: dict[RAMBlock, list[int]] = {}
+        for block, bitmap in zip(self._blocks, maps, strict=True):
+            result[block] = await _offsets(bitmap, block.page_size)
+        return result
+
+    async def _collect_maps(self) -> list[bytearray]:
+        if self._collecting:
+            raise RuntimeError("another collect() of this DirtyTracker is running")
+        self._collecting = True
+        try:
+            with self._lock:
+                maps = self._maps
+                self._maps = [bytearray(b.page_count) for b in self._blocks]
+            if self._hashes is not None:
+                first = not self._scanned
+                for block, state, bitmap in zip(self._blocks, self._hashes, maps, strict=True):
+                    await self._scan(block, state, bitmap, first=first)
+                self._scanned = True
+            await trio.lowlevel.checkpoint()
+            return maps
+        finally:
+            self._collecting = False
+
+    async def _scan(
+        self, block: RAMBlock, state: _HashState, bitmap: bytearray, *, first: bool
+    ) -> None:
+        group = 0
+        while group < len(state.groups):
+            group = await trio.to_thread.run_sync(
+                _scan_chunk, block, state, bitmap, group, first, limiter=self._limiter
+            )
+
+
+def _scan_chunk(
+    block: RAMBlock, state: _HashState, bitmap: bytearray, group: int, first: bool
+) -> int:
+    """Scan groups from ``group`` on for about ``_CHUNK_SECONDS``; return where to resume.
+
+    A group is compared as a whole first (one hash, GIL released); only a changed group's
+    pages are hashed one by one. The group's hash is taken before its pages' hashes, so a
+    write racing with the scan leaves the stored group hash stale and the next scan looks
+    at the pages again, rather than the other way round.
+    """
+    view = block.view
+    size = block.page_size
+    page_count = block.page_count
+    groups, pages, per_group = state.groups, state.pages, state.group_pages
+    digest = xxhash.xxh3_64_intdigest
+    deadline = time.perf_counter() + _CHUNK_SECONDS
+    clock = time.perf_counter
+    while group < len(groups):
+        start = group * per_group
+        stop = min(start + per_group, page_count)
+        value = digest(view[start * size : stop * size])
+        if first or value != groups[group]:
+            groups[group] = value
+            for page in range(start, stop):
+                value = digest(view[page * size : (page + 1) * size])
+                if first or value != pages[page]:
+                    pages[page] = value
+                    bitmap[page] = 1
+        group += 1
+        if clock() >= deadline:
+            break
+    return group
+
+
+async def _offsets(bitmap: bytearray, page_size: int) -> list[int]:
+    """The byte offsets of the set bytes of ``bitmap``, a slice at a time."""
+    result: list[int] = []
+    for start in range(0, len(bitmap), _OFFSETS_STEP):
+        part = bitmap[start : start + _OFFSETS_STEP]
+        if part.count(0) != len(part):
+            offsets = range(start * page_size, (start + len(part)) * page_size, page_size)
+            result.extend(itertools.compress(offsets, part))
+        await trio.lowlevel.checkpoint()
+    return result
+
+
+def _union(a: bytearray, b: bytearray) -> bytearray:
+    # One big-int OR: C speed over the whole bitmap (bytes are 0 or 1, so OR is union).
+    if not a.count(1):
+        return b
+    value = int.from_bytes(a, "little") | int.from_bytes(b, "little")
+    return bytearray(value.to_bytes(len(a), "little"))
+
+
+async def _call(callback: RoundCallback | None, info: PrecopyRound) -> None:
+    if callback is None:
+        return
+    result = callback(info)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def precopy(
+    sender: Sender,
+    tracker: DirtyTracker,
+    *,
+    on_stop: Callable[[], Awaitable[None]],
+    downtime_limit: float = 0.3,
+    max_rounds: int = 30,
+    force_stop: bool = True,
+    on_round: RoundCallback | None = None,
+) -> PrecopyReport:
+    """Migrate ``tracker.blocks`` while the application keeps writing to them.
+
+    Round 1 sends every page (all-zero pages as zero pages); each later round sends the
+    pages dirtied since the round before; a SYNC follows every round. After each round
+    the expected downtime is ``dirty pages x page_size / rate``, the rate being the
+    round's page bytes over its seconds (its ``sync()`` included). Once it is within
+    ``downtime_limit`` (converged), ``await on_stop()``, collect once more, send the union
+    of every page still dirty, and end with a SYNC marked ``FINAL_ROUND``. The writers
+    are never resumed: that is the application's business.
+
+    If ``max_rounds`` is reached without converging: with ``force_stop`` the application
+    is stopped anyway and the final round sent (``converged=False``, ``completed=True``);
+    without it ``on_stop`` is not called, no final round is sent, and the report says
+    ``completed=False``. Leaving the sender's ``async with`` then tells the receiver, whose
+    :func:`receive_precopy` raises :class:`~trio_multifd.PrecopyAbortedError`.
+
+    Args:
+        sender: An open sender; its page size must be the tracker's.
+        tracker: What changes, and how to find out.
+        on_stop: ``async on_stop()``: stop the writers. When it returns, no further write
+            may happen and every write so far must be marked (``detect="marks"``).
+        downtime_limit: Seconds of stop-and-copy the application accepts.
+        max_rounds: Most rounds, the final one included; ``1`` is plain stop-and-copy.
+        force_stop: Stop the application at ``max_rounds`` even without convergence.
+        on_round: Called with each round's :class:`PrecopyRound` once its figures are
+            known (before the next round starts, so it may throttle writers); a plain
+            function or a coroutine function.
+
+    Returns:
+        The report.
+
+    Raises:
+        TypeError: ``sender``, ``tracker`` or ``on_stop`` is of the wrong type.
+        ValueError: A bad ``downtime_limit`` or ``max_rounds``, or the tracker's page
+            size differs from the sender's.
+        MultiFDError: The transfer failed (raised by the sender).
+    """
+    if not isinstance(sender, Sender):
+        raise TypeError(f"sender must be a Sender, got {type(sender).__name__}")
+    if not isinstance(tracker, DirtyTracker):
+        raise TypeError(f"tracker must be a DirtyTracker, got {type(tracker).__name__}")
+    if not callable(on_stop):
+        raise TypeError("on_stop must be an async function")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+    if not isinstance(downtime_limit, int | float) or not downtime_limit >= 0:
+        raise ValueError(f"downtime_limit must be a number >= 0, got {downtime_limit!r}")
+    if tracker.page_size != sender.page_size:
+        raise ValueError(
+            f"the tracker's page size {tracker.page_size} differs from the sender's"
+            f" {sender.page_size}"
+        )
+    started = time.perf_counter()
+    # Marks made before round 1 are covered by it; with hashes, this is the baseline.
+    await tracker._collect_maps()
+    pending: list[bytearray] | None = None  # None: every page (round 1)
+    rounds: list[PrecopyRound] = []
+    converged = False
+    while len(rounds) < max_rounds - 1:
+        number, pages, seconds = await _send_round(sender, tracker, pending, final=False)
+        pending = await tracker._collect_maps()
+        dirty = sum(bitmap.count(1) for bitmap in pending)
+        page_bytes = pages * tracker.page_size
+        info = PrecopyRound(
+            number=number,
+            pages=pages,
+            bytes=page_bytes,
+            seconds=seconds,
+            dirty_after=dirty,
+            expected_downtime=_expected(dirty * tracker.page_size, page_bytes, seconds),
+            final=False,
+        )
+        rounds.append(info)
+        await _call(on_round, info)
+        if info.expected_downtime is not None and info.expected_downtime <= downtime_limit:
+            converged = True
+            break
+    if not converged and not force_stop:
+        return PrecopyReport(
+            converged=False,
+            completed=False,
+            rounds=tuple(rounds),
+            downtime=None,
+            stop_seconds=None,
+            total_bytes=sum(r.bytes for r in rounds),
+            seconds=time.perf_counter() - started,
+        )
+    stopping = time.perf_counter()
+    await on_stop()
+    stopped = time.perf_counter()
+    # Marks (and writes, for hashes) made up to on_stop's return are in this collection.
+    last = await tracker._collect_maps()
+    if pending is not None:
+        pending = [_union(a, b) for a, b in zip(pending, last, strict=True)]
+    number, pages, seconds = await _send_round(sender, tracker, pending, final=True)
+    finished = time.perf_counter()
+    info = PrecopyRound(
+        number=number,
+        pages=pages,
+        bytes=pages * tracker.page_size,
+        seconds=seconds,
+        dirty_after=0,
+        expected_downtime=0.0,
+        final=True,
+    )
+    rounds.append(info)
+    await _call(on_round, info)
+    return PrecopyReport(
+        converged=converged,
+        completed=True,
+        rounds=tuple(rounds),
+        downtime=finished - stopped,
+        stop_seconds=stopped - stopping,
+        total_bytes=sum(r.bytes for r in rounds),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _expected(dirty_bytes: int, page_bytes: int, seconds: float) -> float:
+    if not dirty_bytes:
+        return 0.0
+    if not page_bytes or seconds <= 0:
+        return math.inf  # no rate measured: cannot promise anything
+    return dirty_bytes / (page_bytes / seconds)
+
+
+async def _send_round(
+    sender: Sender, tracker: DirtyTracker, dirty: list[bytearray] | None, *, final: bool
+) -> tuple[int, int, float]:
+    """Queue a round's pages and sync; return (round number, pages, seconds)."""
+    started = time.perf_counter()
+    pages = 0
+    size = tracker.page_size
+    for index, block in enumerate(tracker.blocks):
+        if dirty is None:
+            offsets: Iterable[int] = range(0, block.size, size)
+            count = block.page_count
+        else:
+            offsets = await _offsets(dirty[index], size)
+            count = len(offsets)
+        if count:
+            await sender.queue_pages(block, offsets)
+            pages += count
+    number = await sender.sync(final_round=final)
+    return number, pages, time.perf_counter() - started
+
+
+async def receive_precopy(
+    receiver: Receiver, *, on_round: RoundCallback | None = None
+) -> PrecopyRound:
+    """Follow a pre-copy migration's rounds until the final one is complete.
+
+    Calls ``receiver.sync()`` itself from a helper task, which records each round's
+    figures as soon as the round completes, so a slow ``on_round`` delays only the
+    callbacks. The final round is known from its SYNC packets' ``FINAL_ROUND`` flag,
+    which the channel tasks record even while this side lags behind. Do not call
+    ``receiver.sync()`` concurrently. After it returns, the target holds every page as
+    it was when the sender's ``on_stop`` returned; ``await receiver.wait_closed()`` before
+    leaving the receiver, so the sender's exit gets its delivery confirmation.
+
+    The receiver's figures are approximate: the channel tasks may already be writing
+    pages of the next round when a round's completion is recorded.
+
+    Args:
+        receiver: An open receiver whose sender runs :func:`precopy`.
+        on_round: Called with each round's :class:`PrecopyRound` (``dirty_after`` and
+            ``expected_downtime`` are ``None`` here), the final one included; a plain
+            function or a coroutine function. If the sender gives up, its closing round
+            is reported as an ordinary round before the error.
+
+    Returns:
+        The final round's figures.
+
+    Raises:
+        TypeError: ``receiver`` is not a :class:`~trio_multifd.Receiver`.
+        PrecopyAbortedError: Every channel ended without a final round: the sender gave
+            up (``force_stop=False``) or closed without running :func:`precopy` to its end.
+    """
+    if not isinstance(receiver, Receiver):
+        raise TypeError(f"receiver must be a Receiver, got {type(receiver).__name__}")
+    send, receive = trio.open_memory_channel[PrecopyRound | TransferIncompleteError](math.inf)
+
+    async def follow() -> None:
+        # Only as many sync() calls as there are rounds up to the final one, so the
+        # receiver's round counter is not consumed beyond it.
+        with send:
+            stats = receiver.stats
+            last_pages, last_bytes = stats.pages, stats.page_bytes
+            last_time = time.perf_counter()
+            while True:
+                try:
+                    number = await receiver.sync()
+                except TransferIncompleteError as exc:
+                    send.send_nowait(exc)
+                    return
+                now = time.perf_counter()
+                pages, page_bytes = stats.pages, stats.page_bytes
+                final_round = receiver.final_round
+                is_final = final_round is not None and number >= final_round
+                send.send_nowait(
+                    PrecopyRound(
+                        number=final_round if is_final and final_round else number,
+                        pages=pages - last_pages,
+                        bytes=page_bytes - last_bytes,
+                        seconds=now - last_time,
+                        dirty_after=None,
+                        expected_downtime=None,
+                        final=is_final,
+                    )
+                )
+                if is_final:
+                    return
+                last_pages, last_bytes, last_time = pages, page_bytes, now
+
+    outcome: PrecopyRound | TransferIncompleteError | None = None
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        try:
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, PrecopyRound):
+                        await _call(on_round, item)
+                        if not item.final:
+                            continue
+                    outcome = item
+                    break
+        except Exception as exc:
+            # The callback's own exception, raised as it is, not inside a group.
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if isinstance(outcome, PrecopyRound):
+        return outcome
+    raise PrecopyAbortedError(
+        "every channel ended without a final pre-copy round: the sender gave up"
+        f" after round {receiver.rounds_completed}"
+    ) from outcome
