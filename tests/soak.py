@@ -50,12 +50,12 @@ async def relay(
             while data := await client.receive_some(65536):
                 if forwarded + len(data) >= cut_at:
                     await upstream.send_all(data[: cut_at - forwarded])
+                    cut.set()
                     break
                 forwarded += len(data)
                 await upstream.send_all(data)
         except trio.BrokenResourceError:
             pass
-        cut.set()
         nursery.cancel_scope.cancel()
 
 
