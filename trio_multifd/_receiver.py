@@ -317,6 +317,9 @@ class Receiver:
             clean = True
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
+            # A task already being cancelled (the application left, or another channel
+            # failed first) sees its peer react to the teardown: not a new error.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._supervisor.fail(exc, channel=channel)
             raise
         finally:
@@ -328,6 +331,13 @@ class Receiver:
     def _receive_packets(
         self, transport: Transport, channel: int, decoder: Decoder | None
     ) -> None:
+        transport.begin_thread()
+        try:
+            self._receive_loop(transport, channel, decoder)
+        finally:
+            transport.end_thread()
+
+    def _receive_loop(self, transport: Transport, channel: int, decoder: Decoder | None) -> None:
         size = header_size(self._page_count)
         buffer = memoryview(bytearray(size))
         payload_buffer: memoryview | None = None

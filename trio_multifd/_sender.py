@@ -7,11 +7,12 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
   zlib and zstd release the GIL, so channels move and compress on several cores); jobs
   reach the threads through one thread-safe queue, which every channel thread reads: a
   full batch goes to whichever channel is idle first (the ``channels_ready`` scan);
-- a pool of ``channels + 1`` batches travelling main -> channel thread -> pool (a Trio
-  memory channel) and back empty: QEMU's batch swap, no allocation per packet, and
-  queueing waits for an empty batch while every channel is busy (backpressure, bounded
-  memory);
-- a SYNC round is ``channels`` tokens in the same job channel; a channel that took one
+- ``channels + 1`` batches travelling main -> job queue -> channel thread -> pool and
+  back empty: QEMU's batch swap, no allocation per packet, and queueing waits for an
+  empty batch while every channel is busy (backpressure, bounded memory); the Trio side
+  waits on a ``trio.Event`` that a channel thread sets through the Trio token only when
+  someone waits;
+- a SYNC round is ``channels`` tokens in the same job queue; a channel that took one
   writes its SYNC packet and waits for the round before taking another job, so every
   channel takes exactly one;
 - a :class:`~trio_multifd._supervisor.Supervisor` for teardown.
@@ -19,7 +20,10 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
+import operator
 import queue
 import threading
 import uuid as uuid_mod
@@ -75,6 +79,39 @@ class _SyncRound:
 
 
 @final
+class _BatchPool:
+    """The empty batches: given back by channel threads, taken by the Trio side.
+
+    Its fixed size bounds memory, and taking waits while every batch is queued or in
+    flight (every channel busy). A batch given back wakes the Trio side only when it
+    waits, so the common case costs no trip through Trio's scheduler.
+    """
+
+    def __init__(self, count: int, token: trio.lowlevel.TrioToken) -> None:
+        self._free = collections.deque(PageBatch() for _ in range(count))
+        self._lock = threading.Lock()
+        self._waiter: trio.Event | None = None
+        self._token = token
+
+    def put(self, batch: PageBatch) -> None:
+        """Give back an emptied batch (any thread)."""
+        with self._lock:
+            self._free.append(batch)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._token.run_sync_soon(waiter.set)
+
+    async def take(self) -> PageBatch:
+        """Take an empty batch, waiting for one (the Trio side)."""
+        while True:
+            with self._lock:
+                if self._free:
+                    return self._free.popleft()
+                self._waiter = waiter = trio.Event()
+            await waiter.wait()
+
+
+@final
 class Sender:
     """The sending end of a transfer; made by :func:`open_sender`.
 
@@ -126,9 +163,8 @@ class Sender:
         # per packet); empty batches come back through the pool, whose fixed size bounds
         # memory and makes queueing wait while every channel is busy.
         self._jobs: queue.SimpleQueue[PageBatch | _SyncRound] = queue.SimpleQueue()
-        self._pool_send, self._pool_receive = trio.open_memory_channel[PageBatch](channels + 1)
-        for _ in range(channels):
-            self._pool_send.send_nowait(PageBatch())
+        self._token = trio.lowlevel.current_trio_token()
+        self._pool = _BatchPool(channels, self._token)
         self._batch = PageBatch()
         self._packet_num = itertools.count()
         self._rounds = 0
@@ -138,7 +174,6 @@ class Sender:
         # One worker thread per channel moves (and compresses) its packets: sendmsg,
         # zlib and zstd release the GIL, so N channels use up to N cores.
         self._threads = trio.CapacityLimiter(channels)
-        self._token = trio.lowlevel.current_trio_token()
 
     # -- the application's side -------------------------------------------------------------
 
@@ -182,6 +217,9 @@ class Sender:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
+        if isinstance(offsets, range):
+            await self._queue_range(block, offsets)
+            return
         iterator = iter(offsets)
         while True:
             room = self._page_count - len(self._batch.offsets)
@@ -193,9 +231,29 @@ class Sender:
             self._check_offsets(block, chunk)
             await self._add(block, chunk)
 
+    async def _queue_range(self, block: RAMBlock, offsets: range) -> None:
+        # A range is checked once, by its ends and step, and cut into packets by
+        # slicing: the sequential scan of a whole block costs O(packets), not O(pages).
+        if not offsets:
+            return
+        if offsets.step % self.page_size:
+            raise ValueError(
+                f"block {block.name!r}: a range step of {offsets.step} is not a multiple of"
+                f" the page size {self.page_size}"
+            )
+        block.check_offset(offsets[0])
+        block.check_offset(offsets[-1])
+        position = 0
+        while position < len(offsets):
+            room = self._page_count - len(self._batch.offsets)
+            if self._batch.block is not block:
+                room = self._page_count
+            await self._add(block, offsets[position : position + room])
+            position += room
+
     def _check_offsets(self, block: RAMBlock, chunk: list[int]) -> None:
         low, high = min(chunk), max(chunk)
-        aligned = not _or_all(chunk) % self.page_size
+        aligned = not functools.reduce(operator.or_, chunk) % self.page_size
         if low < 0 or high > block.size - self.page_size or not aligned:
             bad = next(
                 o for o in chunk if o < 0 or o > block.size - self.page_size or o % self.page_size
@@ -218,7 +276,7 @@ class Sender:
         if not batch.offsets:
             return
         self._jobs.put(batch)
-        self._batch = await self._pool_receive.receive()
+        self._batch = await self._pool.take()
 
     async def sync(self, *, final_round: bool = False) -> int:
         """Flush the queued pages and send a SYNC packet on every channel.
@@ -289,6 +347,9 @@ class Sender:
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
         except MultiFDError as exc:
+            # A task already being cancelled (the application left, or another channel
+            # failed first) sees its peer react to the teardown: not a new error.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._supervisor.fail(exc, channel=channel)
             raise
         finally:
@@ -355,7 +416,7 @@ class Sender:
             if isinstance(job, PageBatch):
                 self._send_batch(channel, transport, encoder, job)
                 job.clear()
-                self._token.run_sync_soon(self._pool_send.send_nowait, job)
+                self._pool.put(job)
                 continue
             self._send_sync(channel, transport, job)
             with job.lock:
@@ -410,13 +471,6 @@ class Sender:
         stats.packets += 1
         stats.syncs += 1
         stats.bytes += len(header)
-
-
-def _or_all(values: list[int]) -> int:
-    result = 0
-    for value in values:
-        result |= value
-    return result
 
 
 @asynccontextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import socket as stdlib_socket
 import struct
 import time
@@ -204,6 +203,12 @@ class Transport:
         """Raise if the peer has already failed the channel (an idle sender's check);
         only sockets can tell without reading."""
 
+    def begin_thread(self) -> None:
+        """Prepare for the channel's worker thread (nothing for generic streams)."""
+
+    def end_thread(self) -> None:
+        """Give the stream back to Trio after the worker thread (see :meth:`begin_thread`)."""
+
     def _truncated(self, what: str, got: int, total: int) -> None:
         raise TruncatedError(
             f"stream ended inside {what} after {got} of {total} bytes",
@@ -296,59 +301,65 @@ class SocketTransport(Transport):
     """The fast path: ``sendmsg`` scatter-gather from the blocks' memory and
     ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet,
     done by the channel's worker thread on a duplicate of the socket's descriptor.
+
+    While the thread owns the channel (between :meth:`begin_thread` and
+    :meth:`end_thread`) the socket is in blocking mode with kernel timeouts of
+    :data:`CANCEL_CHECK`: the kernel waits for buffer space or data itself (one system
+    call per packet in the common case), and the thread wakes often enough to notice
+    cancellation. Trio does no I/O on the socket meanwhile; it is non-blocking again
+    before Trio uses it.
     """
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
         super().__init__(stream, **kw)
         # A second descriptor of the same socket, so that the thread never touches the
-        # trio socket object; both are non-blocking (one open file description).
+        # trio socket object (both share one open file description, hence one mode).
         self.sync_sock: stdlib_socket.socket | None = stdlib_socket.socket(
             sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())
         )
-        self._poll = select.poll()
-        self._poll.register(self.sync_sock.fileno(), select.POLLIN | select.POLLOUT)
 
     def close_sync_side(self) -> None:
         if self.sync_sock is not None:
-            self._poll.unregister(self.sync_sock.fileno())
             self.sync_sock.close()
             self.sync_sock = None
 
-    def _wait(self, events: int, timeout: float | None, doing: str) -> None:
-        """Wait until the socket is ready for ``events`` (a worker thread), checking for
-        cancellation; raise when ``timeout`` passes without readiness."""
-        self._poll.modify(self._fd, events)
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while True:
-            trio.from_thread.check_cancelled()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if events == select.POLLOUT:
-                    raise SendStalledError(
-                        f"the peer accepted no byte for send_timeout={timeout}s",
-                        channel=self.channel,
-                    )
-                raise ReceiveTimeoutError(
-                    f"no byte of {doing} arrived for receive_timeout={timeout}s",
-                    channel=self.channel,
-                )
-            if self._poll.poll(1000 * min(left, CANCEL_CHECK)):
-                return
+    def begin_thread(self) -> None:
+        sock = self._sock
+        sock.setblocking(True)
+        interval = struct.pack("ll", 0, int(CANCEL_CHECK * 1e6))
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDTIMEO, interval)
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVTIMEO, interval)
+
+    def end_thread(self) -> None:
+        if self.sync_sock is not None:
+            self.sync_sock.setblocking(False)
 
     @property
-    def _fd(self) -> int:
+    def _sock(self) -> stdlib_socket.socket:
         assert self.sync_sock is not None
-        return self.sync_sock.fileno()
+        return self.sync_sock
+
+    def _no_progress(self, since: float, timeout: float | None, doing: str) -> None:
+        """A kernel timeout passed with no byte moved: check for cancellation and for
+        the channel's own timeout, counted from the last progress."""
+        trio.from_thread.check_cancelled()
+        if timeout is None or time.monotonic() - since < timeout:
+            return
+        if doing == "sending":
+            raise SendStalledError(
+                f"the peer accepted no byte for send_timeout={timeout}s",
+                channel=self.channel,
+            )
+        raise ReceiveTimeoutError(
+            f"no byte of {doing} arrived for receive_timeout={timeout}s",
+            channel=self.channel,
+        )
 
     def check_peer_sync(self) -> None:
         # A receiver never writes on a channel and closes it only after the transfer
         # completed: anything readable, a hang-up or an error here is its failure.
-        assert self.sync_sock is not None
-        self._poll.modify(self._fd, select.POLLIN)
-        if not self._poll.poll(0):
-            return
         try:
-            data = self.sync_sock.recv(1, stdlib_socket.MSG_PEEK)
+            data = self._sock.recv(1, stdlib_socket.MSG_PEEK | stdlib_socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -360,32 +371,33 @@ class SocketTransport(Transport):
         )
 
     def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
-        assert self.sync_sock is not None
         buffers = [memoryview(p) for p in parts]
-        sendmsg = self.sync_sock.sendmsg
+        sendmsg = self._sock.sendmsg
+        progress = time.monotonic()
         while buffers:
             try:
                 sent = sendmsg(buffers)
             except BlockingIOError:
                 # send_timeout bounds each wait for progress, not the whole packet: a
                 # slow but moving peer is not stalled.
-                self._wait(select.POLLOUT, self.send_timeout, "sending")
+                self._no_progress(progress, self.send_timeout, "sending")
                 continue
             except OSError as exc:
                 raise self._broken(exc, "sending") from exc
             buffers = _advance(buffers, sent)
+            progress = time.monotonic()
 
     def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
-        assert self.sync_sock is not None
         buffers = list(views)
         total = sum(len(v) for v in buffers)
         got = 0
-        recvmsg_into = self.sync_sock.recvmsg_into
+        recvmsg_into = self._sock.recvmsg_into
+        progress = time.monotonic()
         while buffers:
             try:
                 n = recvmsg_into(buffers)[0]
             except BlockingIOError:
-                self._wait(select.POLLIN, self.receive_timeout, what)
+                self._no_progress(progress, self.receive_timeout, what)
                 continue
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
@@ -393,15 +405,16 @@ class SocketTransport(Transport):
                 self._truncated(what, got, total)
             got += n
             buffers = _advance(buffers, n)
+            progress = time.monotonic()
 
     def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
-        assert self.sync_sock is not None
+        recv_into = self._sock.recv_into
         while True:
             try:
-                n = self.sync_sock.recv_into(view)
+                n = recv_into(view)
             except BlockingIOError:
                 # Between packets a healthy channel may sit idle for any time.
-                self._wait(select.POLLIN, None, what)
+                trio.from_thread.check_cancelled()
                 continue
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
