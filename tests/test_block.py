@@ -90,8 +90,8 @@ def test_check_offset_wants_aligned_offsets_inside() -> None:
 def test_table_resolves_a_known_block() -> None:
     a, b = m.RAMBlock("a", bytearray(8192)), m.RAMBlock("b", bytearray(4096))
     table = BlockTable([a, b], page_size=4096)
-    assert table.resolve(header("b")) is b
-    assert table.resolve(header("a", (4096, 0))) is a
+    assert table.resolve(header("b")) == (b, [(0, 4096)], [])
+    assert table.resolve(header("a", (4096, 0))) == (a, [(4096, 4096), (0, 4096)], [])
 
 
 def test_table_rejects_unknown_block_naming_channel() -> None:
@@ -128,3 +128,37 @@ def test_table_rejects_unaligned_offset() -> None:
 def test_table_rejects_bad_block_sets(blocks: list[m.RAMBlock], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BlockTable(blocks, page_size=4096)
+
+
+def test_table_checks_zero_page_offsets_too() -> None:
+    table = BlockTable([m.RAMBlock("a", bytearray(8192))], page_size=4096)
+    packet = m.PacketHeader(
+        flags=0,
+        pages_alloc=128,
+        normal_pages=1,
+        next_packet_size=4096,
+        packet_num=3,
+        zero_pages=2,
+        block_name="a",
+        offsets=(0, 4096, 8192),
+    )
+    with pytest.raises(m.OffsetError, match="beyond") as info:
+        table.resolve(packet, channel=0)
+    assert info.value.value == 8192
+
+
+def test_table_returns_runs_of_normal_and_zero_pages() -> None:
+    table = BlockTable([m.RAMBlock("a", bytearray(8 * 4096))], page_size=4096)
+    packet = m.PacketHeader(
+        flags=0,
+        pages_alloc=128,
+        normal_pages=3,
+        next_packet_size=3 * 4096,
+        packet_num=3,
+        zero_pages=2,
+        block_name="a",
+        offsets=(0, 4096, 5 * 4096, 2 * 4096, 3 * 4096),
+    )
+    _, normal, zero = table.resolve(packet)
+    assert normal == [(0, 8192), (5 * 4096, 4096)]
+    assert zero == [(2 * 4096, 8192)]

@@ -3,14 +3,13 @@ against them before any byte is written."""
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Iterable
 from typing import final
 
 import attrs
 
 from ._errors import OffsetError, UnknownBlockError
+from ._pages import page_runs
 from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
 
 __all__ = ["BlockTable", "RAMBlock"]
@@ -131,8 +130,15 @@ class BlockTable:
         """The blocks, in the order given."""
         return tuple(self._blocks.values())
 
-    def resolve(self, header: PacketHeader, *, channel: int | None = None) -> RAMBlock:
-        """Return the block a packet with pages writes to, after checking every offset.
+    def resolve(
+        self, header: PacketHeader, *, channel: int | None = None
+    ) -> tuple[RAMBlock, list[tuple[int, int]], list[tuple[int, int]]]:
+        """Check a packet with pages against its block, before anything is written.
+
+        Returns:
+            The block, then the packet's normal and zero pages as runs ``(start, length
+            in bytes)`` of contiguous pages in their order (see
+            :func:`~trio_multifd._pages.page_runs`), each run inside the block.
 
         Raises:
             UnknownBlockError: No block has the packet's name.
@@ -148,30 +154,34 @@ class BlockTable:
                 channel=channel,
                 packet_num=header.packet_num,
             )
-        offsets = header.offsets
-        # One C-level pass each: the largest offset bounds them all, and OR-ing every
-        # offset keeps any low bit set by an unaligned one.
-        last = max(offsets)
-        limit = len(block.view) - block.page_size
-        if last > limit:
-            raise OffsetError(
-                f"offset {last:#x} is beyond block {block.name!r}: the last page starts at"
-                f" {limit:#x}",
-                field="offset",
-                value=last,
-                limit=limit,
-                channel=channel,
-                packet_num=header.packet_num,
-            )
-        if functools.reduce(operator.or_, offsets) & self._mask:
-            bad = next(o for o in offsets if o & self._mask)
-            raise OffsetError(
-                f"offset {bad:#x} in block {block.name!r} is not aligned to the page size"
-                f" {block.page_size}",
-                field="offset",
-                value=bad,
-                limit=block.page_size,
-                channel=channel,
-                packet_num=header.packet_num,
-            )
-        return block
+        size = block.page_size
+        split = header.normal_pages
+        normal = page_runs(header.offsets[:split], size)
+        zero = page_runs(header.offsets[split:], size)
+        # A run's pages follow its start page by page: its start says whether they are
+        # aligned, its end whether they are all inside the block. O(runs), not O(pages).
+        end = len(block.view)
+        for start, length in (*normal, *zero):
+            if start & self._mask:
+                raise OffsetError(
+                    f"offset {start:#x} in block {block.name!r} is not aligned to the page"
+                    f" size {size}",
+                    field="offset",
+                    value=start,
+                    limit=size,
+                    channel=channel,
+                    packet_num=header.packet_num,
+                )
+            if start + length > end:
+                # The run's first page past the end (start and end are page multiples).
+                bad = max(start, end)
+                raise OffsetError(
+                    f"offset {bad:#x} is beyond block {block.name!r}: the last page starts"
+                    f" at {end - size:#x}",
+                    field="offset",
+                    value=bad,
+                    limit=end - size,
+                    channel=channel,
+                    packet_num=header.packet_num,
+                )
+        return block, normal, zero

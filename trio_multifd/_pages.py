@@ -3,12 +3,14 @@ and zero-page detection."""
 
 from __future__ import annotations
 
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import attrs
 
-from ._block import RAMBlock
 from ._wire import PACKET_SIZE
+
+if TYPE_CHECKING:
+    from ._block import RAMBlock
 
 __all__ = ["ZEROS", "PageBatch", "page_runs", "split_zero_pages"]
 

@@ -412,7 +412,7 @@ class Receiver:
         payload_buffer: memoryview | None,
     ) -> None:
         self._check_method(header)
-        block = self._table.resolve(header, channel=channel)
+        block, normal_runs, zero_runs = self._table.resolve(header, channel=channel)
         page_size = self.page_size
         view = block.view
         normal = header.offsets[: header.normal_pages]
@@ -429,7 +429,7 @@ class Receiver:
                     value=payload,
                     limit=bound,
                 )
-            runs = [view[start : start + length] for start, length in page_runs(normal, page_size)]
+            runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
                 transport.receive_into_sync(runs, "a payload")
             else:
@@ -455,13 +455,13 @@ class Receiver:
             if received is not None:
                 for offset in normal:
                     received[offset // page_size] = 1
-        zero = header.offsets[header.normal_pages :]
-        if zero:
+        if zero_runs:
             received = self._received.get(block.name)
             if received is not None:
                 # Known-zero target: skip pages never written, so they stay untouched.
-                zero = tuple(o for o in zero if received[o // page_size])
-            for start, length in page_runs(zero, page_size):
+                zero = header.offsets[header.normal_pages :]
+                zero_runs = page_runs([o for o in zero if received[o // page_size]], page_size)
+            for start, length in zero_runs:
                 view[start : start + length] = ZEROS[:length]
             self._open_pages[channel] += header.zero_pages
         stats.normal_pages += header.normal_pages

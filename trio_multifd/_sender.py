@@ -164,7 +164,7 @@ class Sender:
         # memory and makes queueing wait while every channel is busy.
         self._jobs: queue.SimpleQueue[PageBatch | _SyncRound] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
-        self._pool = _BatchPool(channels, self._token)
+        self._pool = _BatchPool(2 * channels + 1, self._token)
         self._batch = PageBatch()
         self._packet_num = itertools.count()
         self._rounds = 0
