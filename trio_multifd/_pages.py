@@ -3,6 +3,7 @@ and zero-page detection."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, final
 
 import attrs
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from ._block import RAMBlock
 
 __all__ = ["ZEROS", "PageBatch", "page_runs", "split_zero_pages"]
+
+_ZERO_BYTES = re.compile(b"\\x00+")
 
 ZEROS = bytes(PACKET_SIZE)
 """One packet of zero bytes: compared against and copied from, never written."""
@@ -65,7 +68,8 @@ def split_zero_pages(
 
     Whole runs are compared against zeros first (memcmp speed). In a run that is not all
     zero, only pages whose first byte is zero can be zero pages: one strided read of the
-    first bytes finds them, so pages of random data cost nothing each.
+    first bytes finds them (pages of random data cost nothing each), and each stretch of
+    such pages is compared at once.
     """
     normal: list[int] = []
     zero: list[int] = []
@@ -76,17 +80,19 @@ def split_zero_pages(
             zero.extend(range(start, start + length, page_size))
             continue
         firsts = run[::page_size].tobytes()
-        candidate = firsts.find(0)
-        if candidate < 0:
-            normal.extend(range(start, start + length, page_size))
-            continue
-        done = 0
-        while candidate >= 0:
-            page = start + candidate * page_size
-            if is_zero(view[page : page + page_size]):
-                normal.extend(range(start + done * page_size, page, page_size))
-                zero.append(page)
-                done = candidate + 1
-            candidate = firsts.find(0, candidate + 1)
-        normal.extend(range(start + done * page_size, start + length, page_size))
+        done = start
+        # Only pages whose first byte is zero can be zero pages; each stretch of such
+        # pages is compared in one go, and page by page only when it is mixed.
+        for stretch in _ZERO_BYTES.finditer(firsts):
+            first = start + stretch.start() * page_size
+            end = start + stretch.end() * page_size
+            normal.extend(range(done, first, page_size))
+            if is_zero(view[first:end]):
+                zero.extend(range(first, end, page_size))
+            else:
+                for page in range(first, end, page_size):
+                    is_page_zero = is_zero(view[page : page + page_size])
+                    (zero if is_page_zero else normal).append(page)
+            done = end
+        normal.extend(range(done, start + length, page_size))
     return normal, zero
