@@ -51,9 +51,23 @@ class RecordingStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-def record(compression: str) -> bytes:
+VERSIONS: dict[int, set[bytes]] = {}
+"""Every content each page of the recordings had when queued (the same source for all)."""
+
+KINDS = {
+    "none": ("none", False),
+    "zstd": ("zstd", False),
+    "none+integrity": ("none", True),
+    "zstd+integrity": ("zstd", True),
+}
+
+
+def record(kind: str) -> bytes:
     """The one channel of a small real transfer: two rounds, zero pages, repeats."""
+    compression, integrity = KINDS[kind]
     source = random_pages(PAGES, zero_every=5, seed=11)
+    for page in range(PAGES):
+        VERSIONS.setdefault(page, set()).add(bytes(source[page * PAGE : (page + 1) * PAGE]))
     block = m.RAMBlock("mem", source)
     stream = RecordingStream()
 
@@ -63,12 +77,18 @@ def record(compression: str) -> bytes:
 
     async def run() -> None:
         async with m.open_sender(
-            connect, channels=1, uuid=uuid.UUID(int=9), compression=compression
+            connect,
+            channels=1,
+            uuid=uuid.UUID(int=9),
+            compression=compression,
+            integrity=integrity,
         ) as sender:
             await sender.queue_pages(block, range(0, PAGES * PAGE, PAGE))
             await sender.sync()
             source[3 * PAGE : 4 * PAGE] = bytes(PAGE)  # now a zero page
             source[7 * PAGE] ^= 0xFF
+            for page in (3, 7):
+                VERSIONS[page].add(bytes(source[page * PAGE : (page + 1) * PAGE]))
             await sender.queue_pages(block, [7 * PAGE, 3 * PAGE, 20 * PAGE])
 
     trio.run(run)
@@ -77,7 +97,7 @@ def record(compression: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def recordings() -> dict[str, bytes]:
-    return {method: record(method) for method in ("none", "zstd")}
+    return {kind: record(kind) for kind in KINDS}
 
 
 def header_starts(stream: bytes) -> list[int]:
@@ -173,13 +193,14 @@ def damaged(draw: st.DrawFn, original: bytes) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("kind", list(KINDS))
+@settings(max_examples=100, deadline=None)
 @given(data=st.data())
 async def test_a_damaged_stream_fails_cleanly_and_writes_only_named_pages(
-    recordings: dict[str, bytes], compression: str, data: st.DataObject
+    recordings: dict[str, bytes], kind: str, data: st.DataObject
 ) -> None:
-    original = recordings[compression]
+    compression, integrity = KINDS[kind]
+    original = recordings[kind]
     stream = data.draw(damaged(original), label="stream")
     # Reads of a few bytes (splitting every field) mixed with large ones, cycled.
     sizes = data.draw(
@@ -194,7 +215,9 @@ async def test_a_damaged_stream_fails_cleanly_and_writes_only_named_pages(
     feed = ChunkedFeed(stream, sizes)
     with trio.fail_after(5):
         try:
-            async with m.open_receiver([target], channels=1, compression=compression) as receiver:
+            async with m.open_receiver(
+                [target], channels=1, compression=compression, integrity=integrity
+            ) as receiver:
                 await receiver.add_channel(feed)
                 await receiver.wait_closed()
         except m.MultiFDError as exc:
@@ -207,20 +230,27 @@ async def test_a_damaged_stream_fails_cleanly_and_writes_only_named_pages(
     fill = bytes([FILL]) * PAGE
     changed = {p for p in range(PAGES) if target.view[p * PAGE : (p + 1) * PAGE] != fill}
     assert changed <= named_pages(stream)
+    if integrity:
+        # Checked before written: every changed page is exactly one the sender sent.
+        for page in changed:
+            assert bytes(target.view[page * PAGE : (page + 1) * PAGE]) in VERSIONS[page]
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("kind", list(KINDS))
 async def test_the_undamaged_recording_replays_completely(
-    recordings: dict[str, bytes], compression: str
+    recordings: dict[str, bytes], kind: str
 ) -> None:
+    compression, integrity = KINDS[kind]
     # The fuzz test's baseline: its recording is a whole, valid transfer.
     size = PAGES * PAGE
     target = m.RAMBlock("mem", pattern(size))
     with trio.fail_after(5):
-        async with m.open_receiver([target], channels=1, compression=compression) as receiver:
-            await receiver.add_channel(ChunkedFeed(recordings[compression], [1000, 1, 5000]))
+        async with m.open_receiver(
+            [target], channels=1, compression=compression, integrity=integrity
+        ) as receiver:
+            await receiver.add_channel(ChunkedFeed(recordings[kind], [1000, 1, 5000]))
             await receiver.wait_closed()
     assert receiver.rounds_completed == 2
-    assert named_pages(recordings[compression]) == set(range(PAGES))
+    assert named_pages(recordings[kind]) == set(range(PAGES))
     assert target.view[3 * PAGE : 4 * PAGE] == bytes(PAGE)
     assert target.view[5 * PAGE : 6 * PAGE] == bytes(PAGE)  # a zero page (every 5th)
