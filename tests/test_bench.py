@@ -91,6 +91,25 @@ def test_bench_json_has_every_field_and_verifies(tmp_path: Path) -> None:
     assert "[7/7]" in proc.stderr
 
 
+def test_bench_known_zero_target_verifies_without_touching_zero_pages(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--size", "8MiB", "--repeat", "1", "--channels", "2", "--compression", "none"]
+    args += ["--data", "zero-all", "--known-zero", "--no-baselines", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_multifd", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (case,) = json.loads(out.read_text())
+    assert case["verified"] is True
+    # The 8 MiB target was never written: unlike the sender's 8 MiB of (written) source,
+    # it does not count in the receiver's peak RSS.
+    assert case["receiver_peak_rss_mib"] < case["sender_peak_rss_mib"] - 4
+    assert case["receiver_rss_beyond_target_mib"] == case["receiver_peak_rss_mib"]
+
+
 def test_demo_small(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "trio_multifd", "demo", "--size", "8MiB", "--channels", "2"],

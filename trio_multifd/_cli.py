@@ -183,6 +183,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"data kinds among {','.join(DATA_KINDS)} (default random,compressible,zero)",
     )
     bench.add_argument("--level", type=int, default=None, help="compression level")
+    bench.add_argument(
+        "--known-zero",
+        action="store_true",
+        help="receivers start from fresh memory, trio_multifd's target a known-zero block",
+    )
     bench.add_argument("--repeat", type=int, default=5, help="repeats (default 5)")
     bench.add_argument(
         "--baselines",
@@ -275,6 +280,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         repeat=args.repeat,
         baselines=args.baselines,
         level=args.level,
+        known_zero=args.known_zero,
         progress=progress,
     )
     objects = [r.to_json(baselines=args.baselines) for r in results]
