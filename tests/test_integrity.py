@@ -10,37 +10,22 @@ import trio
 
 import trio_multifd as m
 
-from .helpers import PAGE, block_pair, memory_channels, pattern
+from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern
 from .transfer import transfer
 
 
-class FlippingStream(trio.abc.HalfCloseableStream):
+class FlippingStream(TrackedStream):
     """Flips one bit of the byte at stream position ``at`` on its way out."""
 
     def __init__(self, inner: trio.abc.Stream, at: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.at = at
-        self.sent = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         chunk = bytearray(data)
         if self.sent <= self.at < self.sent + len(chunk):
             chunk[self.at - self.sent] ^= 0x10
-        self.sent += len(chunk)
-        await self.inner.send_all(chunk)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        assert isinstance(self.inner, trio.abc.HalfCloseableStream)
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        await super().send_all(chunk)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "zlib"])

@@ -317,10 +317,7 @@ class Receiver:
             clean = True
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
-            # A task already being cancelled (the application left, or another channel
-            # failed first) sees its peer react to the teardown: not a new error.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._supervisor.fail(exc, channel=channel)
+            await self._supervisor.channel_failed(exc, channel)
             raise
         finally:
             if decoder is not None:

@@ -347,10 +347,7 @@ class Sender:
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
         except MultiFDError as exc:
-            # A task already being cancelled (the application left, or another channel
-            # failed first) sees its peer react to the teardown: not a new error.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._supervisor.fail(exc, channel=channel)
+            await self._supervisor.channel_failed(exc, channel)
             raise
         finally:
             if encoder is not None:

@@ -52,6 +52,14 @@ class Supervisor:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def channel_failed(self, exc: MultiFDError, channel: int) -> None:
+        """A channel task's error: recorded like :meth:`fail`, unless the task is
+        already being cancelled (the application left, or another channel failed
+        first), when it is only its peer reacting to the teardown; then the task's
+        ``Cancelled`` is raised instead."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.fail(exc, channel=channel)
+
     def _is_ours(self, exc: BaseException) -> bool:
         if isinstance(exc, BaseExceptionGroup):
             return all(self._is_ours(e) for e in exc.exceptions)
