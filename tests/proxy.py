@@ -39,7 +39,7 @@ def damaged_pages(source: memoryview, target: memoryview) -> list[int]:
     return damaged
 
 
-class TamperStream(trio.abc.HalfCloseableStream):
+class TamperStream(TrackedStream):
     """Forwards a sender's channel and rewrites its handshake or one packet header in
     flight, framing the stream as a receiver would (so the fault lands exactly there).
 
@@ -55,7 +55,7 @@ class TamperStream(trio.abc.HalfCloseableStream):
         handshake: Callable[[bytearray], None] | None = None,
         header: Callable[[bytearray, m.PacketHeader], bool] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._handshake = handshake
         self._header = header
         self._pending = bytearray()
@@ -107,19 +107,6 @@ class TamperStream(trio.abc.HalfCloseableStream):
             await self.inner.send_all(out)
         else:
             await trio.lowlevel.checkpoint()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        assert isinstance(self.inner, trio.abc.HalfCloseableStream)
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 Wrap = Callable[[int, trio.abc.Stream], trio.abc.Stream]
