@@ -3,10 +3,10 @@
 A channel's packets are moved by a worker thread (see the engine), so that the kernel's
 copies of several channels, and compression, run on several cores while the Trio thread
 only coordinates. The ``*_sync`` methods are what that thread calls: on sockets they do
-the I/O right there (``sendmsg`` / ``recvmsg_into`` on a non-blocking duplicate of the
-socket, waiting in ``poll``, which release the GIL); on other streams they hand each
-operation back to Trio (``trio.from_thread.run``). Every wait checks for cancellation at
-least every :data:`CANCEL_CHECK` seconds.
+the I/O right there (``sendmsg`` / ``recvmsg_into`` on a duplicate of the socket's
+descriptor, blocking with kernel timeouts, releasing the GIL); on other streams they hand
+each operation back to Trio (``trio.from_thread.run``). Every wait checks for
+cancellation at least every :data:`CANCEL_CHECK` seconds.
 
 Every failure of the underlying stream leaves this module as a
 :class:`~trio_multifd.MultiFDError` naming the channel: :class:`TransportError` for a
