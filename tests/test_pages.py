@@ -6,7 +6,7 @@ import random
 
 from hypothesis import given, strategies as st
 
-from trio_multifd._pages import page_runs, split_zero_pages
+from trio_multifd._pages import page_runs, run_offsets, split_zero_runs
 
 PAGE = 4096
 
@@ -26,6 +26,18 @@ def test_runs_follow_the_given_order() -> None:
     ]
 
 
+def test_a_range_of_pages_is_one_run_without_iterating_it() -> None:
+    assert page_runs(range(PAGE, 2**40, PAGE), PAGE) == [(PAGE, 2**40 - PAGE)]
+
+
+def test_a_range_with_a_larger_step_is_one_run_per_page() -> None:
+    assert page_runs(range(0, 6 * PAGE, 2 * PAGE), PAGE) == [
+        (0, PAGE),
+        (2 * PAGE, PAGE),
+        (4 * PAGE, PAGE),
+    ]
+
+
 def test_no_offsets_no_runs() -> None:
     assert page_runs([], PAGE) == []
 
@@ -33,10 +45,7 @@ def test_no_offsets_no_runs() -> None:
 @given(st.lists(st.integers(0, 63), max_size=128))
 def test_runs_cover_exactly_the_pages_in_order(pages: list[int]) -> None:
     offsets = [p * PAGE for p in pages]
-    expanded = [
-        o for start, length in page_runs(offsets, PAGE) for o in range(start, start + length, PAGE)
-    ]
-    assert expanded == offsets
+    assert list(run_offsets(page_runs(offsets, PAGE), PAGE)) == offsets
 
 
 @given(
@@ -44,8 +53,11 @@ def test_runs_cover_exactly_the_pages_in_order(pages: list[int]) -> None:
         st.sampled_from(["zero", "random", "first-zero", "last-byte"]), min_size=1, max_size=64
     ),
     seed=st.integers(0, 2**32),
+    in_order=st.booleans(),
 )
-def test_zero_pages_are_exactly_the_all_zero_pages(kinds: list[str], seed: int) -> None:
+def test_zero_pages_are_exactly_the_all_zero_pages(
+    kinds: list[str], seed: int, in_order: bool
+) -> None:
     rng = random.Random(seed)
     memory = bytearray()
     for kind in kinds:
@@ -59,8 +71,13 @@ def test_zero_pages_are_exactly_the_all_zero_pages(kinds: list[str], seed: int) 
         elif kind == "last-byte":
             page[-1] = 1
         memory += page
-    offsets = rng.sample(range(0, len(memory), PAGE), len(kinds))
-    normal, zero = split_zero_pages(memoryview(memory), offsets, PAGE)
+    # In order, the pages form one run, whose stretches of kinds are found at once.
+    offsets = list(range(0, len(memory), PAGE))
+    if not in_order:
+        rng.shuffle(offsets)
+    normal_runs, zero_runs = split_zero_runs(memoryview(memory), page_runs(offsets, PAGE), PAGE)
+    normal = list(run_offsets(normal_runs, PAGE))
+    zero = list(run_offsets(zero_runs, PAGE))
     assert sorted(normal + zero) == sorted(offsets)
     for offset in offsets:
         assert (offset in zero) == (memory[offset : offset + PAGE] == bytes(PAGE))

@@ -53,6 +53,11 @@ from ._wire import (
 
 __all__ = ["Receiver", "open_receiver"]
 
+# Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
+_FINAL_ROUND = int(Flag.FINAL_ROUND)
+_END_OF_STREAM = int(Flag.END_OF_STREAM)
+_CHECKSUMS = int(Flag.CHECKSUMS)
+
 
 @final
 class Receiver:
@@ -308,7 +313,7 @@ class Receiver:
             # release the GIL, so channels receive on several cores at once. It comes
             # back to Trio only at SYNC barriers and at the end of the stream.
             await trio.to_thread.run_sync(
-                self._receive_packets, transport, channel, decoder, limiter=self._threads
+                self._receive_loop, transport, channel, decoder, limiter=self._threads
             )
             # The stream ended cleanly after its last SYNC; once every channel has, the
             # transfer is complete and the clean close tells the sender so.
@@ -324,15 +329,6 @@ class Receiver:
                 decoder.close()
             if not clean:
                 await transport.reset()
-
-    def _receive_packets(
-        self, transport: Transport, channel: int, decoder: Decoder | None
-    ) -> None:
-        transport.begin_thread()
-        try:
-            self._receive_loop(transport, channel, decoder)
-        finally:
-            transport.end_thread()
 
     def _receive_loop(self, transport: Transport, channel: int, decoder: Decoder | None) -> None:
         size = header_size(self._page_count)
@@ -364,14 +360,14 @@ class Receiver:
                 raise
             if header.is_sync:
                 stats.syncs += 1
-                final_round = bool(header.flags & Flag.FINAL_ROUND)
+                final_round = bool(header.flags & _FINAL_ROUND)
                 trio.from_thread.run(self._arrive, channel, final_round)
-                if header.flags & Flag.END_OF_STREAM:
+                if header.flags & _END_OF_STREAM:
                     trio.from_thread.run_sync(self._end_channel, channel)
                     return
 
     def _check_checksum_flag(self, header: PacketHeader) -> None:
-        flagged = bool(header.flags & Flag.CHECKSUMS)
+        flagged = bool(header.flags & _CHECKSUMS)
         if flagged == self._integrity:
             return
         if flagged:

@@ -4,14 +4,14 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
 (``channels_ready``, ``sem``, ``pending_job``) and waits on ``sem_sync`` for SYNC. Here:
 
 - each channel task hands its packet loop to a worker thread of its own (sendmsg,
-  zlib and zstd release the GIL, so channels move and compress on several cores); jobs
-  reach the threads through one thread-safe queue, which every channel thread reads: a
-  full batch goes to whichever channel is idle first (the ``channels_ready`` scan);
-- ``channels + 1`` batches travelling main -> job queue -> channel thread -> pool and
-  back empty: QEMU's batch swap, no allocation per packet, and queueing waits for an
-  empty batch while every channel is busy (backpressure, bounded memory); the Trio side
-  waits on a ``trio.Event`` that a channel thread sets through the Trio token only when
-  someone waits;
+  zlib and zstd release the GIL, so channels move and compress on several cores);
+- queued pages reach the threads as batches of offsets (a ``range`` stays a ``range``)
+  in one thread-safe job queue; whichever channel thread is idle first carves the next
+  packet off the batch at its head (the ``channels_ready`` scan), so queueing a whole
+  block costs the Trio side one call and no trip through Trio per packet;
+- queueing waits while more than a few packets' worth of pages wait for a channel
+  (backpressure); the Trio side waits on a ``trio.Event`` that a channel thread sets
+  through the Trio token only when someone waits;
 - a SYNC round is ``channels`` tokens in the same job queue; a channel that took one
   writes its SYNC packet and waits for the round before taking another job, so every
   channel takes exactly one;
@@ -24,10 +24,9 @@ import collections
 import functools
 import itertools
 import operator
-import queue
 import threading
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
@@ -37,7 +36,7 @@ import trio
 from ._block import RAMBlock
 from ._errors import MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
-from ._pages import PageBatch, page_runs, split_zero_pages
+from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
 from ._transport import CANCEL_CHECK, Transport, open_transport
@@ -45,9 +44,8 @@ from ._wire import (
     Feature,
     Flag,
     Handshake,
-    PacketHeader,
     encode_handshake,
-    encode_packet_header,
+    pack_packet_header,
     page_count_for,
     payload_checksum,
     seal_header,
@@ -79,36 +77,72 @@ class _SyncRound:
 
 
 @final
-class _BatchPool:
-    """The empty batches: given back by channel threads, taken by the Trio side.
+class _JobQueue:
+    """The channel threads' work in queueing order: page batches and SYNC tokens.
 
-    Its fixed size bounds memory, and taking waits while every batch is queued or in
-    flight (every channel busy). A batch given back wakes the Trio side only when it
-    waits, so the common case costs no trip through Trio's scheduler.
+    A channel thread takes a SYNC token whole and carves a packet of at most
+    ``page_count`` pages off a batch; the batch leaves the queue with its last page. The
+    Trio side waits while more than ``limit`` queued pages are not yet taken; a channel
+    thread wakes it through the Trio token only when it waits.
     """
 
-    def __init__(self, count: int, token: trio.lowlevel.TrioToken) -> None:
-        self._free = collections.deque(PageBatch() for _ in range(count))
+    def __init__(self, page_count: int, limit: int, token: trio.lowlevel.TrioToken) -> None:
+        self._jobs: collections.deque[PageBatch | _SyncRound] = collections.deque()
+        self._taken = 0  # pages of the head batch already carved off
+        self._queued = 0  # pages queued and not yet carved off
         self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._page_count = page_count
+        self._limit = limit
         self._waiter: trio.Event | None = None
         self._token = token
 
-    def put(self, batch: PageBatch) -> None:
-        """Give back an emptied batch (any thread)."""
+    def put(self, job: PageBatch | _SyncRound) -> None:
+        """Append a job (the Trio side)."""
         with self._lock:
-            self._free.append(batch)
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            self._token.run_sync_soon(waiter.set)
+            self._jobs.append(job)
+            if isinstance(job, PageBatch):
+                self._queued += len(job.offsets)
+            self._not_empty.notify()
 
-    async def take(self) -> PageBatch:
-        """Take an empty batch, waiting for one (the Trio side)."""
+    async def wait_for_room(self) -> None:
+        """Wait until at most ``limit`` queued pages are not yet taken (the Trio side)."""
         while True:
             with self._lock:
-                if self._free:
-                    return self._free.popleft()
+                if self._queued <= self._limit:
+                    return
                 self._waiter = waiter = trio.Event()
             await waiter.wait()
+
+    def take(self, timeout: float) -> PageBatch | _SyncRound | None:
+        """Take the next packet's pages or a SYNC token, waiting up to ``timeout``
+        seconds for one (a channel thread)."""
+        waiter = None
+        with self._lock:
+            if not self._jobs:
+                self._not_empty.wait(timeout)
+                if not self._jobs:
+                    return None
+            head = self._jobs[0]
+            if isinstance(head, _SyncRound):
+                self._jobs.popleft()
+                job: PageBatch | _SyncRound = head
+            else:
+                start = self._taken
+                self._taken += self._page_count
+                job = PageBatch(head.block, head.offsets[start : self._taken])
+                if self._taken >= len(head.offsets):
+                    self._jobs.popleft()
+                    self._taken = 0
+                self._queued -= len(job.offsets)
+                if self._waiter is not None and self._queued <= self._limit:
+                    waiter, self._waiter = self._waiter, None
+            if self._jobs:
+                # A batch of many packets: the next idle thread takes the next one.
+                self._not_empty.notify()
+        if waiter is not None:
+            self._token.run_sync_soon(waiter.set)
+        return job
 
 
 @final
@@ -158,14 +192,15 @@ class Sender:
         self._send_timeout = send_timeout
         self._integrity = bool(integrity)
         self._empty_checksum = payload_checksum([]) if integrity else 0
+        self._checksum_flag = int(Flag.CHECKSUMS) if integrity else 0
         self._supervisor = Supervisor("sender")
         # Jobs go to the channel threads through a thread-safe queue (no Trio round trip
-        # per packet); empty batches come back through the pool, whose fixed size bounds
-        # memory and makes queueing wait while every channel is busy.
-        self._jobs: queue.SimpleQueue[PageBatch | _SyncRound] = queue.SimpleQueue()
+        # per packet); queueing waits while two packets per channel wait for a channel.
         self._token = trio.lowlevel.current_trio_token()
-        self._pool = _BatchPool(2 * channels + 1, self._token)
-        self._batch = PageBatch()
+        self._jobs = _JobQueue(self._page_count, 2 * channels * self._page_count, self._token)
+        # Pages queued one by one gather here until they fill a packet.
+        self._pending_block: RAMBlock | None = None
+        self._pending: list[int] = []
         self._packet_num = itertools.count()
         self._rounds = 0
         self._connected = 0
@@ -207,9 +242,10 @@ class Sender:
     async def queue_pages(self, block: RAMBlock, offsets: Iterable[int]) -> None:
         """Queue many pages of ``block`` at once (a ``range`` or any iterable of offsets).
 
-        Costs no Python-level await per page: pages are appended a packet at a time.
-        Offsets are checked a packet at a time, so on a bad offset the packets before
-        it are already queued.
+        Costs no Python-level work per page on the Trio side: a ``range`` is checked by
+        its ends and queued as it is, other offsets are checked and copied in one go, and
+        the channel threads cut them into packets. Every offset is checked before any
+        page is queued.
 
         Raises:
             ValueError: An offset is not a page-aligned offset in the block.
@@ -218,22 +254,15 @@ class Sender:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
         if isinstance(offsets, range):
-            await self._queue_range(block, offsets)
-            return
-        iterator = iter(offsets)
-        while True:
-            room = self._page_count - len(self._batch.offsets)
-            if self._batch.block is not block:
-                room = self._page_count
-            chunk = list(itertools.islice(iterator, room))
-            if not chunk:
-                return
+            self._check_range(block, offsets)
+            await self._add(block, offsets)
+        else:
+            chunk = list(offsets)
             self._check_offsets(block, chunk)
             await self._add(block, chunk)
 
-    async def _queue_range(self, block: RAMBlock, offsets: range) -> None:
-        # A range is checked once, by its ends and step, and cut into packets by
-        # slicing: the sequential scan of a whole block costs O(packets), not O(pages).
+    def _check_range(self, block: RAMBlock, offsets: range) -> None:
+        # Checked by its ends and step: O(1) however many pages it covers.
         if not offsets:
             return
         if offsets.step % self.page_size:
@@ -243,15 +272,10 @@ class Sender:
             )
         block.check_offset(offsets[0])
         block.check_offset(offsets[-1])
-        position = 0
-        while position < len(offsets):
-            room = self._page_count - len(self._batch.offsets)
-            if self._batch.block is not block:
-                room = self._page_count
-            await self._add(block, offsets[position : position + room])
-            position += room
 
     def _check_offsets(self, block: RAMBlock, chunk: list[int]) -> None:
+        if not chunk:
+            return
         low, high = min(chunk), max(chunk)
         aligned = not functools.reduce(operator.or_, chunk) % self.page_size
         if low < 0 or high > block.size - self.page_size or not aligned:
@@ -260,23 +284,31 @@ class Sender:
             )
             block.check_offset(bad)
 
-    async def _add(self, block: RAMBlock, offsets: Iterable[int]) -> None:
-        batch = self._batch
-        if batch.block is not block:
-            if batch.offsets:
-                await self._flush()
-                batch = self._batch
-            batch.block = block
-        batch.offsets.extend(offsets)
-        if len(batch.offsets) >= self._page_count:
-            await self._flush()
+    async def _add(self, block: RAMBlock, offsets: Sequence[int]) -> None:
+        if self._pending_block is not block:
+            self._flush()
+            self._pending_block = block
+        count = self._page_count
+        if self._pending:
+            # Top up the pages gathered one by one to a full packet first.
+            room = count - len(self._pending)
+            self._pending.extend(offsets[:room])
+            offsets = offsets[room:]
+            if len(self._pending) < count:
+                return
+            self._flush()
+        whole = len(offsets) - len(offsets) % count
+        if whole:
+            # A list slice is a copy: the caller may reuse its list.
+            self._jobs.put(PageBatch(block, offsets[:whole]))
+        self._pending.extend(offsets[whole:])
+        await self._jobs.wait_for_room()
 
-    async def _flush(self) -> None:
-        batch = self._batch
-        if not batch.offsets:
-            return
-        self._jobs.put(batch)
-        self._batch = await self._pool.take()
+    def _flush(self) -> None:
+        if self._pending:
+            assert self._pending_block is not None
+            self._jobs.put(PageBatch(self._pending_block, self._pending))
+            self._pending = []
 
     async def sync(self, *, final_round: bool = False) -> int:
         """Flush the queued pages and send a SYNC packet on every channel.
@@ -296,7 +328,7 @@ class Sender:
         return await self._sync(final=False, final_round=final_round)
 
     async def _sync(self, *, final: bool, final_round: bool = False) -> int:
-        await self._flush()
+        self._flush()
         self._rounds += 1
         sync_round = _SyncRound(self._rounds, final, self.channels, final_round)
         for _ in range(self.channels):
@@ -358,51 +390,45 @@ class Sender:
     def _header(
         self,
         flags: int,
-        block_name: str,
-        normal: list[int],
-        zero: list[int],
+        raw_name: bytes,
+        normal: Sequence[int],
+        zero: Sequence[int],
         payload_size: int,
         checksum: int,
     ) -> bytes:
-        if self._integrity:
-            flags |= Flag.CHECKSUMS
-        data = encode_packet_header(
-            PacketHeader(
-                flags=flags,
-                pages_alloc=self._page_count,
-                normal_pages=len(normal),
-                next_packet_size=payload_size,
-                packet_num=next(self._packet_num) % 2**64,
-                zero_pages=len(zero),
-                block_name=block_name,
-                offsets=(*normal, *zero),
-                payload_checksum=checksum,
-            )
+        data = pack_packet_header(
+            flags=flags | self._checksum_flag,
+            pages_alloc=self._page_count,
+            normal_pages=len(normal),
+            next_packet_size=payload_size,
+            packet_num=next(self._packet_num) % 2**64,
+            zero_pages=len(zero),
+            raw_name=raw_name,
+            offsets=[*normal, *zero] if normal and zero else normal or zero,
+            payload_checksum=checksum,
         )
         return seal_header(data) if self._integrity else data
 
     def _prepare(
-        self, block: RAMBlock, offsets: list[int], encoder: Encoder | None
-    ) -> tuple[list[int], list[int], list[Buffer], int]:
+        self, block: RAMBlock, offsets: Sequence[int], encoder: Encoder | None
+    ) -> tuple[list[Run], list[Run], list[Buffer], int]:
         """Split off zero pages, build the payload and its checksum (in the channel's
         worker thread)."""
         view, size = block.view, self.page_size
-        if self._detect_zero:
-            normal, zero = split_zero_pages(view, offsets, size)
-        else:
-            normal, zero = offsets, []
-        runs = [view[start : start + n] for start, n in page_runs(normal, size)]
+        runs = page_runs(offsets, size)
+        normal, zero = split_zero_runs(view, runs, size) if self._detect_zero else (runs, [])
+        pages = [view[start : start + n] for start, n in normal]
         payload: list[Buffer]
         if not normal:
             payload = []
         elif encoder is not None:
-            payload = [encoder.encode(runs)]
+            payload = [encoder.encode(pages)]
         elif self._integrity:
             # The checksum must cover exactly the bytes sent, but the application may
             # change a page while it is in flight: checksum and send one copy.
-            payload = [b"".join(runs)]
+            payload = [b"".join(pages)]
         else:
-            payload = [*runs]
+            payload = [*pages]
         checksum = payload_checksum(payload) if self._integrity else 0
         return normal, zero, payload, checksum
 
@@ -412,8 +438,6 @@ class Sender:
             job = self._next_job(transport)
             if isinstance(job, PageBatch):
                 self._send_batch(channel, transport, encoder, job)
-                job.clear()
-                self._pool.put(job)
                 continue
             self._send_sync(channel, transport, job)
             with job.lock:
@@ -432,27 +456,31 @@ class Sender:
     def _next_job(self, transport: Transport) -> PageBatch | _SyncRound:
         while True:
             trio.from_thread.check_cancelled()
-            try:
-                return self._jobs.get(timeout=CANCEL_CHECK)
-            except queue.Empty:
-                # An idle channel still notices a receiver that failed, so the
-                # application learns of it without sending anything.
-                transport.check_peer_sync()
+            job = self._jobs.take(CANCEL_CHECK)
+            if job is not None:
+                return job
+            # An idle channel still notices a receiver that failed, so the application
+            # learns of it without sending anything.
+            transport.check_peer_sync()
 
     def _send_batch(
         self, channel: int, transport: Transport, encoder: Encoder | None, batch: PageBatch
     ) -> None:
         block = batch.block
-        assert block is not None
+        page_size = self.page_size
         normal, zero, payload, checksum = self._prepare(block, batch.offsets, encoder)
+        normal_offsets = run_offsets(normal, page_size)
+        zero_offsets = run_offsets(zero, page_size)
         size = sum(len(p) for p in payload)
-        header = self._header(self._method.flag, block.name, normal, zero, size, checksum)
+        header = self._header(
+            self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
+        )
         transport.send_parts_sync([header, *payload])
         stats = self.stats.channels[channel]
         stats.packets += 1
-        stats.normal_pages += len(normal)
-        stats.zero_pages += len(zero)
-        stats.page_bytes += (len(normal) + len(zero)) * self.page_size
+        stats.normal_pages += len(normal_offsets)
+        stats.zero_pages += len(zero_offsets)
+        stats.page_bytes += len(batch.offsets) * page_size
         stats.bytes += len(header) + size
 
     def _send_sync(self, channel: int, transport: Transport, job: _SyncRound) -> None:
@@ -462,7 +490,7 @@ class Sender:
         if job.final and not transport.can_half_close:
             # No half-close (TLS): the receiver learns the stream's end in band.
             flags |= Flag.END_OF_STREAM
-        header = self._header(int(flags), "", [], [], 0, self._empty_checksum)
+        header = self._header(int(flags), b"", [], [], 0, self._empty_checksum)
         transport.send_parts_sync([header])
         stats = self.stats.channels[channel]
         stats.packets += 1

@@ -4,9 +4,9 @@ A channel's packets are moved by a worker thread (see the engine), so that the k
 copies of several channels, and compression, run on several cores while the Trio thread
 only coordinates. The ``*_sync`` methods are what that thread calls: on sockets they do
 the I/O right there (``sendmsg`` / ``recvmsg_into`` on a duplicate of the socket's
-descriptor, blocking with kernel timeouts, releasing the GIL); on other streams they hand
-each operation back to Trio (``trio.from_thread.run``). Every wait checks for
-cancellation at least every :data:`CANCEL_CHECK` seconds.
+descriptor, waiting in ``poll`` when the socket is not ready, releasing the GIL); on
+other streams they hand each operation back to Trio (``trio.from_thread.run``). Every
+wait checks for cancellation at least every :data:`CANCEL_CHECK` seconds.
 
 Every failure of the underlying stream leaves this module as a
 :class:`~trio_multifd.MultiFDError` naming the channel: :class:`TransportError` for a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import socket as stdlib_socket
 import struct
 import time
@@ -45,6 +46,7 @@ _FAILED = b"!"
 
 CANCEL_CHECK = 0.02
 """Longest wait of a channel thread between two checks for cancellation (seconds)."""
+_CANCEL_CHECK_MS = round(CANCEL_CHECK * 1000)
 
 
 def _find_socket(stream: object) -> trio.socket.SocketType | None:
@@ -203,12 +205,6 @@ class Transport:
         """Raise if the peer has already failed the channel (an idle sender's check);
         only sockets can tell without reading."""
 
-    def begin_thread(self) -> None:
-        """Prepare for the channel's worker thread (nothing for generic streams)."""
-
-    def end_thread(self) -> None:
-        """Give the stream back to Trio after the worker thread (see :meth:`begin_thread`)."""
-
     def _truncated(self, what: str, got: int, total: int) -> None:
         raise TruncatedError(
             f"stream ended inside {what} after {got} of {total} bytes",
@@ -302,46 +298,41 @@ class SocketTransport(Transport):
     ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet,
     done by the channel's worker thread on a duplicate of the socket's descriptor.
 
-    While the thread owns the channel (between :meth:`begin_thread` and
-    :meth:`end_thread`) the socket is in blocking mode with kernel timeouts of
-    :data:`CANCEL_CHECK`: the kernel waits for buffer space or data itself (one system
-    call per packet in the common case), and the thread wakes often enough to notice
-    cancellation. Trio does no I/O on the socket meanwhile; it is non-blocking again
-    before Trio uses it.
+    The socket stays non-blocking, as Trio left it: the thread tries each operation
+    and, when the kernel has no room or no data, waits in ``poll`` for at most
+    :data:`CANCEL_CHECK`, so it notices cancellation in time. Measured on loopback, this
+    moves more bytes per CPU second than a blocking socket with kernel timeouts. Trio
+    does no I/O on the socket while the thread owns it.
     """
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
         super().__init__(stream, **kw)
         # A second descriptor of the same socket, so that the thread never touches the
-        # trio socket object (both share one open file description, hence one mode).
+        # trio socket object.
         self.sync_sock: stdlib_socket.socket | None = stdlib_socket.socket(
             sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())
         )
+        self._readable = select.poll()
+        self._readable.register(self.sync_sock, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(self.sync_sock, select.POLLOUT)
 
     def close_sync_side(self) -> None:
         if self.sync_sock is not None:
             self.sync_sock.close()
             self.sync_sock = None
 
-    def begin_thread(self) -> None:
-        sock = self._sock
-        sock.setblocking(True)
-        interval = struct.pack("ll", 0, int(CANCEL_CHECK * 1e6))
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDTIMEO, interval)
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVTIMEO, interval)
-
-    def end_thread(self) -> None:
-        if self.sync_sock is not None:
-            self.sync_sock.setblocking(False)
-
     @property
     def _sock(self) -> stdlib_socket.socket:
         assert self.sync_sock is not None
         return self.sync_sock
 
-    def _no_progress(self, since: float, timeout: float | None, doing: str) -> None:
-        """A kernel timeout passed with no byte moved: check for cancellation and for
-        the channel's own timeout, counted from the last progress."""
+    def _wait(self, poller: select.poll, since: float, timeout: float | None, doing: str) -> None:
+        """Wait until the socket is ready again; each :data:`CANCEL_CHECK` without it,
+        check for cancellation and for the channel's own timeout, counted from the last
+        progress (``since``; ``timeout`` ``None`` waits forever)."""
+        if poller.poll(_CANCEL_CHECK_MS):
+            return
         trio.from_thread.check_cancelled()
         if timeout is None or time.monotonic() - since < timeout:
             return
@@ -359,7 +350,7 @@ class SocketTransport(Transport):
         # A receiver never writes on a channel and closes it only after the transfer
         # completed: anything readable, a hang-up or an error here is its failure.
         try:
-            data = self._sock.recv(1, stdlib_socket.MSG_PEEK | stdlib_socket.MSG_DONTWAIT)
+            data = self._sock.recv(1, stdlib_socket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -380,7 +371,7 @@ class SocketTransport(Transport):
             except BlockingIOError:
                 # send_timeout bounds each wait for progress, not the whole packet: a
                 # slow but moving peer is not stalled.
-                self._no_progress(progress, self.send_timeout, "sending")
+                self._wait(self._writable, progress, self.send_timeout, "sending")
                 continue
             except OSError as exc:
                 raise self._broken(exc, "sending") from exc
@@ -397,7 +388,7 @@ class SocketTransport(Transport):
             try:
                 n = recvmsg_into(buffers)[0]
             except BlockingIOError:
-                self._no_progress(progress, self.receive_timeout, what)
+                self._wait(self._readable, progress, self.receive_timeout, what)
                 continue
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
@@ -414,7 +405,7 @@ class SocketTransport(Transport):
                 n = recv_into(view)
             except BlockingIOError:
                 # Between packets a healthy channel may sit idle for any time.
-                trio.from_thread.check_cancelled()
+                self._wait(self._readable, 0.0, None, what)
                 continue
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc

@@ -13,7 +13,7 @@ import enum
 import functools
 import struct
 import uuid as uuid_mod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 import xxhash
@@ -47,6 +47,7 @@ __all__ = [
     "encode_packet_header",
     "header_checksum",
     "header_size",
+    "pack_packet_header",
     "page_count_for",
     "payload_checksum",
     "seal_header",
@@ -110,9 +111,12 @@ class Feature(enum.IntFlag):
     """Every packet of the channel carries header and payload checksums."""
 
 
-_KNOWN_FLAGS = (
+# Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
+_KNOWN_FLAGS = int(
     Flag.SYNC | COMPRESSION_MASK | Flag.END_OF_STREAM | Flag.FINAL_ROUND | Flag.CHECKSUMS
 )
+_SYNC = int(Flag.SYNC)
+_DEVICE_STATE = int(Flag.DEVICE_STATE)
 
 _HANDSHAKE = struct.Struct(">II16sB7xQQQQ")
 # magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
@@ -207,7 +211,7 @@ class PacketHeader:
     @property
     def is_sync(self) -> bool:
         """Whether the packet carries :attr:`Flag.SYNC`."""
-        return bool(self.flags & Flag.SYNC)
+        return bool(self.flags & _SYNC)
 
     @property
     def carries_pages(self) -> bool:
@@ -320,26 +324,66 @@ def encode_packet_header(header: PacketHeader) -> bytes:
     raw_name = header.block_name.encode()
     if len(raw_name) >= BLOCK_NAME_SIZE or b"\0" in raw_name:
         raise ValueError(f"block name must be at most 255 bytes without NUL: {raw_name!r}")
-    fixed = _HEADER.pack(
-        MAGIC,
-        VERSION,
-        header.flags,
-        header.pages_alloc,
-        header.normal_pages,
-        header.next_packet_size,
-        header.packet_num,
-        header.zero_pages,
-        0,
-        header.header_checksum,
-        header.payload_checksum,
-        0,
-        raw_name,
-    )
     try:
-        offsets = _offsets_struct(used).pack(*header.offsets)
+        return pack_packet_header(
+            flags=header.flags,
+            pages_alloc=header.pages_alloc,
+            normal_pages=header.normal_pages,
+            next_packet_size=header.next_packet_size,
+            packet_num=header.packet_num,
+            zero_pages=header.zero_pages,
+            raw_name=raw_name,
+            offsets=header.offsets,
+            header_checksum=header.header_checksum,
+            payload_checksum=header.payload_checksum,
+        )
     except struct.error as exc:
         raise ValueError(f"offsets must fit 64 bits: {exc}") from None
-    return fixed + offsets + bytes(8 * (header.pages_alloc - used))
+
+
+@functools.cache
+def _header_struct(used: int, pages_alloc: int) -> struct.Struct:
+    # The whole header in one pack: fixed part, used offset slots, zeroed free slots.
+    return struct.Struct(f"{_HEADER.format}{used}Q{8 * (pages_alloc - used)}x")
+
+
+def pack_packet_header(
+    *,
+    flags: int,
+    pages_alloc: int,
+    normal_pages: int,
+    next_packet_size: int,
+    packet_num: int,
+    zero_pages: int,
+    raw_name: bytes,
+    offsets: Sequence[int],
+    header_checksum: int = 0,
+    payload_checksum: int = 0,
+) -> bytes:
+    """Return a packet header's wire bytes from values the caller has checked.
+
+    The sender's hot path: :func:`encode_packet_header` checks a :class:`PacketHeader`
+    and calls this; the sender builds its values itself and skips the object.
+
+    Raises:
+        struct.error: A value does not fit its field.
+    """
+    return _header_struct(len(offsets), pages_alloc).pack(
+        MAGIC,
+        VERSION,
+        flags,
+        pages_alloc,
+        normal_pages,
+        next_packet_size,
+        packet_num,
+        zero_pages,
+        0,
+        header_checksum,
+        payload_checksum,
+        0,
+        raw_name,
+        *offsets,
+    )
 
 
 def decode_packet_header(
@@ -399,12 +443,12 @@ def decode_packet_header(
             channel=channel,
             packet_num=packet_num,
         )
-    if flags & Flag.DEVICE_STATE:
+    if flags & _DEVICE_STATE:
         raise FlagsError(
             f"flags {flags:#x} carry DEVICE_STATE (0x40): device-state packets are not supported",
             field="flags",
             value=flags,
-            limit=int(_KNOWN_FLAGS),
+            limit=_KNOWN_FLAGS,
             channel=channel,
             packet_num=packet_num,
         )
@@ -413,7 +457,7 @@ def decode_packet_header(
             f"flags {flags:#x} carry unknown bits {flags & ~_KNOWN_FLAGS:#x}",
             field="flags",
             value=flags,
-            limit=int(_KNOWN_FLAGS),
+            limit=_KNOWN_FLAGS,
             channel=channel,
             packet_num=packet_num,
         )
