@@ -64,24 +64,36 @@ class _Exhausted(Exception):
     """Raised through the stream reader when it asks for input past the payload."""
 
 
+# An empty raw block: a 3-byte block header of type raw, size 0, not the last. It decodes
+# to nothing and leaves the window and the repeat offsets as they are.
+_EMPTY_BLOCK = memoryview(bytes(3))
+
+
 @final
 class _PayloadSource:
     """The stream reader's source: each packet's payload once, then :class:`_Exhausted`.
 
+    With ``nudge`` set, one empty block follows the payload: zstandard's reader calls
+    ``ZSTD_decompressStream`` only with input at hand, so output that zstd decoded but
+    could not hand over (its target was full) stays inside it until more input comes.
     Never an empty read: the reader takes it as the end of its input, for good.
     """
 
-    __slots__ = ("payload",)
+    __slots__ = ("nudge", "payload")
 
     def __init__(self) -> None:
         self.payload: memoryview | None = None
+        self.nudge = False
 
     def read(self, size: int) -> memoryview:
         payload = self.payload
-        if payload is None:
-            raise _Exhausted
-        self.payload = None
-        return payload
+        if payload is not None:
+            self.payload = None
+            return payload
+        if self.nudge:
+            self.nudge = False
+            return _EMPTY_BLOCK
+        raise _Exhausted
 
 
 @final
@@ -93,32 +105,39 @@ class _ZstdDecoder(StreamDecoder):
         self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE).stream_reader(
             cast(IO[bytes], self._source)
         )
-        # One byte more than a packet: see _decode.
-        self._scratch = memoryview(bytearray(PACKET_SIZE + 1))
+        # Pages that are not one run are decoded here first, then scattered.
+        self._scratch = memoryview(bytearray(PACKET_SIZE))
+        self._surplus = memoryview(bytearray(1))
 
     def _decode(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
     ) -> None:
-        # readinto1 runs ZSTD_decompressStream until it has output, and asks the source
-        # for input only when it has none left and no output yet: so _Exhausted loses no
-        # decoded byte. With room left in its output, zstd returns only once it has
-        # flushed everything it decoded; the byte of room past the pages therefore catches
-        # any surplus, which a buffer of exactly the pages' size could leave pending inside
-        # the decoder, to surface in the next packet.
+        # One contiguous window of exactly the pages' size: the target run itself when
+        # the pages are one run (no copy), else the scratch. readinto1 runs
+        # ZSTD_decompressStream until it has output and asks the source for input only
+        # when it has none left: _Exhausted loses no decoded byte, and output pending
+        # inside zstd means the window is full. Then one more read, into a spare byte,
+        # with one empty block as extra input: at a block boundary it decodes to
+        # nothing, so any output is a surplus (pending, in the payload, or the empty
+        # block read as the rest of a cut block), which never reaches the next packet.
+        # Nothing is written outside the packet's pages.
         # Not zstandard's stream_writer with a sink that raises at the first surplus
         # byte: 0.25 then leaks the writer's output buffer, which a peer could repeat at
-        # will; and output that does not fit that buffer when the input runs out stays
-        # pending, as above.
-        window = self._scratch[: expected + 1]
+        # will.
+        reader, source = self._reader, self._source
+        window = runs[0] if len(runs) == 1 else self._scratch[:expected]
         decoded = 0
-        self._source.payload = memoryview(payload) if len(payload) else None
+        source.payload = memoryview(payload) if len(payload) else None
+        source.nudge = False
         try:
-            while decoded <= expected:
-                step = self._reader.readinto1(window[decoded:])
+            while decoded < expected:
+                step = reader.readinto1(window[decoded:])
                 if not step:
                     # Only once the reader has taken its input as ended, for good.
-                    break
+                    raise _Exhausted
                 decoded += step
+            source.nudge = True
+            decoded += reader.readinto1(self._surplus)
         except _Exhausted:
             pass
         except zstandard.ZstdError as exc:
@@ -126,12 +145,13 @@ class _ZstdDecoder(StreamDecoder):
                 f"corrupt zstd payload: {exc}", field="payload", limit=expected
             ) from exc
         finally:
-            self._source.payload = None
+            source.payload = None
         if decoded > expected:
             raise size_error(decoded, expected, surplus=True)
         if decoded != expected:
             raise size_error(decoded, expected)
-        scatter(window[:expected], runs)
+        if len(runs) > 1:
+            scatter(window, runs)
 
 
 @final
