@@ -48,6 +48,17 @@ CANCEL_CHECK = 0.02
 """Longest wait of a channel thread between two checks for cancellation (seconds)."""
 _CANCEL_CHECK_MS = round(CANCEL_CHECK * 1000)
 
+SPIN = 200e-6
+"""How long a channel thread polls without sleeping when its socket stops being ready
+right after moving bytes (seconds).
+
+A thread that sleeps is woken by its peer's data or acknowledgements, and Linux tends to
+run a woken thread on the waker's core: on loopback the sending and the receiving thread
+then share one core while the other idles, which halved the throughput of about half the
+runs. Spinning briefly keeps a busy thread on its own core; measured on 2 cores, 1
+channel: median 2.5 GB/s (bimodal, 2.1-5.1) without, 4.8 GB/s (3.7-5.0) with 200 us.
+"""
+
 
 def _find_socket(stream: object) -> trio.socket.SocketType | None:
     # SocketStream exposes .socket; SSLStream and friends wrap another stream in
@@ -316,6 +327,8 @@ class SocketTransport(Transport):
         self._readable.register(self.sync_sock, select.POLLIN)
         self._writable = select.poll()
         self._writable.register(self.sync_sock, select.POLLOUT)
+        # Whether bytes moved since the last wait: only then does a wait spin first.
+        self._moved = False
 
     def close_sync_side(self) -> None:
         if self.sync_sock is not None:
@@ -331,6 +344,12 @@ class SocketTransport(Transport):
         """Wait until the socket is ready again; each :data:`CANCEL_CHECK` without it,
         check for cancellation and for the channel's own timeout, counted from the last
         progress (``since``; ``timeout`` ``None`` waits forever)."""
+        if self._moved:
+            self._moved = False
+            deadline = time.monotonic() + SPIN
+            while time.monotonic() < deadline:
+                if poller.poll(0):
+                    return
         if poller.poll(_CANCEL_CHECK_MS):
             return
         trio.from_thread.check_cancelled()
@@ -377,6 +396,7 @@ class SocketTransport(Transport):
                 raise self._broken(exc, "sending") from exc
             buffers = _advance(buffers, sent)
             progress = time.monotonic()
+            self._moved = True
 
     def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
         buffers = list(views)
@@ -397,6 +417,7 @@ class SocketTransport(Transport):
             got += n
             buffers = _advance(buffers, n)
             progress = time.monotonic()
+            self._moved = True
 
     def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
         recv_into = self._sock.recv_into
@@ -411,6 +432,7 @@ class SocketTransport(Transport):
                 raise self._broken(exc, f"receiving {what}") from exc
             if not n:
                 return False
+            self._moved = True
             if n < len(view):
                 self.receive_into_sync([view[n:]], what)
             return True
