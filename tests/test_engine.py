@@ -269,3 +269,81 @@ async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None
             await receiver.wait_closed()
     assert finals == [2]
     assert dst.view == src.view
+
+
+async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
+    src, dst = block_pair("mem", 8, seed=3)
+
+    async def body(sender: m.Sender) -> None:
+        with pytest.raises(ValueError, match="page-aligned"):
+            await sender.queue_pages(src, [0, PAGE, 2 * PAGE + 1])
+        with pytest.raises(ValueError, match="page-aligned"):
+            await sender.queue_pages(src, [PAGE, 8 * PAGE])
+        with pytest.raises(ValueError, match="page-aligned"):
+            await sender.queue_page(src, -PAGE)
+        await sender.queue_page(src, 3 * PAGE)
+
+    with trio.fail_after(30):
+        sent, received, _ = await transfer([src], [dst], body, channels=2)
+    assert sent.pages == received.pages == 1
+    assert dst.view[3 * PAGE : 4 * PAGE] == src.view[3 * PAGE : 4 * PAGE]
+    untouched = bytes(pattern(len(src.view)))
+    assert dst.view[: 3 * PAGE] == untouched[: 3 * PAGE]
+    assert dst.view[4 * PAGE :] == untouched[4 * PAGE :]
+
+
+async def test_a_range_is_checked_by_its_ends_and_its_step() -> None:
+    src, dst = block_pair("mem", 8, seed=4)
+
+    async def body(sender: m.Sender) -> None:
+        with pytest.raises(ValueError, match="page-aligned"):
+            await sender.queue_pages(src, range(0, 9 * PAGE, PAGE))
+        with pytest.raises(ValueError, match="range step"):
+            await sender.queue_pages(src, range(0, 8 * PAGE, PAGE // 2))
+        await sender.queue_pages(src, range(7 * PAGE, -1, -2 * PAGE))
+        await sender.queue_pages(src, range(0, 0, PAGE))
+
+    with trio.fail_after(30):
+        sent, received, _ = await transfer([src], [dst], body, channels=2)
+    assert sent.pages == received.pages == 4
+    for page in range(8):
+        chunk = slice(page * PAGE, (page + 1) * PAGE)
+        expected = src.view[chunk] if page % 2 else pattern(len(src.view))[chunk]
+        assert dst.view[chunk] == expected, page
+
+
+async def test_pages_queued_one_by_one_across_blocks_all_land() -> None:
+    # Pages gathered one by one are flushed at every change of block and at each sync,
+    # and topped up to full packets by later lists and ranges of the same block.
+    a_src, a_dst = block_pair("a", 300, seed=5)
+    b_src, b_dst = block_pair("b", 300, seed=6)
+
+    async def body(sender: m.Sender) -> None:
+        for page in range(0, 300, 3):
+            await sender.queue_page(a_src, page * PAGE)
+            await sender.queue_page(b_src, page * PAGE)
+        await sender.queue_page(a_src, PAGE)
+        await sender.queue_pages(a_src, [p * PAGE for p in range(2, 300, 3)])
+        await sender.sync()
+        await sender.queue_page(b_src, PAGE)
+        await sender.queue_pages(b_src, range(4 * PAGE, 300 * PAGE, 3 * PAGE))
+        await sender.queue_pages(b_src, range(2 * PAGE, 300 * PAGE, 3 * PAGE))
+        await sender.queue_pages(a_src, range(4 * PAGE, 300 * PAGE, 3 * PAGE))
+
+    with trio.fail_after(30):
+        sent, received, _ = await transfer([a_src, b_src], [a_dst, b_dst], body, channels=3)
+    assert a_dst.view == a_src.view
+    assert b_dst.view == b_src.view
+    assert sent.pages == received.pages == 600
+
+
+async def test_a_range_of_many_packets_lands_whole() -> None:
+    src, dst = block_pair("mem", 128 * 40, seed=7)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(60):
+        sent, received, _ = await transfer([src], [dst], body, channels=4)
+    assert dst.view == src.view
+    assert sent.pages == received.pages == 128 * 40
