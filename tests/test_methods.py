@@ -549,6 +549,30 @@ def test_zstd_decoder_refuses_more_than_a_packet_and_stays_usable() -> None:
     assert target == content
 
 
+def test_zstd_payload_that_ends_its_frame_is_rejected_not_misread() -> None:
+    # QEMU never ends its frame; the decoder's end-of-packet nudge (an empty block) is
+    # read as the start of a next frame after an ended one, which fails loudly.
+    content = random.Random(11).randbytes(PAGE)
+    ended = zstandard.ZstdCompressor(level=1).compress(content)
+    with pytest.raises(DecompressionError, match="corrupt zstd payload"):
+        get_method("zstd").new_decoder().decode_into(ended, [memoryview(bytearray(PAGE))])
+
+
+def test_zstd_decodes_pages_in_several_runs_through_its_scratch() -> None:
+    encoder = get_method("zstd").new_encoder(1)
+    decoder = get_method("zstd").new_decoder()
+    source = bytearray(random.Random(13).randbytes(6 * PAGE))
+    for _ in range(3):
+        payload = bytes(encoder.encode([memoryview(source)]))
+        target = bytearray(b"\xa5" * 9 * PAGE)
+        view = memoryview(target)
+        runs = [view[0 : 2 * PAGE], view[3 * PAGE : 4 * PAGE], view[6 * PAGE : 9 * PAGE]]
+        decoder.decode_into(payload, runs)
+        assert b"".join(runs) == source
+        assert target[2 * PAGE : 3 * PAGE] == b"\xa5" * PAGE
+        assert target[4 * PAGE : 6 * PAGE] == b"\xa5" * 2 * PAGE
+
+
 # -- levels -------------------------------------------------------------------------------
 
 
