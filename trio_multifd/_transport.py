@@ -316,9 +316,10 @@ class SocketTransport(Transport):
 
     The socket stays non-blocking, as Trio left it: the thread tries each operation
     and, when the kernel has no room or no data, waits in ``poll`` for at most
-    :data:`CANCEL_CHECK`, so it notices cancellation in time. Measured on loopback, this
-    moves more bytes per CPU second than a blocking socket with kernel timeouts. Trio
-    does no I/O on the socket while the thread owns it.
+    :data:`CANCEL_CHECK`, so it notices cancellation in time. Measured on loopback
+    against a blocking socket with kernel timeouts: ~1.5x the throughput at one channel
+    (0.38 against 0.57 CPU seconds per GB in the sender), ~10% less at four. Trio does
+    no I/O on the socket while the thread owns it.
     """
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
@@ -379,7 +380,7 @@ class SocketTransport(Transport):
         # A receiver never writes on a channel and closes it only after the transfer
         # completed: anything readable, a hang-up or an error here is its failure.
         try:
-            data = self._sock.recv(1, stdlib_socket.MSG_PEEK)
+            data = self._sock.recv(1, stdlib_socket.MSG_PEEK | stdlib_socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
