@@ -281,6 +281,10 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
             await sender.queue_pages(src, [PAGE, 8 * PAGE])
         with pytest.raises(ValueError, match="page-aligned"):
             await sender.queue_page(src, -PAGE)
+        with pytest.raises(TypeError, match="an offset is an int, got float"):
+            await sender.queue_pages(src, [0, float(PAGE)])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="an offset is an int, got bool"):
+            await sender.queue_page(src, False)
         await sender.queue_page(src, 3 * PAGE)
 
     with trio.fail_after(30):

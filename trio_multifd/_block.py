@@ -89,7 +89,14 @@ class RAMBlock:
         return not self.view.readonly
 
     def check_offset(self, offset: int) -> None:
-        """Raise :class:`ValueError` unless ``offset`` is a page-aligned offset in the block."""
+        """Raise unless ``offset`` is a page-aligned offset in the block.
+
+        Raises:
+            TypeError: ``offset`` is not an ``int``.
+            ValueError: ``offset`` is not page-aligned or not inside the block.
+        """
+        if type(offset) is not int:
+            raise TypeError(f"an offset is an int, got {type(offset).__name__}")
         if offset % self.page_size or not 0 <= offset < len(self.view):
             raise ValueError(
                 f"block {self.name!r}: offset {offset} is not a page-aligned offset below"

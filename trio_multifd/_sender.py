@@ -249,7 +249,7 @@ class Sender:
 
         Raises:
             ValueError: An offset is not a page-aligned offset in the block.
-            TypeError: ``block`` is not a :class:`RAMBlock`.
+            TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an ``int``.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
@@ -276,6 +276,9 @@ class Sender:
     def _check_offsets(self, block: RAMBlock, chunk: list[int]) -> None:
         if not chunk:
             return
+        kinds = set(map(type, chunk))
+        if kinds != {int}:
+            block.check_offset(next(o for o in chunk if type(o) is not int))
         low, high = min(chunk), max(chunk)
         aligned = not functools.reduce(operator.or_, chunk) % self.page_size
         if low < 0 or high > block.size - self.page_size or not aligned:
