@@ -281,10 +281,10 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
             await sender.queue_pages(src, [PAGE, 8 * PAGE])
         with pytest.raises(ValueError, match="page-aligned"):
             await sender.queue_page(src, -PAGE)
-        with pytest.raises(TypeError, match="an offset is an int, got float"):
+        with pytest.raises(TypeError, match="an offset is an integer, got float"):
             await sender.queue_pages(src, [0, float(PAGE)])  # type: ignore[list-item]
-        with pytest.raises(TypeError, match="an offset is an int, got bool"):
-            await sender.queue_page(src, False)
+        with pytest.raises(TypeError, match="an offset is an integer, got str"):
+            await sender.queue_page(src, "0")  # type: ignore[arg-type]
         await sender.queue_page(src, 3 * PAGE)
 
     with trio.fail_after(30):
@@ -294,6 +294,21 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
     untouched = bytes(pattern(len(src.view)))
     assert dst.view[: 3 * PAGE] == untouched[: 3 * PAGE]
     assert dst.view[4 * PAGE :] == untouched[4 * PAGE :]
+
+
+async def test_offsets_may_be_any_integers_such_as_numpys() -> None:
+    import numpy as np
+    src, dst = block_pair("mem", 8, seed=8)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, np.arange(0, 4 * PAGE, PAGE, dtype=np.int64))
+        await sender.queue_page(src, np.uint32(5 * PAGE))
+
+    with trio.fail_after(30):
+        sent, received, _ = await transfer([src], [dst], body, channels=2)
+    assert sent.pages == received.pages == 5
+    assert dst.view[: 4 * PAGE] == src.view[: 4 * PAGE]
+    assert dst.view[5 * PAGE : 6 * PAGE] == src.view[5 * PAGE : 6 * PAGE]
 
 
 async def test_a_range_is_checked_by_its_ends_and_its_step() -> None:

@@ -3,6 +3,7 @@ against them before any byte is written."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import final
 
@@ -12,7 +13,20 @@ from ._errors import OffsetError, UnknownBlockError
 from ._pages import page_runs
 from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
 
-__all__ = ["BlockTable", "RAMBlock"]
+__all__ = ["BlockTable", "RAMBlock", "index_of"]
+
+
+def index_of(offset: object) -> int:
+    """Return ``offset`` as an ``int``; anything with ``__index__`` (numpy's integers)
+    qualifies, floats do not.
+
+    Raises:
+        TypeError: ``offset`` is not an integer.
+    """
+    try:
+        return operator.index(offset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"an offset is an integer, got {type(offset).__name__}") from None
 
 
 def _as_bytes_view(buffer: object) -> memoryview:
@@ -92,11 +106,11 @@ class RAMBlock:
         """Raise unless ``offset`` is a page-aligned offset in the block.
 
         Raises:
-            TypeError: ``offset`` is not an ``int``.
+            TypeError: ``offset`` is not an integer (``int`` or anything with
+                ``__index__``, such as numpy's integers).
             ValueError: ``offset`` is not page-aligned or not inside the block.
         """
-        if type(offset) is not int:
-            raise TypeError(f"an offset is an int, got {type(offset).__name__}")
+        offset = index_of(offset)
         if offset % self.page_size or not 0 <= offset < len(self.view):
             raise ValueError(
                 f"block {self.name!r}: offset {offset} is not a page-aligned offset below"

@@ -33,7 +33,7 @@ from typing import final
 import attrs
 import trio
 
-from ._block import RAMBlock
+from ._block import RAMBlock, index_of
 from ._errors import MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
@@ -236,6 +236,7 @@ class Sender:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
+        offset = index_of(offset)
         block.check_offset(offset)
         await self._add(block, (offset,))
 
@@ -249,7 +250,7 @@ class Sender:
 
         Raises:
             ValueError: An offset is not a page-aligned offset in the block.
-            TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an ``int``.
+            TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an integer.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
@@ -257,7 +258,8 @@ class Sender:
             self._check_range(block, offsets)
             await self._add(block, offsets)
         else:
-            chunk = list(offsets)
+            # Plain ints from here on (numpy's integers become ints; floats fail).
+            chunk = list(map(index_of, offsets))
             self._check_offsets(block, chunk)
             await self._add(block, chunk)
 
@@ -276,9 +278,6 @@ class Sender:
     def _check_offsets(self, block: RAMBlock, chunk: list[int]) -> None:
         if not chunk:
             return
-        kinds = set(map(type, chunk))
-        if kinds != {int}:
-            block.check_offset(next(o for o in chunk if type(o) is not int))
         low, high = min(chunk), max(chunk)
         aligned = not functools.reduce(operator.or_, chunk) % self.page_size
         if low < 0 or high > block.size - self.page_size or not aligned:
