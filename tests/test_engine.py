@@ -298,6 +298,7 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
 
 async def test_offsets_may_be_any_integers_such_as_numpys() -> None:
     import numpy as np
+
     src, dst = block_pair("mem", 8, seed=8)
 
     async def body(sender: m.Sender) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
-from typing import final
+from typing import SupportsIndex, final
 
 import attrs
 
@@ -102,7 +102,7 @@ class RAMBlock:
         """Whether the buffer can be written (a receiver's must be)."""
         return not self.view.readonly
 
-    def check_offset(self, offset: int) -> None:
+    def check_offset(self, offset: SupportsIndex) -> None:
         """Raise unless ``offset`` is a page-aligned offset in the block.
 
         Raises:
@@ -110,10 +110,10 @@ class RAMBlock:
                 ``__index__``, such as numpy's integers).
             ValueError: ``offset`` is not page-aligned or not inside the block.
         """
-        offset = index_of(offset)
-        if offset % self.page_size or not 0 <= offset < len(self.view):
+        value = index_of(offset)
+        if value % self.page_size or not 0 <= value < len(self.view):
             raise ValueError(
-                f"block {self.name!r}: offset {offset} is not a page-aligned offset below"
+                f"block {self.name!r}: offset {value} is not a page-aligned offset below"
                 f" {len(self.view)}"
             )
 

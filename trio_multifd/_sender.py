@@ -28,7 +28,7 @@ import threading
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import final
+from typing import SupportsIndex, final
 
 import attrs
 import trio
@@ -223,7 +223,7 @@ class Sender:
         if self._closing:
             raise RuntimeError("the sender is closing: no page can be queued")
 
-    async def queue_page(self, block: RAMBlock, offset: int) -> None:
+    async def queue_page(self, block: RAMBlock, offset: SupportsIndex) -> None:
         """Queue the page at byte ``offset`` of ``block``.
 
         The page is not copied: it is read when its packet is sent, at the latest before
@@ -236,11 +236,11 @@ class Sender:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
-        offset = index_of(offset)
-        block.check_offset(offset)
-        await self._add(block, (offset,))
+        page = index_of(offset)
+        block.check_offset(page)
+        await self._add(block, (page,))
 
-    async def queue_pages(self, block: RAMBlock, offsets: Iterable[int]) -> None:
+    async def queue_pages(self, block: RAMBlock, offsets: Iterable[SupportsIndex]) -> None:
         """Queue many pages of ``block`` at once (a ``range`` or any iterable of offsets).
 
         Costs no Python-level work per page on the Trio side: a ``range`` is checked by
