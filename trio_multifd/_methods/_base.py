@@ -18,6 +18,7 @@ __all__ = [
     "Encoder",
     "Method",
     "StreamDecoder",
+    "StreamMethod",
     "compressed_payload_bound",
     "scatter",
     "size_error",
@@ -271,3 +272,50 @@ class StreamDecoder(Decoder):
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
     ) -> None:
         """Decode into ``runs`` exactly ``expected`` bytes or raise DecompressionError."""
+
+
+class StreamMethod(Method):
+    """A method framed as QEMU's zlib and zstd: one compression stream per channel,
+    flushed per packet, with the bound of :func:`compressed_payload_bound`.
+
+    A subclass sets :class:`Method`'s attributes and implements :meth:`_encoder` and
+    :meth:`new_decoder`.
+    """
+
+    compresses: ClassVar[bool] = True
+    qemu_compatible: ClassVar[bool] = True
+
+    def payload_bound(self, page_bytes: int) -> int:
+        """Return the largest payload a packet of ``page_bytes`` of pages can have: the
+        library's worst case, the stream's header and the per-packet flush.
+
+        Args:
+            page_bytes: The packet's normal pages times the page size.
+
+        Returns:
+            ``page_bytes + page_bytes // 64 + 1024``.
+
+        Raises:
+            ValueError: ``page_bytes`` is negative.
+        """
+        return compressed_payload_bound(page_bytes)
+
+    def new_encoder(self, level: int | None = None) -> Encoder:
+        """Return the compressing end of a new channel's stream.
+
+        Args:
+            level: A level from :attr:`levels`, or ``None`` for :attr:`default_level`.
+
+        Returns:
+            The encoder.
+
+        Raises:
+            ValueError: The level is out of range.
+        """
+        checked = self.check_level(level)
+        assert checked is not None
+        return self._encoder(checked)
+
+    @abc.abstractmethod
+    def _encoder(self, level: int) -> Encoder:
+        """Return a new channel's encoder at a checked ``level``."""

@@ -18,9 +18,8 @@ from .._wire import Compression
 from ._base import (
     Decoder,
     Encoder,
-    Method,
     StreamDecoder,
-    compressed_payload_bound,
+    StreamMethod,
     scatter,
     size_error,
 )
@@ -78,50 +77,22 @@ class _ZlibDecoder(StreamDecoder):
 
 
 @final
-class ZlibMethod(Method):
-    """zlib compression (QEMU's ``multifd-compression zlib``): compression field 0x2."""
+class ZlibMethod(StreamMethod):
+    """zlib compression (QEMU's ``multifd-compression zlib``): compression field 0x2.
+
+    Levels 0 (store) to 9 (smallest), default 1 (QEMU's).
+    """
 
     name: ClassVar[str] = "zlib"
     flag: ClassVar[int] = int(Compression.ZLIB)
     levels: ClassVar[range | None] = range(10)
     default_level: ClassVar[int | None] = 1
-    compresses: ClassVar[bool] = True
-    qemu_compatible: ClassVar[bool] = True
 
-    def payload_bound(self, page_bytes: int) -> int:
-        """Return the largest payload a zlib packet of ``page_bytes`` of pages can have.
-
-        Covers zlib's ``compressBound()``, the stream header and the sync flush.
-
-        Args:
-            page_bytes: The packet's normal pages times the page size.
-
-        Returns:
-            ``page_bytes + page_bytes // 64 + 1024``.
-
-        Raises:
-            ValueError: ``page_bytes`` is negative.
-        """
-        return compressed_payload_bound(page_bytes)
-
-    def new_encoder(self, level: int | None = None) -> Encoder:
-        """Return the deflate end of a new channel's stream.
-
-        Args:
-            level: 0 (store) to 9 (smallest), or ``None`` for QEMU's default, 1.
-
-        Returns:
-            The encoder.
-
-        Raises:
-            ValueError: The level is out of range.
-        """
-        checked = self.check_level(level)
-        assert checked is not None
-        return _ZlibEncoder(checked)
+    def _encoder(self, level: int) -> Encoder:
+        return _ZlibEncoder(level)
 
     def new_decoder(self) -> Decoder:
-        """Return the inflate end of a new channel's stream.
+        """Return the decompressing end of a new channel's stream.
 
         Returns:
             The decoder.

@@ -19,8 +19,8 @@ from .._wire import PACKET_SIZE, Compression
 from ._base import (
     Decoder,
     Encoder,
-    Method,
     StreamDecoder,
+    StreamMethod,
     compressed_payload_bound,
     scatter,
     size_error,
@@ -155,47 +155,19 @@ class _ZstdDecoder(StreamDecoder):
 
 
 @final
-class ZstdMethod(Method):
-    """zstd compression (QEMU's ``multifd-compression zstd``): compression field 0x4."""
+class ZstdMethod(StreamMethod):
+    """zstd compression (QEMU's ``multifd-compression zstd``): compression field 0x4.
+
+    Levels 0 (zstd's default, 3) to 20, default 1 (QEMU's).
+    """
 
     name: ClassVar[str] = "zstd"
     flag: ClassVar[int] = int(Compression.ZSTD)
     levels: ClassVar[range | None] = range(21)
     default_level: ClassVar[int | None] = 1
-    compresses: ClassVar[bool] = True
-    qemu_compatible: ClassVar[bool] = True
 
-    def payload_bound(self, page_bytes: int) -> int:
-        """Return the largest payload a zstd packet of ``page_bytes`` of pages can have.
-
-        Covers ``ZSTD_compressBound()``, the frame header and the block flush.
-
-        Args:
-            page_bytes: The packet's normal pages times the page size.
-
-        Returns:
-            ``page_bytes + page_bytes // 64 + 1024``.
-
-        Raises:
-            ValueError: ``page_bytes`` is negative.
-        """
-        return compressed_payload_bound(page_bytes)
-
-    def new_encoder(self, level: int | None = None) -> Encoder:
-        """Return the compressing end of a new channel's stream.
-
-        Args:
-            level: 0 (zstd's default, 3) to 20, or ``None`` for QEMU's default, 1.
-
-        Returns:
-            The encoder.
-
-        Raises:
-            ValueError: The level is out of range.
-        """
-        checked = self.check_level(level)
-        assert checked is not None
-        return _ZstdEncoder(checked)
+    def _encoder(self, level: int) -> Encoder:
+        return _ZstdEncoder(level)
 
     def new_decoder(self) -> Decoder:
         """Return the decompressing end of a new channel's stream.
