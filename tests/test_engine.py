@@ -116,6 +116,30 @@ async def test_known_zero_target_skips_zero_pages_never_written() -> None:
     assert received.zero_pages == 17
 
 
+async def test_known_zero_target_zeroes_only_the_written_stretch_of_a_zero_run() -> None:
+    data = bytearray(8 * PAGE)
+    data[2 * PAGE : 6 * PAGE] = random_pages(4, seed=7)
+    source = m.RAMBlock("mem", data)
+    target_buffer = bytearray(len(data))
+    target = m.RAMBlock("mem", target_buffer, zeroed=True)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(source, range(0, len(data), PAGE))
+        await sender.sync()
+        data[:] = bytes(len(data))
+        # One packet, one run of eight zero pages: pages 2-5 were written, the rest not.
+        await sender.queue_pages(source, range(0, len(data), PAGE))
+
+    for page in (0, 1, 6, 7):
+        target_buffer[page * PAGE] = 0x77
+    with trio.fail_after(20):
+        _, received, _ = await transfer([source], [target], body)
+    assert target_buffer[2 * PAGE : 6 * PAGE] == bytes(4 * PAGE)
+    for page in (0, 1, 6, 7):
+        assert target_buffer[page * PAGE] == 0x77, page
+    assert received.zero_pages == 4 + 8
+
+
 def make_packet(name: str, pages: dict[int, bytes], *, flags: int = 0, num: int = 0) -> bytes:
     offsets = tuple(pages)
     header = m.PacketHeader(

@@ -10,6 +10,7 @@ which re-check their own condition.
 
 from __future__ import annotations
 
+import re
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from ._errors import (
 )
 from ._methods import Decoder, Method, get_method, method_for_flag
 from ._methods._base import scatter
-from ._pages import ZEROS, page_runs
+from ._pages import ZEROS
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
 from ._transport import Transport, open_transport, root_cause
@@ -52,6 +53,12 @@ from ._wire import (
 )
 
 __all__ = ["Receiver", "open_receiver"]
+
+# Zero pages are written from a view: slicing the bytes would copy them each time.
+_ZERO_VIEW = memoryview(ZEROS)
+# The known-zero bitmap: one byte per page, 1 once the page was written.
+_WRITTEN_PAGE = b"\x01"
+_WRITTEN_PAGES = re.compile(b"\x01+")
 
 # Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
 _FINAL_ROUND = int(Flag.FINAL_ROUND)
@@ -305,7 +312,6 @@ class Receiver:
 
     async def _run_channel(self, transport: Transport, channel: int) -> None:
         decoder: Decoder | None = None
-        clean = False
         try:
             if self._method.compresses:
                 decoder = self._method.new_decoder()
@@ -319,7 +325,6 @@ class Receiver:
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
             await transport.aclose()
-            clean = True
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
             await self._supervisor.channel_failed(exc, channel)
@@ -327,8 +332,8 @@ class Receiver:
         finally:
             if decoder is not None:
                 decoder.close()
-            if not clean:
-                await transport.reset()
+            # A no-op once the stream was closed cleanly.
+            await transport.reset()
 
     def _receive_loop(self, transport: Transport, channel: int, decoder: Decoder | None) -> None:
         size = header_size(self._page_count)
@@ -408,16 +413,16 @@ class Receiver:
         block, normal_runs, zero_runs = self._table.resolve(header, channel=channel)
         page_size = self.page_size
         view = block.view
-        normal = header.offsets[: header.normal_pages]
         stats = self.stats.channels[channel]
-        if normal:
-            expected = len(normal) * page_size
+        received = self._received.get(block.name)
+        if normal_runs:
+            expected = header.normal_pages * page_size
             payload = header.next_packet_size
             bound = expected if decoder is None else self._method.payload_bound(expected)
             if not (1 <= payload <= bound) or (decoder is None and payload != expected):
                 raise PayloadSizeError(
                     f"next_packet_size is {payload}, outside 1..{bound} for"
-                    f" {len(normal)} pages of method {self._method.name!r}",
+                    f" {header.normal_pages} pages of method {self._method.name!r}",
                     field="next_packet_size",
                     value=payload,
                     limit=bound,
@@ -443,19 +448,25 @@ class Receiver:
                 else:
                     decoder.decode_into(data, runs)
             stats.bytes += payload
-            self._open_pages[channel] += len(normal)
-            received = self._received.get(block.name)
+            self._open_pages[channel] += header.normal_pages
             if received is not None:
-                for offset in normal:
-                    received[offset // page_size] = 1
+                for start, length in normal_runs:
+                    received[start // page_size : (start + length) // page_size] = (
+                        _WRITTEN_PAGE * (length // page_size)
+                    )
         if zero_runs:
-            received = self._received.get(block.name)
             if received is not None:
-                # Known-zero target: skip pages never written, so they stay untouched.
-                zero = header.offsets[header.normal_pages :]
-                zero_runs = page_runs([o for o in zero if received[o // page_size]], page_size)
+                # Known-zero target: only the stretches of pages written before get zeros;
+                # pages never written stay untouched.
+                zero_runs = [
+                    (found.start() * page_size, (found.end() - found.start()) * page_size)
+                    for start, length in zero_runs
+                    for found in _WRITTEN_PAGES.finditer(
+                        received, start // page_size, (start + length) // page_size
+                    )
+                ]
             for start, length in zero_runs:
-                view[start : start + length] = ZEROS[:length]
+                view[start : start + length] = _ZERO_VIEW[:length]
             self._open_pages[channel] += header.zero_pages
         stats.normal_pages += header.normal_pages
         stats.zero_pages += header.zero_pages
