@@ -65,19 +65,19 @@ def _list_of(
     return parse
 
 
-def _channels_arg(text: str) -> int:
-    value = int(text)
+def _channel_count(value: int) -> int:
     if not 1 <= value <= 255:
         raise argparse.ArgumentTypeError(f"channels must be 1..255, got {value}")
     return value
 
 
+def _channels_arg(text: str) -> int:
+    return _channel_count(int(text))
+
+
 def _channel_list(text: str) -> list[int]:
     values: list[int] = _list_of(int)(text)
-    for value in values:
-        if not 1 <= value <= 255:
-            raise argparse.ArgumentTypeError(f"channels must be 1..255, got {value}")
-    return values
+    return [_channel_count(value) for value in values]
 
 
 def _parser() -> argparse.ArgumentParser:
