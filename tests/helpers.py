@@ -1,4 +1,4 @@
-"""Shared test helpers: streams that record or break, and page data."""
+"""Shared test helpers: streams that record or break, page data, and running both ends."""
 
 from __future__ import annotations
 
@@ -93,3 +93,23 @@ def block_pair(name: str, pages: int, seed: int = 0) -> tuple[m.RAMBlock, m.RAMB
 
 def urandom_page() -> bytes:
     return os.urandom(PAGE)
+
+
+async def run_both_ends(
+    send: Callable[[], Awaitable[None]], receive: Callable[[], Awaitable[None]]
+) -> tuple[m.MultiFDError | None, m.MultiFDError | None]:
+    """Run ``receive`` in the background and ``send`` beside it; return the
+    :class:`MultiFDError` each raised (sender's first; ``None``: it returned). Any other
+    exception fails the test."""
+    errors: dict[str, m.MultiFDError] = {}
+
+    async def end(name: str, run: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await run()
+        except m.MultiFDError as exc:
+            errors[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(end, "receiver", receive)
+        await end("sender", send)
+    return errors.get("sender"), errors.get("receiver")

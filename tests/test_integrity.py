@@ -10,7 +10,7 @@ import trio
 
 import trio_multifd as m
 
-from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern
+from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern, run_both_ends
 from .transfer import transfer
 
 
@@ -78,30 +78,22 @@ async def _transfer_with_flip(
 ) -> tuple[BaseException | None, BaseException | None, m.RAMBlock, m.RAMBlock]:
     src, dst = block_pair("mem", 128, seed=4)
     connect, ends = memory_channels(1, wrap=lambda i, s: FlippingStream(s, at))
-    sender_error: BaseException | None = None
-    receiver_error: BaseException | None = None
 
     async def receive() -> None:
-        nonlocal receiver_error
-        try:
-            async with m.open_receiver(
-                [dst], channels=1, integrity=True, compression=compression
-            ) as receiver:
-                await receiver.add_channel(ends[0])
-                await receiver.wait_closed()
-        except m.MultiFDError as exc:
-            receiver_error = exc
+        async with m.open_receiver(
+            [dst], channels=1, integrity=True, compression=compression
+        ) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.wait_closed()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receive)
-        try:
-            async with m.open_sender(
-                connect, channels=1, integrity=True, compression=compression
-            ) as sender:
-                await sender.queue_pages(src, range(0, src.size, PAGE))
-                await sender.sync()
-        except m.MultiFDError as exc:
-            sender_error = exc
+    async def send() -> None:
+        async with m.open_sender(
+            connect, channels=1, integrity=True, compression=compression
+        ) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+            await sender.sync()
+
+    sender_error, receiver_error = await run_both_ends(send, receive)
     return sender_error, receiver_error, src, dst
 
 

@@ -150,6 +150,20 @@ async def migrate(
     return report, outcome[0]
 
 
+async def migrate_while_writing(
+    writer: Writer, target: m.RAMBlock, tracker: DirtyTracker, **options: Any
+) -> tuple[PrecopyReport, Outcome]:
+    """migrate() the writer's block to ``target`` while the writer runs, within 30 s.
+
+    The writer runs until it is stopped: ``on_stop`` (among ``options``) must stop it.
+    """
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            result = await migrate(writer.block, target, tracker, **options)
+    return result
+
+
 def check_completed(report: PrecopyReport, outcome: Outcome) -> PrecopyRound:
     assert report.completed
     assert isinstance(outcome, PrecopyRound), outcome
@@ -172,17 +186,9 @@ async def test_marks_a_writer_mutating_64_mib_converges_and_the_target_is_identi
     tracker = DirtyTracker([source])
     writer = Writer(source, tracker, seed=2, zero_every=9)
     seen: list[PrecopyRound] = []
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source,
-                target,
-                tracker,
-                on_stop=writer.stop,
-                downtime_limit=GENEROUS,
-                on_round=seen.append,
-            )
+    report, outcome = await migrate_while_writing(
+        writer, target, tracker, on_stop=writer.stop, downtime_limit=GENEROUS, on_round=seen.append
+    )
     final = check_completed(report, outcome)
     assert report.converged
     assert list(report.rounds) == seen
@@ -199,12 +205,9 @@ async def test_hash_detection_finds_writes_nobody_marks() -> None:
     source, target, source_bytes, target_bytes = blocks(BIG, seed=3)
     tracker = DirtyTracker([source], detect="hash")
     writer = Writer(source, None, seed=4)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source, target, tracker, on_stop=writer.stop, downtime_limit=GENEROUS
-            )
+    report, outcome = await migrate_while_writing(
+        writer, target, tracker, on_stop=writer.stop, downtime_limit=GENEROUS
+    )
     check_completed(report, outcome)
     assert report.converged
     assert len(report.rounds) >= 2
@@ -225,19 +228,16 @@ async def test_a_lagging_receiving_application_learns_the_right_final_round() ->
         # has sent every round, the final one and its closing round, and has closed.
         await sender_closed.wait()
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source,
-                target,
-                tracker,
-                on_stop=writer.stop,
-                downtime_limit=0.001,
-                max_rounds=5,
-                receive_on_round=slow,
-                sender_closed=sender_closed,
-            )
+    report, outcome = await migrate_while_writing(
+        writer,
+        target,
+        tracker,
+        on_stop=writer.stop,
+        downtime_limit=0.001,
+        max_rounds=5,
+        receive_on_round=slow,
+        sender_closed=sender_closed,
+    )
     final = check_completed(report, outcome)
     assert len(report.rounds) >= 2
     assert [r.number for r in received] == [r.number for r in report.rounds]
@@ -256,18 +256,15 @@ async def test_a_moderately_lagging_receiving_application() -> None:
         received.append(info.number)
         await trio.sleep(0.02)
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source,
-                target,
-                tracker,
-                on_stop=writer.stop,
-                downtime_limit=0.0005,
-                max_rounds=6,
-                receive_on_round=slow,
-            )
+    report, outcome = await migrate_while_writing(
+        writer,
+        target,
+        tracker,
+        on_stop=writer.stop,
+        downtime_limit=0.0005,
+        max_rounds=6,
+        receive_on_round=slow,
+    )
     final = check_completed(report, outcome)
     assert received == list(range(1, final.number + 1))
     assert target_bytes == source_bytes
@@ -277,12 +274,9 @@ async def test_a_writer_faster_than_the_link_is_stopped_anyway_with_force_stop()
     source, target, source_bytes, target_bytes = blocks(SMALL, seed=7)
     tracker = DirtyTracker([source])
     writer = FloodWriter(source, tracker, seed=8)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source, target, tracker, on_stop=writer.stop, downtime_limit=1e-6, max_rounds=4
-            )
+    report, outcome = await migrate_while_writing(
+        writer, target, tracker, on_stop=writer.stop, downtime_limit=1e-6, max_rounds=4
+    )
     check_completed(report, outcome)
     assert not report.converged
     assert len(report.rounds) == 4
@@ -303,6 +297,7 @@ async def test_a_writer_faster_than_the_link_makes_precopy_give_up_without_force
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run)
+            # precopy gives up before on_stop: the writer outlives the migration.
             report, outcome = await migrate(
                 source,
                 target,
@@ -341,12 +336,9 @@ async def test_a_write_between_the_stop_decision_and_on_stop_returning_is_sent(
         if detect == "marks":
             tracker.mark(source, late, 5)
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            report, outcome = await migrate(
-                source, target, tracker, on_stop=on_stop, downtime_limit=0.3
-            )
+    report, outcome = await migrate_while_writing(
+        writer, target, tracker, on_stop=on_stop, downtime_limit=0.3
+    )
     check_completed(report, outcome)
     assert report.rounds[-1].pages >= 1
     assert target_bytes[late : late + 5] == b"late!"

@@ -12,7 +12,7 @@ import trustme
 
 import trio_multifd as m
 
-from .helpers import PAGE, block_pair, pattern
+from .helpers import PAGE, block_pair, pattern, run_both_ends
 
 
 @pytest.fixture(scope="module")
@@ -63,30 +63,22 @@ async def run(
 ) -> tuple[BaseException | None, BaseException | None, m.RAMBlock, m.RAMBlock]:
     src, dst = block_pair("mem", 200, seed=2)
     target = m.RAMBlock(receiver_block, dst.view)
-    sender_error: BaseException | None = None
-    receiver_error: BaseException | None = None
     async with tls_listener(ca, hostname=hostname, trusted=trusted) as (listeners, connect):
 
         async def receive() -> None:
-            nonlocal receiver_error
-            try:
-                async with m.open_receiver([target], channels=2, handshake_timeout=5) as r:
-                    # add_channel: a failed TLS handshake fails the transfer (serve would
-                    # log it and keep accepting).
-                    for _ in range(2):
-                        await r.add_channel(await listeners[0].accept())
-                    await r.wait_closed()
-            except m.MultiFDError as exc:
-                receiver_error = exc
+            async with m.open_receiver([target], channels=2, handshake_timeout=5) as r:
+                # add_channel: a failed TLS handshake fails the transfer (serve would
+                # log it and keep accepting).
+                for _ in range(2):
+                    await r.add_channel(await listeners[0].accept())
+                await r.wait_closed()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
-            try:
-                async with m.open_sender(connect, channels=2, send_timeout=5) as sender:
-                    await sender.queue_pages(src, range(0, src.size, PAGE))
-                    await sender.sync()
-            except m.MultiFDError as exc:
-                sender_error = exc
+        async def send() -> None:
+            async with m.open_sender(connect, channels=2, send_timeout=5) as sender:
+                await sender.queue_pages(src, range(0, src.size, PAGE))
+                await sender.sync()
+
+        sender_error, receiver_error = await run_both_ends(send, receive)
     return sender_error, receiver_error, src, dst
 
 
