@@ -1,21 +1,24 @@
 """The receiving end: :func:`open_receiver`, :class:`Receiver` and its channel tasks.
 
 QEMU's receive threads post ``sem_sync`` at each SYNC packet and wait on their own
-semaphore until the main thread has seen every channel arrive. Here the channel tasks
-wait for each other directly: a round completes when every channel has reached its SYNC,
-so no page of round n+1 is written before every channel has finished round n. Every
-state change (a round completed, a channel ended) wakes the waiters of one parking lot,
-which re-check their own condition.
+semaphore until the main thread has seen every channel arrive. Here worker threads read
+the packets, each for a crew of channels that join it as they connect (see
+``_threads``); a channel that reaches its SYNC is parked, not read, until every channel
+has reached it, so no page of round n+1 is written before every channel has finished
+round n. Every state change (a round completed, a channel ended) wakes the waiters of
+one parking lot (tasks) and one condition (threads), which re-check their own condition.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
+import attrs
 import trio
 
 from ._block import BlockTable, RAMBlock
@@ -36,9 +39,10 @@ from ._errors import (
 from ._methods import Decoder, Method, get_method, method_for_flag
 from ._methods._base import scatter
 from ._pages import ZEROS
-from ._stats import TransferStats
+from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
-from ._transport import Transport, open_transport, root_cause
+from ._threads import io_thread_count, thread_slot
+from ._transport import CANCEL_CHECK, ReadySet, Transport, open_transport, root_cause
 from ._wire import (
     HANDSHAKE_SIZE,
     Feature,
@@ -66,6 +70,35 @@ _END_OF_STREAM = int(Flag.END_OF_STREAM)
 _CHECKSUMS = int(Flag.CHECKSUMS)
 
 
+@attrs.define(eq=False)
+class _Link:
+    """A channel past its handshake, as its worker thread uses it."""
+
+    channel: int
+    transport: Transport
+    decoder: Decoder | None
+    stats: ChannelStats
+    header: memoryview
+    # The bounded buffer that compressed or checksummed payloads are read into.
+    payload: memoryview | None
+    # The round this channel waits for at its SYNC (0: it reads packets).
+    parked: int = 0
+    ended: bool = False
+
+
+@attrs.define(eq=False)
+class _Crew:
+    """The channels one worker thread serves, in and to come. The first channel to join
+    runs the thread, until every channel of the crew has ended."""
+
+    # Channels that have not ended yet, joined or to come.
+    expected: set[int]
+    # Joined, not yet taken in by the thread.
+    joining: list[_Link] = attrs.Factory(list)
+    running: bool = False
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
 @final
 class Receiver:
     """The receiving end of a transfer; made by :func:`open_receiver`.
@@ -87,6 +120,7 @@ class Receiver:
         handshake_timeout: float | None,
         receive_timeout: float | None,
         integrity: bool,
+        io_threads: int | None,
     ) -> None:
         blocks = list(blocks)
         if not isinstance(channels, int) or not 1 <= channels <= 255:
@@ -119,7 +153,15 @@ class Receiver:
         self._final_marks: dict[int, int] = {}
         # A known-zero block gets a zero page written only over a page written before.
         self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
-        # One worker thread per channel for the transfer's life.
+        # Worker threads read the packets, each for a crew of channels; they wait on
+        # this condition for a round to complete or a channel to join.
+        self._io_threads = io_thread_count(io_threads, channels)
+        self._crews = {
+            slot: _Crew({c for c in range(channels) if c % self._io_threads == slot})
+            for slot in range(self._io_threads)
+        }
+        self._progress = threading.Condition()
+        self._closed_cleanly = 0
         self._threads = trio.CapacityLimiter(channels)
 
     @property
@@ -315,16 +357,22 @@ class Receiver:
         try:
             if self._method.compresses:
                 decoder = self._method.new_decoder()
-            # The packet loop runs in a worker thread: socket I/O and decompression
-            # release the GIL, so channels receive on several cores at once. It comes
-            # back to Trio only at SYNC barriers and at the end of the stream.
-            await trio.to_thread.run_sync(
-                self._receive_loop, transport, channel, decoder, limiter=self._threads
-            )
+            crew, first = self._join(self._new_link(transport, channel, decoder))
+            if first:
+                # The packet loop runs in a worker thread: socket I/O and decompression
+                # release the GIL. It comes back to Trio only at SYNC packets and at
+                # the end of a stream, and ends once every channel of its crew has.
+                await trio.to_thread.run_sync(self._worker, crew, limiter=self._threads)
+                crew.done.set()
+            else:
+                # The crew's first channel runs the thread; its failure cancels this task.
+                await crew.done.wait()
             # The stream ended cleanly after its last SYNC; once every channel has, the
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
             await transport.aclose()
+            self._closed_cleanly += 1
+            self._notify()
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
             await self._supervisor.channel_failed(exc, channel)
@@ -335,41 +383,116 @@ class Receiver:
             # A no-op once the stream was closed cleanly.
             await transport.reset()
 
-    def _receive_loop(self, transport: Transport, channel: int, decoder: Decoder | None) -> None:
-        size = header_size(self._page_count)
-        buffer = memoryview(bytearray(size))
-        payload_buffer: memoryview | None = None
+    def _new_link(self, transport: Transport, channel: int, decoder: Decoder | None) -> _Link:
+        payload: memoryview | None = None
         if decoder is not None or self._integrity:
             # One bounded buffer per channel: payloads are checked (checksum) or
             # decoded from here, never larger than a full packet's bound.
             bound = self._method.payload_bound(self._page_count * self.page_size)
-            payload_buffer = memoryview(bytearray(bound))
-        stats = self.stats.channels[channel]
+            payload = memoryview(bytearray(bound))
+        return _Link(
+            channel,
+            transport,
+            decoder,
+            self.stats.channels[channel],
+            memoryview(bytearray(header_size(self._page_count))),
+            payload,
+        )
+
+    def _join(self, link: _Link) -> tuple[_Crew, bool]:
+        """Add ``link`` to the crew of its worker thread; ``True`` when the calling task
+        must run that thread."""
+        channel = link.channel
+        slot = thread_slot(channel, link.transport, self._io_threads)
+        with self._progress:
+            if slot is None:
+                crew = _Crew({channel})
+                self._crews[channel % self._io_threads].expected.discard(channel)
+            else:
+                crew = self._crews[slot]
+            crew.joining.append(link)
+            first, crew.running = not crew.running, True
+            self._progress.notify_all()
+        return crew, first
+
+    def _worker(self, crew: _Crew) -> None:
+        """A worker thread's packet loop: the packets of its crew's channels, as they
+        arrive, until every channel of the crew has ended."""
+        links: list[_Link] = []
+        reading: ReadySet[_Link] = ReadySet()
+        progress = self._progress
         while True:
-            if not transport.receive_or_eof_sync(buffer, "a packet header"):
+            if crew.joining or len(links) > len(reading) or not reading:
+                with progress:
+                    for link in crew.joining:
+                        links.append(link)
+                        reading.add(link.transport, link)
+                    crew.joining.clear()
+                    for link in links:
+                        if link.parked and self._completed >= link.parked:
+                            link.parked = 0
+                            reading.add(link.transport, link)
+                    if not crew.expected:
+                        crew.running = False
+                        return
+                    if not reading:
+                        # Every channel waits at SYNC for the others, or has not joined.
+                        progress.wait(CANCEL_CHECK)
+                if not reading:
+                    trio.from_thread.check_cancelled()
+                    continue
+            ready = reading.wait()
+            if not ready:
+                trio.from_thread.check_cancelled()
+            for link in ready:
+                try:
+                    self._receive_packet(link)
+                except MultiFDError as exc:
+                    if exc.channel is None:
+                        exc.channel = link.channel
+                    raise
+                reading.spinner.moved = True
+                if link.parked or link.ended:
+                    reading.remove(link.transport, link)
+                if link.ended:
+                    links.remove(link)
+                    with progress:
+                        crew.expected.discard(link.channel)
+
+    def _receive_packet(self, link: _Link) -> None:
+        """Read and apply one packet of ``link``'s channel (its first byte is there or
+        the stream ended); at a SYNC, park the channel until the round completes."""
+        channel, transport, buffer = link.channel, link.transport, link.header
+        if not transport.receive_or_eof_sync(buffer, "a packet header"):
+            trio.from_thread.run_sync(self._end_channel, channel)
+            link.ended = True
+            return
+        if self._integrity:
+            _check_header_checksum(buffer)
+        header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
+        stats = link.stats
+        stats.packets += 1
+        stats.bytes += len(buffer)
+        try:
+            self._check_checksum_flag(header)
+            if header.carries_pages:
+                self._receive_pages(transport, channel, header, link.decoder, link.payload)
+        except ProtocolError as exc:
+            exc.channel = channel
+            if exc.packet_num is None:
+                exc.packet_num = header.packet_num
+            raise
+        if header.is_sync:
+            stats.syncs += 1
+            final_round = bool(header.flags & _FINAL_ROUND)
+            number = trio.from_thread.run_sync(self._arrive, channel, final_round)
+            if self._completed < number:
+                # Not read again before the round completes: no page of the next round
+                # is written before every channel has finished this one.
+                link.parked = number
+            if header.flags & _END_OF_STREAM:
                 trio.from_thread.run_sync(self._end_channel, channel)
-                return
-            if self._integrity:
-                _check_header_checksum(buffer)
-            header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
-            stats.packets += 1
-            stats.bytes += size
-            try:
-                self._check_checksum_flag(header)
-                if header.carries_pages:
-                    self._receive_pages(transport, channel, header, decoder, payload_buffer)
-            except ProtocolError as exc:
-                exc.channel = channel
-                if exc.packet_num is None:
-                    exc.packet_num = header.packet_num
-                raise
-            if header.is_sync:
-                stats.syncs += 1
-                final_round = bool(header.flags & _FINAL_ROUND)
-                trio.from_thread.run(self._arrive, channel, final_round)
-                if header.flags & _END_OF_STREAM:
-                    trio.from_thread.run_sync(self._end_channel, channel)
-                    return
+                link.ended = True
 
     def _check_checksum_flag(self, header: PacketHeader) -> None:
         flagged = bool(header.flags & _CHECKSUMS)
@@ -472,7 +595,9 @@ class Receiver:
         stats.zero_pages += header.zero_pages
         stats.page_bytes += (header.normal_pages + header.zero_pages) * page_size
 
-    async def _arrive(self, channel: int, final_round: bool = False) -> None:
+    def _arrive(self, channel: int, final_round: bool) -> int:
+        """Record ``channel``'s SYNC and return its round's number; the round is complete
+        once :attr:`rounds_completed` reaches it."""
         number = self._syncs[channel] + 1
         self._syncs[channel] = number
         self._open_pages[channel] = 0
@@ -487,12 +612,13 @@ class Receiver:
         if arrived == self.channels:
             if self._final_marks.pop(number, 0) == self.channels:
                 self._final_round = number
-            self._completed = number
+            with self._progress:
+                self._completed = number
+                self._progress.notify_all()
             self.stats.rounds = number
             logger.debug("receiver: round %d complete", number)
             self._notify()
-            return
-        await self._wait_until(lambda: self._completed >= number)
+        return number
 
     def _end_channel(self, channel: int) -> None:
         last = self._syncs[channel]
@@ -546,6 +672,7 @@ async def open_receiver(
     handshake_timeout: float | None = 10.0,
     receive_timeout: float | None = None,
     integrity: bool = False,
+    io_threads: int | None = None,
 ) -> AsyncIterator[Receiver]:
     """Open the receiving end of a transfer into ``blocks``.
 
@@ -569,6 +696,9 @@ async def open_receiver(
             must match, else :class:`FeatureError` at the handshake). Headers are checked
             before anything else and payloads before any byte of them is written; a
             mismatch is an :class:`IntegrityError` and its round never completes.
+        io_threads: How many worker threads read the packets of the channels over
+            sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
+            thread each); ``None`` for half the cores, at least one.
 
     Raises:
         ValueError: A bad argument (no blocks, read-only or mixed page sizes, method).
@@ -582,12 +712,18 @@ async def open_receiver(
         handshake_timeout=handshake_timeout,
         receive_timeout=receive_timeout,
         integrity=integrity,
+        io_threads=io_threads,
     )
 
     async def start(nursery: trio.Nursery) -> None:
         pass
 
     async def finish() -> None:
+        if receiver._all_ended():
+            # A complete transfer: the channel tasks close their streams cleanly (the
+            # sender's confirmation) as soon as their threads return, which is at once.
+            with trio.move_on_after(5):
+                await receiver._wait_until(lambda: receiver._closed_cleanly == receiver.channels)
         # Leaving never waits for peers: cancelling the channel tasks closes them all.
         receiver._supervisor.nursery.cancel_scope.cancel()
 

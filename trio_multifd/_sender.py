@@ -3,18 +3,19 @@
 QEMU's sender hands full page batches to idle channel threads through semaphores
 (``channels_ready``, ``sem``, ``pending_job``) and waits on ``sem_sync`` for SYNC. Here:
 
-- each channel task hands its packet loop to a worker thread of its own (sendmsg,
-  zlib and zstd release the GIL, so channels move and compress on several cores);
+- worker threads move the packets (sendmsg, zlib and zstd release the GIL, so channels
+  move and compress on several cores), each for a crew of channels (see ``_threads``),
+  giving packets to its channels in turn;
 - queued pages reach the threads as batches of offsets (a ``range`` stays a ``range``)
-  in one thread-safe job queue; whichever channel thread is idle first carves the next
-  packet off the batch at its head (the ``channels_ready`` scan), so queueing a whole
-  block costs the Trio side one call and no trip through Trio per packet;
+  in one thread-safe job queue; whichever thread is idle first carves the next packet
+  off the batch at its head (the ``channels_ready`` scan), so queueing a whole block
+  costs the Trio side one call and no trip through Trio per packet;
 - queueing waits while more than a few packets' worth of pages wait for a channel
   (backpressure); the Trio side waits on a ``trio.Event`` that a channel thread sets
   through the Trio token only when someone waits;
-- a SYNC round is ``channels`` tokens in the same job queue; a channel that took one
-  writes its SYNC packet and waits for the round before taking another job, so every
-  channel takes exactly one;
+- a SYNC round is one job of ``channels`` tokens in the same job queue; a thread takes
+  one per channel of its crew, writes a SYNC packet on each and waits for the round
+  before taking another job, so every channel takes exactly one;
 - a :class:`~trio_multifd._supervisor.Supervisor` for teardown.
 """
 
@@ -39,7 +40,8 @@ from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
-from ._transport import CANCEL_CHECK, Transport, open_transport
+from ._threads import io_thread_count, thread_slot
+from ._transport import CANCEL_CHECK, SocketTransport, Transport, open_transport
 from ._wire import (
     Feature,
     Flag,
@@ -69,11 +71,38 @@ class _SyncRound:
     final: bool
     remaining: int
     final_round: bool
+    # Channels that have not yet taken the round (each takes it exactly once).
+    untaken: int
     # Set by the channel thread that writes the round's last SYNC packet: the threading
     # event releases the other channel threads, the Trio event the application.
     written: trio.Event = attrs.Factory(trio.Event)
     all_written: threading.Event = attrs.Factory(threading.Event)
     lock: threading.Lock = attrs.Factory(threading.Lock)
+
+
+@attrs.define(eq=False)
+class _Link:
+    """A connected channel, as its worker thread uses it."""
+
+    channel: int
+    transport: Transport
+    encoder: Encoder | None
+
+
+@attrs.define(eq=False)
+class _Crew:
+    """The channels one worker thread serves; the first one's task runs the thread."""
+
+    links: list[_Link] = attrs.Factory(list)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+    def watch(self) -> None:
+        """Make each channel's waits notice the failure of the others."""
+        sockets = [
+            link.transport for link in self.links if isinstance(link.transport, SocketTransport)
+        ]
+        for transport in sockets:
+            transport.watch_peers(sockets)
 
 
 @final
@@ -114,9 +143,10 @@ class _JobQueue:
                 self._waiter = waiter = trio.Event()
             await waiter.wait()
 
-    def take(self, timeout: float) -> PageBatch | _SyncRound | None:
-        """Take the next packet's pages or a SYNC token, waiting up to ``timeout``
-        seconds for one (a channel thread)."""
+    def take(self, timeout: float, channels: int) -> PageBatch | _SyncRound | None:
+        """Take the next packet's pages or, for a thread that serves ``channels``
+        channels, that many of a SYNC round's tokens, waiting up to ``timeout`` seconds
+        for a job (a worker thread)."""
         waiter = None
         with self._lock:
             if not self._jobs:
@@ -125,7 +155,9 @@ class _JobQueue:
                     return None
             head = self._jobs[0]
             if isinstance(head, _SyncRound):
-                self._jobs.popleft()
+                head.untaken -= channels
+                if not head.untaken:
+                    self._jobs.popleft()
                 job: PageBatch | _SyncRound = head
             else:
                 start = self._taken
@@ -168,6 +200,7 @@ class Sender:
         zero_page_detection: str,
         send_timeout: float | None,
         integrity: bool,
+        io_threads: int | None,
     ) -> None:
         if not isinstance(channels, int) or not 1 <= channels <= 255:
             raise ValueError(f"channels must be 1..255, got {channels!r}")
@@ -206,8 +239,9 @@ class Sender:
         self._connected = 0
         self._all_connected = trio.Event()
         self._closing = False
-        # One worker thread per channel moves (and compresses) its packets: sendmsg,
-        # zlib and zstd release the GIL, so N channels use up to N cores.
+        # Worker threads move (and compress) the packets, each for a crew of channels.
+        self._io_threads = io_thread_count(io_threads, channels)
+        self._crews: dict[int, _Crew] = {}
         self._threads = trio.CapacityLimiter(channels)
 
     # -- the application's side -------------------------------------------------------------
@@ -332,9 +366,8 @@ class Sender:
     async def _sync(self, *, final: bool, final_round: bool = False) -> int:
         self._flush()
         self._rounds += 1
-        sync_round = _SyncRound(self._rounds, final, self.channels, final_round)
-        for _ in range(self.channels):
-            self._jobs.put(sync_round)
+        sync_round = _SyncRound(self._rounds, final, self.channels, final_round, self.channels)
+        self._jobs.put(sync_round)
         await sync_round.written.wait()
         self.stats.rounds = sync_round.number
         logger.debug("sender: round %d written on every channel", sync_round.number)
@@ -371,12 +404,15 @@ class Sender:
             if self._method.compresses:
                 encoder = self._method.new_encoder(self._level)
             logger.info("sender: channel %d connected", channel)
-            self._connected += 1
-            if self._connected == self.channels:
-                self._all_connected.set()
-            await trio.to_thread.run_sync(
-                self._channel_thread, channel, transport, encoder, limiter=self._threads
-            )
+            crew = self._join(_Link(channel, transport, encoder))
+            await self._all_connected.wait()
+            if crew.links[0].channel == channel:
+                crew.watch()
+                await trio.to_thread.run_sync(self._worker, crew.links, limiter=self._threads)
+                crew.done.set()
+            else:
+                # The crew's first channel runs the thread; its failure cancels this task.
+                await crew.done.wait()
             await transport.finish(self._send_timeout)
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
@@ -388,6 +424,17 @@ class Sender:
                 encoder.close()
             if transport is not None:
                 await transport.reset()
+
+    def _join(self, link: _Link) -> _Crew:
+        slot = thread_slot(link.channel, link.transport, self._io_threads)
+        crew = _Crew() if slot is None else self._crews.setdefault(slot, _Crew())
+        crew.links.append(link)
+        self._connected += 1
+        if self._connected == self.channels:
+            for shared in self._crews.values():
+                shared.links.sort(key=lambda link: link.channel)
+            self._all_connected.set()
+        return crew
 
     def _header(
         self,
@@ -434,16 +481,19 @@ class Sender:
         checksum = payload_checksum(payload) if self._integrity else 0
         return normal, zero, payload, checksum
 
-    def _channel_thread(self, channel: int, transport: Transport, encoder: Encoder | None) -> None:
-        """A channel's packet loop, in its worker thread, until the final SYNC."""
+    def _worker(self, links: list[_Link]) -> None:
+        """The packet loop of a worker thread and its channels, until the final SYNC."""
+        # Packets go to the thread's channels in turn; a SYNC round to all of them.
+        turns = itertools.cycle(links)
         while True:
-            job = self._next_job(transport)
+            job = self._next_job(links)
             if isinstance(job, PageBatch):
-                self._send_batch(channel, transport, encoder, job)
+                self._send_batch(next(turns), job)
                 continue
-            self._send_sync(channel, transport, job)
+            for link in links:
+                self._send_sync(link, job)
             with job.lock:
-                job.remaining -= 1
+                job.remaining -= len(links)
                 last = not job.remaining
             if last:
                 job.all_written.set()
@@ -455,46 +505,45 @@ class Sender:
             if job.final:
                 return
 
-    def _next_job(self, transport: Transport) -> PageBatch | _SyncRound:
+    def _next_job(self, links: list[_Link]) -> PageBatch | _SyncRound:
         while True:
             trio.from_thread.check_cancelled()
-            job = self._jobs.take(CANCEL_CHECK)
+            job = self._jobs.take(CANCEL_CHECK, len(links))
             if job is not None:
                 return job
             # An idle channel still notices a receiver that failed, so the application
             # learns of it without sending anything.
-            transport.check_peer_sync()
+            for link in links:
+                link.transport.check_peer_sync()
 
-    def _send_batch(
-        self, channel: int, transport: Transport, encoder: Encoder | None, batch: PageBatch
-    ) -> None:
+    def _send_batch(self, link: _Link, batch: PageBatch) -> None:
         block = batch.block
         page_size = self.page_size
-        normal, zero, payload, checksum = self._prepare(block, batch.offsets, encoder)
+        normal, zero, payload, checksum = self._prepare(block, batch.offsets, link.encoder)
         normal_offsets = run_offsets(normal, page_size)
         zero_offsets = run_offsets(zero, page_size)
         size = sum(len(p) for p in payload)
         header = self._header(
             self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
         )
-        transport.send_parts_sync([header, *payload])
-        stats = self.stats.channels[channel]
+        link.transport.send_parts_sync([header, *payload])
+        stats = self.stats.channels[link.channel]
         stats.packets += 1
         stats.normal_pages += len(normal_offsets)
         stats.zero_pages += len(zero_offsets)
         stats.page_bytes += len(batch.offsets) * page_size
         stats.bytes += len(header) + size
 
-    def _send_sync(self, channel: int, transport: Transport, job: _SyncRound) -> None:
+    def _send_sync(self, link: _Link, job: _SyncRound) -> None:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
-        if job.final and not transport.can_half_close:
+        if job.final and not link.transport.can_half_close:
             # No half-close (TLS): the receiver learns the stream's end in band.
             flags |= Flag.END_OF_STREAM
         header = self._header(int(flags), b"", [], [], 0, self._empty_checksum)
-        transport.send_parts_sync([header])
-        stats = self.stats.channels[channel]
+        link.transport.send_parts_sync([header])
+        stats = self.stats.channels[link.channel]
         stats.packets += 1
         stats.syncs += 1
         stats.bytes += len(header)
@@ -512,6 +561,7 @@ async def open_sender(
     zero_page_detection: str = "multifd",
     send_timeout: float | None = 60.0,
     integrity: bool = False,
+    io_threads: int | None = None,
 ) -> AsyncIterator[Sender]:
     """Open the sending end of a transfer over ``channels`` parallel streams.
 
@@ -543,6 +593,9 @@ async def open_sender(
             opened with the same setting). Pages are copied once per packet so the
             checksum covers exactly what is sent. With ``False`` the stream is
             byte-identical to QEMU's.
+        io_threads: How many worker threads move the packets of the channels over
+            sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
+            thread each); ``None`` for half the cores, at least one.
 
     Raises:
         ValueError: A bad argument (channel count, method, level, page size).
@@ -558,6 +611,7 @@ async def open_sender(
         zero_page_detection=zero_page_detection,
         send_timeout=send_timeout,
         integrity=integrity,
+        io_threads=io_threads,
     )
     async with sender._supervisor.run(sender._start, sender._finish):
         yield sender

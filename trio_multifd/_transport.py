@@ -23,7 +23,7 @@ import socket as stdlib_socket
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar, final
 
 import trio
 
@@ -35,7 +35,9 @@ from ._errors import (
     TruncatedError,
 )
 
-__all__ = ["Transport", "open_transport"]
+__all__ = ["ReadySet", "SocketTransport", "Transport", "open_transport"]
+
+T = TypeVar("T")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -63,6 +65,34 @@ thread that waits for a slower peer (compression) does not burn the core the pee
 
 SPIN_BACKOFF = 8
 """Waits that skip the spin after a spin in vain."""
+
+
+@final
+class _Spinner:
+    """Spin before sleeping (:data:`SPIN`), but only right after bytes moved, and not
+    for the next :data:`SPIN_BACKOFF` waits after a spin in vain."""
+
+    __slots__ = ("_skip", "moved")
+
+    def __init__(self) -> None:
+        self.moved = False
+        self._skip = 0
+
+    def poll(self, poller: select.poll) -> list[tuple[int, int]]:
+        """Poll ``poller``: spinning first if bytes moved, then for up to
+        :data:`CANCEL_CHECK`; return its events (none when the wait timed out)."""
+        if self.moved:
+            self.moved = False
+            if self._skip:
+                self._skip -= 1
+            else:
+                deadline = time.monotonic() + SPIN
+                while time.monotonic() < deadline:
+                    events = poller.poll(0)
+                    if events:
+                        return events
+                self._skip = SPIN_BACKOFF
+        return poller.poll(_CANCEL_CHECK_MS)
 
 
 def _find_socket(stream: object) -> trio.socket.SocketType | None:
@@ -329,13 +359,14 @@ class SocketTransport(Transport):
         self.sync_sock: stdlib_socket.socket | None = stdlib_socket.socket(
             sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())
         )
+        self._fd = self.sync_sock.fileno()
         self._readable = select.poll()
-        self._readable.register(self.sync_sock, select.POLLIN)
+        self._readable.register(self._fd, select.POLLIN)
         self._writable = select.poll()
-        self._writable.register(self.sync_sock, select.POLLOUT)
-        # Whether bytes moved since the last wait: only then does a wait spin first.
-        self._moved = False
-        self._skip_spins = 0
+        self._writable.register(self._fd, select.POLLOUT)
+        # The sockets of other channels whose failure a wait to send must notice.
+        self._watched: dict[int, SocketTransport] = {}
+        self._spinner = _Spinner()
 
     def close_sync_side(self) -> None:
         if self.sync_sock is not None:
@@ -344,24 +375,36 @@ class SocketTransport(Transport):
 
     @property
     def _sock(self) -> stdlib_socket.socket:
-        assert self.sync_sock is not None
+        if self.sync_sock is None:
+            # Another channel of the same thread, closed by its task's teardown.
+            raise TransportError("the channel was closed", channel=self.channel)
         return self.sync_sock
+
+    def watch_peers(self, others: Sequence[SocketTransport]) -> None:
+        """Make waits to send also watch ``others`` (channels of the same sending
+        thread): a receiver never writes on a channel, so anything readable there is its
+        failure, raised as that channel's :class:`TransportError`. Without this a thread
+        waiting for room on one channel would not notice that the receiver reset another.
+        """
+        for other in others:
+            if other is not self:
+                self._watched[other._fd] = other
+                self._writable.register(other._fd, select.POLLIN)
+
+    def _ready(self, events: list[tuple[int, int]]) -> bool:
+        ready = False
+        for fd, _ in events:
+            if fd == self._fd:
+                ready = True
+            else:
+                self._watched[fd].check_peer_sync()
+        return ready
 
     def _wait(self, poller: select.poll, since: float, timeout: float | None, doing: str) -> None:
         """Wait until the socket is ready again; each :data:`CANCEL_CHECK` without it,
         check for cancellation and for the channel's own timeout, counted from the last
         progress (``since``; ``timeout`` ``None`` waits forever)."""
-        if self._moved:
-            self._moved = False
-            if self._skip_spins:
-                self._skip_spins -= 1
-            else:
-                deadline = time.monotonic() + SPIN
-                while time.monotonic() < deadline:
-                    if poller.poll(0):
-                        return
-                self._skip_spins = SPIN_BACKOFF
-        if poller.poll(_CANCEL_CHECK_MS):
+        if self._ready(self._spinner.poll(poller)):
             return
         trio.from_thread.check_cancelled()
         if timeout is None or time.monotonic() - since < timeout:
@@ -407,7 +450,7 @@ class SocketTransport(Transport):
                 raise self._broken(exc, "sending") from exc
             buffers = _advance(buffers, sent)
             progress = time.monotonic()
-            self._moved = True
+            self._spinner.moved = True
 
     def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
         buffers = list(views)
@@ -428,7 +471,7 @@ class SocketTransport(Transport):
             got += n
             buffers = _advance(buffers, n)
             progress = time.monotonic()
-            self._moved = True
+            self._spinner.moved = True
 
     def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
         recv_into = self._sock.recv_into
@@ -443,10 +486,53 @@ class SocketTransport(Transport):
                 raise self._broken(exc, f"receiving {what}") from exc
             if not n:
                 return False
-            self._moved = True
+            self._spinner.moved = True
             if n < len(view):
                 self.receive_into_sync([view[n:]], what)
             return True
+
+
+class ReadySet(Generic[T]):
+    """The channels of a receiving thread that wait for their next packet, and the wait
+    for any of them to have bytes to read.
+
+    Socket channels are polled together (spinning first after bytes moved, as a single
+    channel's waits do). A channel over another stream cannot be polled: it gets a
+    thread of its own, and :meth:`wait` returns it at once (its reads wait in Trio).
+    """
+
+    def __init__(self) -> None:
+        self._poller = select.poll()
+        self._sockets: dict[int, T] = {}
+        self._streams: list[T] = []
+        self.spinner = _Spinner()
+
+    def __len__(self) -> int:
+        return len(self._sockets) + len(self._streams)
+
+    def add(self, transport: Transport, item: T) -> None:
+        """Wait for ``transport`` too, returning ``item`` when it is readable."""
+        if isinstance(transport, SocketTransport):
+            self._poller.register(transport._fd, select.POLLIN)
+            self._sockets[transport._fd] = item
+        else:
+            self._streams.append(item)
+
+    def remove(self, transport: Transport, item: T) -> None:
+        """Stop waiting for ``transport``."""
+        if isinstance(transport, SocketTransport):
+            self._poller.unregister(transport._fd)
+            del self._sockets[transport._fd]
+        else:
+            self._streams.remove(item)
+
+    def wait(self) -> list[T]:
+        """The items whose channels are readable (an error or an end of stream counts):
+        none after :data:`CANCEL_CHECK` without any."""
+        if self._streams:
+            return list(self._streams)
+        sockets = self._sockets
+        return [sockets[fd] for fd, _ in self.spinner.poll(self._poller)]
 
 
 def open_transport(

@@ -1,0 +1,162 @@
+"""Worker threads shared by channels (``io_threads``): every page lands whatever the
+split, channels join a running thread, and a failure names its own channel."""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+import pytest
+import trio
+
+import trio_multifd as m
+
+from .helpers import PAGE, block_pair, run_both_ends, shuffled
+from .proxy import TamperStream, TcpLink, damaged_pages, run_faulty_transfer
+from .transfer import transfer
+
+
+@pytest.mark.parametrize("io_threads", [0, 256, 1.5, "2"])
+async def test_io_threads_outside_1_to_255_is_a_value_error_at_open(io_threads: Any) -> None:
+    _, dst = block_pair("mem", 1)
+
+    async def never(channel: int) -> trio.abc.Stream:
+        raise AssertionError("must not connect")
+
+    with pytest.raises(ValueError, match="io_threads"):
+        async with m.open_sender(never, io_threads=io_threads):
+            pass
+    with pytest.raises(ValueError, match="io_threads"):
+        async with m.open_receiver([dst], io_threads=io_threads):
+            pass
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize(("sender_threads", "receiver_threads"), [(1, 1), (1, 5), (5, 1), (2, 3)])
+async def test_every_page_lands_however_channels_share_threads(
+    sender_threads: int, receiver_threads: int, compression: str
+) -> None:
+    src, dst = block_pair("mem", 900, seed=7)
+    rng = random.Random(3)
+
+    async def body(sender: m.Sender) -> None:
+        for round_number in range(1, 4):
+            pages = rng.sample(range(900), 300)
+            for page in pages:
+                src.view[page * PAGE : page * PAGE + 8] = round_number.to_bytes(8, "big")
+            await sender.queue_pages(src, shuffled([p * PAGE for p in pages], round_number))
+            assert await sender.sync() == round_number
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(30):
+        sent, received, rounds = await transfer(
+            [src],
+            [dst],
+            body,
+            channels=5,
+            compression=compression,
+            sender_options={"io_threads": sender_threads},
+            receiver_options={"io_threads": receiver_threads},
+        )
+    assert dst.view == src.view
+    assert rounds == [1, 2, 3, 4]
+    assert sent.pages == received.pages == 3 * 300 + 900
+    assert all(channel.syncs == 4 for channel in received.channels)
+
+
+async def test_a_channel_that_joins_a_running_thread_late_is_served() -> None:
+    # One receiving thread for both channels: it starts with the first, reads it up to
+    # its SYNC, and must take in the second when it comes.
+    src, dst = block_pair("mem", 512, seed=8)
+
+    async def send(link: TcpLink) -> None:
+        async with m.open_sender(link.connect, channels=2, io_threads=2) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+            await sender.sync()
+
+    async def receive(link: TcpLink) -> None:
+        async with m.open_receiver([dst], channels=2, io_threads=1) as receiver:
+            await receiver.add_channel(await link.accept())
+            await trio.sleep(0.2)
+            await receiver.add_channel(await link.accept())
+            await receiver.wait_closed()
+        assert receiver.rounds_completed == 2
+
+    with trio.fail_after(10):
+        async with TcpLink.open() as link:
+            errors = await run_both_ends(lambda: send(link), lambda: receive(link))
+    assert errors == (None, None)
+    assert dst.view == src.view
+
+
+@pytest.mark.parametrize("io_threads", [1, 3])
+async def test_a_bad_packet_on_a_shared_thread_names_its_own_channel(io_threads: int) -> None:
+    # Channel 2 is not the one whose task runs the shared thread.
+    src, dst = block_pair("mem", 600, seed=9)
+
+    def break_magic(raw: bytearray, parsed: m.PacketHeader) -> bool:
+        raw[0] ^= 0xFF
+        return True
+
+    def wrap(channel: int, stream: trio.abc.Stream) -> trio.abc.Stream:
+        return TamperStream(stream, header=break_magic) if channel == 2 else stream
+
+    with trio.fail_after(10):
+        async with TcpLink.open(wrap) as link:
+            outcome = await run_faulty_transfer(
+                link,
+                [src],
+                [dst],
+                channels=3,
+                sender_options={"io_threads": io_threads},
+                receiver_options={"io_threads": io_threads},
+            )
+    assert type(outcome.receiver) is m.MagicError, repr(outcome.receiver)
+    assert outcome.receiver.channel == 2
+    assert isinstance(outcome.sender, m.MultiFDError)
+    assert outcome.sender_closed and outcome.receiver_closed
+    assert not damaged_pages(src.view, dst.view)
+
+
+@pytest.mark.parametrize("io_threads", [1, 2])
+async def test_a_sender_thread_waiting_on_one_channel_notices_a_reset_of_another(
+    io_threads: int,
+) -> None:
+    # The receiver takes channel 0 and reads nothing; channel 1's peer resets. The
+    # sending thread, stuck waiting for room on channel 0, must fail with channel 1's
+    # error well before its send_timeout.
+    src, _ = block_pair("mem", 4096, seed=10)
+
+    async def send(link: TcpLink) -> None:
+        async with m.open_sender(
+            link.connect, channels=2, io_threads=io_threads, send_timeout=30
+        ) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+            await sender.sync()
+
+    async def receive(link: TcpLink) -> None:
+        by_channel = {}
+        for _ in range(2):
+            stream = await link.accept()
+            handshake = bytearray()
+            while len(handshake) < m.HANDSHAKE_SIZE:
+                handshake += await stream.receive_some(m.HANDSHAKE_SIZE - len(handshake))
+            by_channel[m.decode_handshake(handshake, channels=2).channel_id] = stream
+        await trio.sleep(0.3)  # the sender fills channel 0's buffers meanwhile
+        reset = by_channel[1]
+        assert isinstance(reset, trio.SocketStream)
+        reset.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await reset.aclose()
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            link.sndbuf = 32 * 1024
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive, link)
+                with pytest.raises(m.TransportError) as info:
+                    await send(link)
+                nursery.cancel_scope.cancel()
+            assert link.all_closed("sender")
+    assert info.value.channel == 1

@@ -1,0 +1,45 @@
+"""Which worker thread moves which channel's packets.
+
+Both ends move packets in worker threads: ``sendmsg``, ``recvmsg_into``, zlib and zstd
+release the GIL, so the Trio thread only coordinates. Channels over sockets share
+``io_threads`` threads, dealt round-robin by channel id (channel ``c`` goes to thread
+``c % io_threads``); a channel over any other stream (TLS, memory streams) hands each
+operation back to Trio and gets a thread of its own.
+
+Why not one thread per channel: on a machine with fewer cores than threads (both ends of
+a loopback transfer share the cores), every extra thread costs context switches and a
+GIL hand-over after each system call. Measured on 2 cores, 4 channels, both ends on one
+machine: see ``docs/performance.rst``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._transport import SocketTransport, Transport
+
+__all__ = ["default_io_threads", "io_thread_count", "thread_slot"]
+
+
+def default_io_threads() -> int:
+    """The default worker thread count of one end: half the cores, at least one (both
+    ends of a transfer on one machine share its cores)."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+def io_thread_count(io_threads: int | None, channels: int) -> int:
+    """Check ``io_threads`` (``None`` for :func:`default_io_threads`) and return how many
+    worker threads the channels over sockets share: never more than the channels."""
+    if io_threads is None:
+        io_threads = default_io_threads()
+    elif not isinstance(io_threads, int) or not 1 <= io_threads <= 255:
+        raise ValueError(f"io_threads must be 1..255 or None, got {io_threads!r}")
+    return min(io_threads, channels)
+
+
+def thread_slot(channel: int, transport: Transport, threads: int) -> int | None:
+    """The shared thread that moves ``channel``'s packets, or ``None`` when the channel
+    needs a thread of its own (its stream is not a socket that the thread can poll)."""
+    if isinstance(transport, SocketTransport):
+        return channel % threads
+    return None
