@@ -90,8 +90,11 @@ def test_sparse_file_copies_identically_and_stays_sparse(tmp_path: Path) -> None
     src = tmp_path / "disk.img"
     make_sparse(src)
     dest = tmp_path / "copy.img"
-    with receiving(dest, "--json") as (recv, port):
-        sent = send(src, port, "--channels", "3", "--compression", "zstd", "--json")
+    # Three channels in two sending threads and one receiving thread.
+    with receiving(dest, "--json", "--io-threads", "1") as (recv, port):
+        sent = send(
+            src, port, "--channels", "3", "--compression", "zstd", "--io-threads", "2", "--json"
+        )
         out, err = recv.communicate(timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
     assert recv.returncode == 0, err
@@ -231,6 +234,8 @@ def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
         ["send", "x", "localhost:1", "--compression", "lz4"],
         ["send", "x", "localhost:1", "--level", "3"],
         ["send", "x", "localhost:1", "--compression", "zstd", "--level", "99"],
+        ["send", "x", "localhost:1", "--io-threads", "0"],
+        ["recv", "x", "--listen", "127.0.0.1:0", "--io-threads", "256"],
         ["recv", "x"],
         ["recv", "x", "--listen", "127.0.0.1:99999"],
         ["recv", "x", "--listen", "127.0.0.1:0", "--tls-cert", "c.pem"],

@@ -65,19 +65,23 @@ def _list_of(
     return parse
 
 
-def _channel_count(value: int) -> int:
+def _one_to_255(what: str, value: int) -> int:
     if not 1 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"channels must be 1..255, got {value}")
+        raise argparse.ArgumentTypeError(f"{what} must be 1..255, got {value}")
     return value
 
 
 def _channels_arg(text: str) -> int:
-    return _channel_count(int(text))
+    return _one_to_255("channels", int(text))
+
+
+def _io_threads_arg(text: str) -> int:
+    return _one_to_255("io-threads", int(text))
 
 
 def _channel_list(text: str) -> list[int]:
     values: list[int] = _list_of(int)(text)
-    return [_channel_count(value) for value in values]
+    return [_one_to_255("channels", value) for value in values]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
         help="print one JSON object on stdout (ok, figures or error)",
     )
     common.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    common.add_argument(
+        "--io-threads",
+        type=_io_threads_arg,
+        default=None,
+        metavar="N",
+        help="worker threads moving the channels' packets (default: half the cores)",
+    )
 
     send = sub.add_parser(
         "send",
@@ -397,6 +408,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     level=args.level,
                     tls=tls,
                     progress=reporter,
+                    io_threads=args.io_threads,
                 )
             )
         else:
@@ -410,6 +422,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     tls=tls,
                     progress=reporter,
                     announce=announce,
+                    io_threads=args.io_threads,
                 )
             )
     except Exception as exc:

@@ -243,6 +243,7 @@ async def send_file(
     tls: ssl.SSLContext | None = None,
     progress: Progress | None = None,
     connect_timeout: float = 30.0,
+    io_threads: int | None = None,
 ) -> Summary:
     """Send the file at ``path`` to a ``recv`` listening at ``host:port``."""
     try:
@@ -329,6 +330,7 @@ async def send_file(
                         uuid=transfer_uuid,
                         compression=compression,
                         compression_level=level,
+                        io_threads=io_threads,
                     ) as sender:
                         watching.start_soon(
                             _watch, lambda: sender.stats.page_bytes, data_bytes, progress
@@ -426,6 +428,7 @@ async def receive_file(
     progress: Progress | None = None,
     announce: Callable[[str, int], None] | None = None,
     handshake_timeout: float = 30.0,
+    io_threads: int | None = None,
 ) -> Summary:
     """Listen at ``host:port``, receive one file into ``path`` (a file name, or an
     existing directory to put the sender's file name in), and return."""
@@ -451,6 +454,7 @@ async def receive_file(
                 force=force,
                 progress=progress,
                 handshake_timeout=handshake_timeout,
+                io_threads=io_threads,
             )
         finally:
             await trio.aclose_forcefully(control)
@@ -467,6 +471,7 @@ async def _receive_with(
     force: bool,
     progress: Progress | None,
     handshake_timeout: float,
+    io_threads: int | None,
 ) -> Summary:
     try:
         with trio.fail_after(handshake_timeout):
@@ -516,6 +521,7 @@ async def _receive_with(
                 uuid=uuid_mod.UUID(manifest["uuid"]),
                 compression=manifest["method"],
                 handshake_timeout=handshake_timeout,
+                io_threads=io_threads,
             )
         except ValueError as exc:
             await send_message(control, {"type": "refuse", "error": str(exc)})

@@ -32,7 +32,7 @@ Run = tuple[int, int]
 class PageBatch:
     """Pages of one block queued for sending: the offsets of one packet or more.
 
-    The sender queues batches; each channel thread carves packets of at most
+    The sender queues batches; its worker threads carve packets of at most
     ``page_count`` pages off the batch at the head of the queue. A ``range`` of offsets
     stays a ``range`` (O(1) to queue and to carve, however many pages it covers).
     """

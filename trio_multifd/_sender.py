@@ -11,7 +11,7 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
   off the batch at its head (the ``channels_ready`` scan), so queueing a whole block
   costs the Trio side one call and no trip through Trio per packet;
 - queueing waits while more than a few packets' worth of pages wait for a channel
-  (backpressure); the Trio side waits on a ``trio.Event`` that a channel thread sets
+  (backpressure); the Trio side waits on a ``trio.Event`` that a worker thread sets
   through the Trio token only when someone waits;
 - a SYNC round is one job of ``channels`` tokens in the same job queue; a thread takes
   one per channel of its crew, writes a SYNC packet on each and waits for the round
@@ -73,8 +73,8 @@ class _SyncRound:
     final_round: bool
     # Channels that have not yet taken the round (each takes it exactly once).
     untaken: int
-    # Set by the channel thread that writes the round's last SYNC packet: the threading
-    # event releases the other channel threads, the Trio event the application.
+    # Set by the worker thread that writes the round's last SYNC packet: the threading
+    # event releases the other worker threads, the Trio event the application.
     written: trio.Event = attrs.Factory(trio.Event)
     all_written: threading.Event = attrs.Factory(threading.Event)
     lock: threading.Lock = attrs.Factory(threading.Lock)
@@ -107,12 +107,12 @@ class _Crew:
 
 @final
 class _JobQueue:
-    """The channel threads' work in queueing order: page batches and SYNC tokens.
+    """The worker threads' work in queueing order: page batches and SYNC tokens.
 
-    A channel thread takes a SYNC token whole and carves a packet of at most
-    ``page_count`` pages off a batch; the batch leaves the queue with its last page. The
-    Trio side waits while more than ``limit`` queued pages are not yet taken; a channel
-    thread wakes it through the Trio token only when it waits.
+    A worker thread takes a SYNC round's tokens, one per channel it serves, or carves a
+    packet of at most ``page_count`` pages off a batch; the batch leaves the queue with
+    its last page. The Trio side waits while more than ``limit`` queued pages are not yet
+    taken; a worker thread wakes it through the Trio token only when it waits.
     """
 
     def __init__(self, page_count: int, limit: int, token: trio.lowlevel.TrioToken) -> None:
@@ -227,7 +227,7 @@ class Sender:
         self._empty_checksum = payload_checksum([]) if integrity else 0
         self._checksum_flag = int(Flag.CHECKSUMS) if integrity else 0
         self._supervisor = Supervisor("sender")
-        # Jobs go to the channel threads through a thread-safe queue (no Trio round trip
+        # Jobs go to the worker threads through a thread-safe queue (no Trio round trip
         # per packet); queueing waits while two packets per channel wait for a channel.
         self._token = trio.lowlevel.current_trio_token()
         self._jobs = _JobQueue(self._page_count, 2 * channels * self._page_count, self._token)
@@ -240,7 +240,9 @@ class Sender:
         self._all_connected = trio.Event()
         self._closing = False
         # Worker threads move (and compress) the packets, each for a crew of channels.
-        self._io_threads = io_thread_count(io_threads, channels)
+        self._io_threads = io_thread_count(
+            io_threads, channels, compressing=self._method.compresses
+        )
         self._crews: dict[int, _Crew] = {}
         self._threads = trio.CapacityLimiter(channels)
 
@@ -279,7 +281,7 @@ class Sender:
 
         Costs no Python-level work per page on the Trio side: a ``range`` is checked by
         its ends and queued as it is, other offsets are checked and copied in one go, and
-        the channel threads cut them into packets. Every offset is checked before any
+        the worker threads cut them into packets. Every offset is checked before any
         page is queued.
 
         Raises:
@@ -595,7 +597,8 @@ async def open_sender(
             byte-identical to QEMU's.
         io_threads: How many worker threads move the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
-            thread each); ``None`` for half the cores, at least one.
+            thread each); ``None`` for one per core with compression, else half the
+            cores (at least one).
 
     Raises:
         ValueError: A bad argument (channel count, method, level, page size).

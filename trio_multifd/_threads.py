@@ -21,17 +21,21 @@ from ._transport import SocketTransport, Transport
 __all__ = ["default_io_threads", "io_thread_count", "thread_slot"]
 
 
-def default_io_threads() -> int:
-    """The default worker thread count of one end: half the cores, at least one (both
-    ends of a transfer on one machine share its cores)."""
-    return max(1, (os.cpu_count() or 1) // 2)
+def default_io_threads(compressing: bool) -> int:
+    """The default worker thread count of one end: for a compressing sender one per
+    core (compression is the work: zlib needs every core it can get); otherwise half the
+    cores, at least one (the kernel's copies are the work, both ends of a transfer on
+    one machine share its cores, and decoding zlib or zstd costs a fraction of
+    encoding)."""
+    cores = os.cpu_count() or 1
+    return cores if compressing else max(1, cores // 2)
 
 
-def io_thread_count(io_threads: int | None, channels: int) -> int:
+def io_thread_count(io_threads: int | None, channels: int, *, compressing: bool) -> int:
     """Check ``io_threads`` (``None`` for :func:`default_io_threads`) and return how many
     worker threads the channels over sockets share: never more than the channels."""
     if io_threads is None:
-        io_threads = default_io_threads()
+        io_threads = default_io_threads(compressing)
     elif not isinstance(io_threads, int) or not 1 <= io_threads <= 255:
         raise ValueError(f"io_threads must be 1..255 or None, got {io_threads!r}")
     return min(io_threads, channels)

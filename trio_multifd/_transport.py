@@ -47,11 +47,11 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _FAILED = b"!"
 
 CANCEL_CHECK = 0.02
-"""Longest wait of a channel thread between two checks for cancellation (seconds)."""
+"""Longest wait of a worker thread between two checks for cancellation (seconds)."""
 _CANCEL_CHECK_MS = round(CANCEL_CHECK * 1000)
 
 SPIN = 200e-6
-"""How long a channel thread polls without sleeping when its socket stops being ready
+"""How long a worker thread polls without sleeping when its socket stops being ready
 right after moving bytes (seconds).
 
 A thread that sleeps is woken by its peer's data or acknowledgements, and Linux tends to
