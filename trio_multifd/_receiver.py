@@ -11,6 +11,7 @@ one parking lot (tasks) and one condition (threads), which re-check their own co
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import uuid as uuid_mod
@@ -41,7 +42,7 @@ from ._methods._base import scatter
 from ._pages import ZEROS
 from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
-from ._threads import io_thread_count, thread_slot
+from ._threads import WorkerRun, io_thread_count, thread_slot
 from ._transport import CANCEL_CHECK, ReadySet, Transport, open_transport, root_cause
 from ._wire import (
     HANDSHAKE_SIZE,
@@ -96,7 +97,7 @@ class _Crew:
     # Joined, not yet taken in by the thread.
     joining: list[_Link] = attrs.Factory(list)
     running: bool = False
-    done: trio.Event = attrs.Factory(trio.Event)
+    worker: WorkerRun = attrs.Factory(WorkerRun)
 
 
 @final
@@ -354,6 +355,7 @@ class Receiver:
 
     async def _run_channel(self, transport: Transport, channel: int) -> None:
         decoder: Decoder | None = None
+        crew: _Crew | None = None
         try:
             if self._method.compresses:
                 decoder = self._method.new_decoder()
@@ -362,11 +364,10 @@ class Receiver:
                 # The packet loop runs in a worker thread: socket I/O and decompression
                 # release the GIL. It comes back to Trio only at SYNC packets and at
                 # the end of a stream, and ends once every channel of its crew has.
-                await trio.to_thread.run_sync(self._worker, crew, limiter=self._threads)
-                crew.done.set()
+                await crew.worker.run(functools.partial(self._worker, crew), self._threads)
             else:
                 # The crew's first channel runs the thread; its failure cancels this task.
-                await crew.done.wait()
+                await crew.worker.done.wait()
             # The stream ended cleanly after its last SYNC; once every channel has, the
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
@@ -378,6 +379,8 @@ class Receiver:
             await self._supervisor.channel_failed(exc, channel)
             raise
         finally:
+            if crew is not None:
+                await crew.worker.released()
             if decoder is not None:
                 decoder.close()
             # A no-op once the stream was closed cleanly.
@@ -442,8 +445,8 @@ class Receiver:
                     trio.from_thread.check_cancelled()
                     continue
             ready = reading.wait()
-            if not ready:
-                trio.from_thread.check_cancelled()
+            # Per batch of packets, not only when idle: a busy thread must notice too.
+            trio.from_thread.check_cancelled()
             for link in ready:
                 try:
                     self._receive_packet(link)

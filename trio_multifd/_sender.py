@@ -40,7 +40,7 @@ from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
-from ._threads import io_thread_count, thread_slot
+from ._threads import WorkerRun, io_thread_count, thread_slot
 from ._transport import CANCEL_CHECK, SocketTransport, Transport, open_transport
 from ._wire import (
     Feature,
@@ -94,7 +94,7 @@ class _Crew:
     """The channels one worker thread serves; the first one's task runs the thread."""
 
     links: list[_Link] = attrs.Factory(list)
-    done: trio.Event = attrs.Factory(trio.Event)
+    worker: WorkerRun = attrs.Factory(WorkerRun)
 
     def watch(self) -> None:
         """Make each channel's waits notice the failure of the others."""
@@ -393,6 +393,7 @@ class Sender:
     async def _run_channel(self, channel: int) -> None:
         transport: Transport | None = None
         encoder: Encoder | None = None
+        crew: _Crew | None = None
         try:
             try:
                 stream = await self._connect(channel)
@@ -410,11 +411,10 @@ class Sender:
             await self._all_connected.wait()
             if crew.links[0].channel == channel:
                 crew.watch()
-                await trio.to_thread.run_sync(self._worker, crew.links, limiter=self._threads)
-                crew.done.set()
+                await crew.worker.run(functools.partial(self._worker, crew.links), self._threads)
             else:
                 # The crew's first channel runs the thread; its failure cancels this task.
-                await crew.done.wait()
+                await crew.worker.done.wait()
             await transport.finish(self._send_timeout)
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
@@ -422,6 +422,8 @@ class Sender:
             await self._supervisor.channel_failed(exc, channel)
             raise
         finally:
+            if crew is not None:
+                await crew.worker.released()
             if encoder is not None:
                 encoder.close()
             if transport is not None:

@@ -15,10 +15,14 @@ machine: see ``docs/performance.rst``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+import attrs
+import trio
 
 from ._transport import SocketTransport, Transport
 
-__all__ = ["default_io_threads", "io_thread_count", "thread_slot"]
+__all__ = ["WorkerRun", "default_io_threads", "io_thread_count", "thread_slot"]
 
 
 def default_io_threads(compressing: bool) -> int:
@@ -47,3 +51,32 @@ def thread_slot(channel: int, transport: Transport, threads: int) -> int | None:
     if isinstance(transport, SocketTransport):
         return channel % threads
     return None
+
+
+@attrs.define(eq=False)
+class WorkerRun:
+    """A crew's worker thread, as the tasks of the crew's channels see it: the task of
+    the first channel runs it, the others wait for it to succeed, and none closes its
+    stream while the thread may still use it."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    """Set when the thread returned normally."""
+    stopped: trio.Event = attrs.Factory(trio.Event)
+    """Set when the thread is over: returned, raised or cancelled."""
+    started: bool = False
+
+    async def run(self, work: Callable[[], None], limiter: trio.CapacityLimiter) -> None:
+        """Run ``work`` in a worker thread; its exception is raised here."""
+        self.started = True
+        try:
+            await trio.to_thread.run_sync(work, limiter=limiter)
+        finally:
+            self.stopped.set()
+        self.done.set()
+
+    async def released(self) -> None:
+        """Wait, cancelled or not, until the thread no longer uses the crew's sockets.
+        Bounded: a cancelled thread stops within one packet or one poll interval."""
+        if self.started:
+            with trio.CancelScope(shield=True):
+                await self.stopped.wait()

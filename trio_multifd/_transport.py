@@ -46,6 +46,9 @@ Buffer = bytes | bytearray | memoryview
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _FAILED = b"!"
 
+# Poll events of a socket that the peer reset or hung up.
+_BROKEN = select.POLLERR | select.POLLHUP | select.POLLRDHUP
+
 CANCEL_CHECK = 0.02
 """Longest wait of a worker thread between two checks for cancellation (seconds)."""
 _CANCEL_CHECK_MS = round(CANCEL_CHECK * 1000)
@@ -513,7 +516,7 @@ class ReadySet(Generic[T]):
     def add(self, transport: Transport, item: T) -> None:
         """Wait for ``transport`` too, returning ``item`` when it is readable."""
         if isinstance(transport, SocketTransport):
-            self._poller.register(transport._fd, select.POLLIN)
+            self._poller.register(transport._fd, select.POLLIN | select.POLLRDHUP)
             self._sockets[transport._fd] = item
         else:
             self._streams.append(item)
@@ -532,7 +535,12 @@ class ReadySet(Generic[T]):
         if self._streams:
             return list(self._streams)
         sockets = self._sockets
-        return [sockets[fd] for fd, _ in self.spinner.poll(self._poller)]
+        events = self.spinner.poll(self._poller)
+        if len(events) > 1 and any(flags & _BROKEN for _, flags in events):
+            # A channel the peer reset or closed goes first: when the peer's reaction to
+            # that failure then resets the others, the error raised names the first.
+            events.sort(key=lambda event: not event[1] & _BROKEN)
+        return [sockets[fd] for fd, _ in events]
 
 
 def open_transport(
