@@ -191,3 +191,31 @@ async def test_sender_exit_reports_failure_when_the_receiver_leaves_early() -> N
                     async with m.open_sender(connect, channels=2) as sender:
                         await sender.queue_pages(src, range(0, src.size, PAGE))
     assert info.value.channel in (0, 1)
+
+
+@pytest.mark.parametrize("io_threads", [1, 4])
+async def test_a_receiver_leaving_on_an_exception_after_a_complete_transfer_confirms_it(
+    io_threads: int,
+) -> None:
+    # The receiver follows the rounds until sync() says the sender has ended, and leaves
+    # with that exception: the transfer completed, so the sender still gets its clean
+    # close, whether the channels share a thread or not.
+    src, dst = block_pair("mem", 600, seed=6)
+    rounds: list[int] = []
+
+    async def follow_rounds_then_leave() -> None:
+        with pytest.raises(m.TransferIncompleteError):
+            async with m.open_receiver([dst], channels=4, io_threads=io_threads) as receiver:
+                await receiver.serve(listeners)
+                while True:
+                    rounds.append(await receiver.sync())
+
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow_rounds_then_leave)
+                async with m.open_sender(connect, channels=4, io_threads=io_threads) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    await sender.sync()
+    assert rounds == [1, 2]
+    assert dst.view == src.view

@@ -162,7 +162,6 @@ class Receiver:
             for slot in range(self._io_threads)
         }
         self._progress = threading.Condition()
-        self._closed_cleanly = 0
         self._threads = trio.CapacityLimiter(channels)
 
     @property
@@ -372,8 +371,6 @@ class Receiver:
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
             await transport.aclose()
-            self._closed_cleanly += 1
-            self._notify()
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
             await self._supervisor.channel_failed(exc, channel)
@@ -383,6 +380,10 @@ class Receiver:
                 await crew.worker.released()
             if decoder is not None:
                 decoder.close()
+            if self._all_ended():
+                # The transfer completed: the sender gets its clean close even when the
+                # application left first (say, on sync()'s TransferIncompleteError).
+                await transport.aclose()
             # A no-op once the stream was closed cleanly.
             await transport.reset()
 
@@ -723,11 +724,6 @@ async def open_receiver(
         pass
 
     async def finish() -> None:
-        if receiver._all_ended():
-            # A complete transfer: the channel tasks close their streams cleanly (the
-            # sender's confirmation) as soon as their threads return, which is at once.
-            with trio.move_on_after(5):
-                await receiver._wait_until(lambda: receiver._closed_cleanly == receiver.channels)
         # Leaving never waits for peers: cancelling the channel tasks closes them all.
         receiver._supervisor.nursery.cancel_scope.cancel()
 
