@@ -41,11 +41,16 @@ async def main() -> None:
 
     receiving = trio_multifd.RAMBlock("buffer", target)
     sending = trio_multifd.RAMBlock("buffer", source)
-    async with trio_multifd.open_receiver([receiving], channels=CHANNELS) as receiver:
+    # A thread per channel on each end: a slow path then holds up only its own channels.
+    async with trio_multifd.open_receiver(
+        [receiving], channels=CHANNELS, io_threads=CHANNELS
+    ) as receiver:
         async with trio.open_nursery() as nursery:
             # serve() accepts from every listener until all channels are set up.
             await nursery.start(receiver.serve, listeners)
-            async with trio_multifd.open_sender(connect, channels=CHANNELS) as sender:
+            async with trio_multifd.open_sender(
+                connect, channels=CHANNELS, io_threads=CHANNELS
+            ) as sender:
                 await sender.queue_pages(sending, range(0, sending.size, sending.page_size))
         await receiver.wait_closed()
     for listener in listeners:

@@ -4,6 +4,7 @@ split, channels join a running thread, and a failure names its own channel."""
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 import trio
 
 import trio_multifd as m
+from trio_multifd._transport import SocketTransport, Turns, open_transport
 
 from .helpers import PAGE, block_pair, run_both_ends, shuffled
 from .proxy import TamperStream, TcpLink, damaged_pages, run_faulty_transfer
+from .test_engine import handshake, sync_packet
 from .transfer import transfer
 
 
@@ -160,3 +163,62 @@ async def test_a_sender_thread_waiting_on_one_channel_notices_a_reset_of_another
                 nursery.cancel_scope.cancel()
             assert link.all_closed("sender")
     assert info.value.channel == 1
+
+
+@pytest.mark.parametrize("io_threads", [1, 2])
+async def test_a_channel_reset_while_parked_at_sync_fails_the_receiver_at_once(
+    io_threads: int,
+) -> None:
+    # Channels 0 and 1 reach SYNC 1 and wait there for channel 2, which never comes.
+    # The sender then resets channel 0: the receiver must fail now, naming channel 0,
+    # not wait for a round that cannot complete.
+    _, dst = block_pair("mem", 4)
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            with pytest.raises(m.TransportError) as info:
+                async with m.open_receiver([dst], channels=3, io_threads=io_threads) as receiver:
+                    streams = {}
+                    for channel in (0, 1):
+                        stream = await link.raw_connect()
+                        await stream.send_all(handshake(channel) + sync_packet())
+                        await receiver.add_channel(await link.accept())
+                        streams[channel] = stream
+                    # The worker thread counts SYNC packets as it parks their channels;
+                    # there is no event for it to set.
+                    while sum(c.syncs for c in receiver.stats.channels) < 2:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    streams[0].setsockopt(
+                        trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    await streams[0].aclose()
+                    await receiver.wait_closed()
+            assert link.all_closed("receiver")
+    assert info.value.channel == 0
+    assert "waiting at SYNC 1" in str(info.value)
+
+
+async def test_a_sending_thread_passes_over_a_channel_without_room() -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    transports = [
+        open_transport(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), channel=channel)
+        for channel, (ours, _) in enumerate(pairs)
+    ]
+    try:
+        full = transports[1]
+        assert isinstance(full, SocketTransport) and full.sync_sock is not None
+        with pytest.raises(BlockingIOError):
+            while True:
+                full.sync_sock.send(bytes(65536))
+        turns = Turns([(t, t.channel) for t in transports])
+        assert [turns.next() for _ in range(4)] == [0, 2, 0, 2]
+        peer = pairs[1][1]
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:  # the peer reads: channel 1 has room again and gets its turn
+                peer.recv(1 << 20)
+        assert [turns.next() for _ in range(3)] == [0, 1, 2]
+    finally:
+        for transport in transports:
+            await transport.aclose()
+        for _, theirs in pairs:
+            theirs.close()

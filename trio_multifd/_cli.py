@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_io_threads_arg,
         default=None,
         metavar="N",
-        help="worker threads moving the channels' packets (default: half the cores)",
+        help="worker threads moving the channels' packets (default: half the cores;"
+        " for send with compression, one per core)",
     )
 
     send = sub.add_parser(

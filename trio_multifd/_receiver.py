@@ -42,7 +42,7 @@ from ._methods._base import scatter
 from ._pages import ZEROS
 from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
-from ._threads import WorkerRun, io_thread_count, thread_slot
+from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
 from ._transport import CANCEL_CHECK, ReadySet, Transport, open_transport, root_cause
 from ._wire import (
     HANDSHAKE_SIZE,
@@ -158,7 +158,7 @@ class Receiver:
         # this condition for a round to complete or a channel to join.
         self._io_threads = io_thread_count(io_threads, channels, compressing=False)
         self._crews = {
-            slot: _Crew({c for c in range(channels) if c % self._io_threads == slot})
+            slot: _Crew({c for c in range(channels) if shared_slot(c, self._io_threads) == slot})
             for slot in range(self._io_threads)
         }
         self._progress = threading.Condition()
@@ -411,7 +411,7 @@ class Receiver:
         with self._progress:
             if slot is None:
                 crew = _Crew({channel})
-                self._crews[channel % self._io_threads].expected.discard(channel)
+                self._crews[shared_slot(channel, self._io_threads)].expected.discard(channel)
             else:
                 crew = self._crews[slot]
             crew.joining.append(link)
@@ -435,7 +435,7 @@ class Receiver:
                     for link in links:
                         if link.parked and self._completed >= link.parked:
                             link.parked = 0
-                            reading.add(link.transport, link)
+                            reading.unpark(link.transport, link)
                     if not crew.expected:
                         crew.running = False
                         return
@@ -444,11 +444,15 @@ class Receiver:
                         progress.wait(CANCEL_CHECK)
                 if not reading:
                     trio.from_thread.check_cancelled()
+                    for link in reading.wait(block=False):
+                        self._parked_broke(link)
                     continue
             ready = reading.wait()
             # Per batch of packets, not only when idle: a busy thread must notice too.
             trio.from_thread.check_cancelled()
             for link in ready:
+                if link.parked:
+                    self._parked_broke(link)
                 try:
                     self._receive_packet(link)
                 except MultiFDError as exc:
@@ -456,12 +460,19 @@ class Receiver:
                         exc.channel = link.channel
                     raise
                 reading.spinner.moved = True
-                if link.parked or link.ended:
-                    reading.remove(link.transport, link)
                 if link.ended:
+                    reading.remove(link.transport, link)
                     links.remove(link)
                     with progress:
                         crew.expected.discard(link.channel)
+                elif link.parked:
+                    reading.park(link.transport, link)
+
+    @staticmethod
+    def _parked_broke(link: _Link) -> None:
+        # A parked channel is polled for a reset or hang-up only, so the transfer fails
+        # at once rather than when its round completes (which it may never do).
+        link.transport.raise_broken_sync(f"waiting at SYNC {link.parked}")
 
     def _receive_packet(self, link: _Link) -> None:
         """Read and apply one packet of ``link``'s channel (its first byte is there or

@@ -41,7 +41,7 @@ from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, thread_slot
-from ._transport import CANCEL_CHECK, SocketTransport, Transport, open_transport
+from ._transport import CANCEL_CHECK, SocketTransport, Transport, Turns, open_transport
 from ._wire import (
     Feature,
     Flag,
@@ -156,6 +156,7 @@ class _JobQueue:
             head = self._jobs[0]
             if isinstance(head, _SyncRound):
                 head.untaken -= channels
+                assert head.untaken >= 0, "a thread took a SYNC round's tokens twice"
                 if not head.untaken:
                     self._jobs.popleft()
                 job: PageBatch | _SyncRound = head
@@ -465,8 +466,8 @@ class Sender:
     def _prepare(
         self, block: RAMBlock, offsets: Sequence[int], encoder: Encoder | None
     ) -> tuple[list[Run], list[Run], list[Buffer], int]:
-        """Split off zero pages, build the payload and its checksum (in the channel's
-        worker thread)."""
+        """Split off zero pages, build the payload and its checksum (in a worker
+        thread)."""
         view, size = block.view, self.page_size
         runs = page_runs(offsets, size)
         normal, zero = split_zero_runs(view, runs, size) if self._detect_zero else (runs, [])
@@ -487,12 +488,13 @@ class Sender:
 
     def _worker(self, links: list[_Link]) -> None:
         """The packet loop of a worker thread and its channels, until the final SYNC."""
-        # Packets go to the thread's channels in turn; a SYNC round to all of them.
-        turns = itertools.cycle(links)
+        # Packets go to the thread's channels in turn (passing over a full one); a SYNC
+        # round to all of them.
+        turns = Turns([(link.transport, link) for link in links])
         while True:
             job = self._next_job(links)
             if isinstance(job, PageBatch):
-                self._send_batch(next(turns), job)
+                self._send_batch(turns.next(), job)
                 continue
             for link in links:
                 self._send_sync(link, job)

@@ -22,7 +22,7 @@ import trio
 
 from ._transport import SocketTransport, Transport
 
-__all__ = ["WorkerRun", "default_io_threads", "io_thread_count", "thread_slot"]
+__all__ = ["WorkerRun", "default_io_threads", "io_thread_count", "shared_slot", "thread_slot"]
 
 
 def default_io_threads(compressing: bool) -> int:
@@ -45,11 +45,16 @@ def io_thread_count(io_threads: int | None, channels: int, *, compressing: bool)
     return min(io_threads, channels)
 
 
+def shared_slot(channel: int, threads: int) -> int:
+    """The shared thread of ``channel`` if its stream is a socket."""
+    return channel % threads
+
+
 def thread_slot(channel: int, transport: Transport, threads: int) -> int | None:
     """The shared thread that moves ``channel``'s packets, or ``None`` when the channel
     needs a thread of its own (its stream is not a socket that the thread can poll)."""
     if isinstance(transport, SocketTransport):
-        return channel % threads
+        return shared_slot(channel, threads)
     return None
 
 
@@ -76,7 +81,10 @@ class WorkerRun:
 
     async def released(self) -> None:
         """Wait, cancelled or not, until the thread no longer uses the crew's sockets.
-        Bounded: a cancelled thread stops within one packet or one poll interval."""
+
+        Bounded because a crew's tasks leave early only through the transfer's
+        cancellation, which reaches the thread too: a cancelled thread stops within one
+        packet or one poll interval (:data:`~trio_multifd._transport.CANCEL_CHECK`)."""
         if self.started:
             with trio.CancelScope(shield=True):
                 await self.stopped.wait()

@@ -35,7 +35,7 @@ from ._errors import (
     TruncatedError,
 )
 
-__all__ = ["ReadySet", "SocketTransport", "Transport", "open_transport"]
+__all__ = ["ReadySet", "SocketTransport", "Transport", "Turns", "open_transport"]
 
 T = TypeVar("T")
 
@@ -46,8 +46,11 @@ Buffer = bytes | bytearray | memoryview
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _FAILED = b"!"
 
+# The peer's end of stream as a poll event (Linux only; elsewhere it shows as POLLIN).
+_RDHUP = getattr(select, "POLLRDHUP", 0)
+_READABLE = select.POLLIN | _RDHUP
 # Poll events of a socket that the peer reset or hung up.
-_BROKEN = select.POLLERR | select.POLLHUP | select.POLLRDHUP
+_BROKEN = select.POLLERR | select.POLLHUP | _RDHUP
 
 CANCEL_CHECK = 0.02
 """Longest wait of a worker thread between two checks for cancellation (seconds)."""
@@ -233,7 +236,7 @@ class Transport:
             await self.receive_into([view[len(data) :]], what)
         return True
 
-    # -- called from the channel's worker thread ---------------------------------------------
+    # -- called from a worker thread -----------------------------------------------------------
 
     def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
         """:meth:`send_parts`, from a worker thread."""
@@ -246,6 +249,10 @@ class Transport:
     def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
         """:meth:`receive_or_eof`, from a worker thread."""
         return trio.from_thread.run(self.receive_or_eof, view, what)
+
+    def raise_broken_sync(self, doing: str) -> None:
+        """Raise the error of a channel that poll reported reset or hung up."""
+        raise TransportError(f"the peer hung up while {doing}", channel=self.channel)
 
     def close_sync_side(self) -> None:
         """Release what the thread side holds (nothing for generic streams)."""
@@ -345,7 +352,7 @@ class Transport:
 class SocketTransport(Transport):
     """The fast path: ``sendmsg`` scatter-gather from the blocks' memory and
     ``recvmsg_into`` straight into the target pages, no copy and no allocation per packet,
-    done by the channel's worker thread on a duplicate of the socket's descriptor.
+    done by a worker thread on a duplicate of the socket's descriptor.
 
     The socket stays non-blocking, as Trio left it: the thread tries each operation
     and, when the kernel has no room or no data, waits in ``poll`` for at most
@@ -378,9 +385,7 @@ class SocketTransport(Transport):
 
     @property
     def _sock(self) -> stdlib_socket.socket:
-        if self.sync_sock is None:
-            # Another channel of the same thread, closed by its task's teardown.
-            raise TransportError("the channel was closed", channel=self.channel)
+        assert self.sync_sock is not None
         return self.sync_sock
 
     def watch_peers(self, others: Sequence[SocketTransport]) -> None:
@@ -400,13 +405,16 @@ class SocketTransport(Transport):
             if fd == self._fd:
                 ready = True
             else:
-                self._watched[fd].check_peer_sync()
+                self._watched[fd].check_peer_sync(
+                    f"its thread waited to send on channel {self.channel}"
+                )
         return ready
 
     def _wait(self, poller: select.poll, since: float, timeout: float | None, doing: str) -> None:
         """Wait until the socket is ready again; each :data:`CANCEL_CHECK` without it,
         check for cancellation and for the channel's own timeout, counted from the last
-        progress (``since``; ``timeout`` ``None`` waits forever)."""
+        progress (``since``; ``timeout`` ``None`` waits forever). A watched channel's
+        failure (:meth:`watch_peers`) is raised as that channel's error."""
         if self._ready(self._spinner.poll(poller)):
             return
         trio.from_thread.check_cancelled()
@@ -422,7 +430,7 @@ class SocketTransport(Transport):
             channel=self.channel,
         )
 
-    def check_peer_sync(self) -> None:
+    def check_peer_sync(self, doing: str = "the channel was idle") -> None:
         # A receiver never writes on a channel and closes it only after the transfer
         # completed: anything readable, a hang-up or an error here is its failure.
         try:
@@ -430,12 +438,17 @@ class SocketTransport(Transport):
         except BlockingIOError:
             return
         except OSError as exc:
-            raise self._broken(exc, "waiting for work") from exc
+            raise self._broken(exc, f"idle ({doing})") from exc
         what = "sent data (its failure signal)" if data else "closed the channel"
         raise TransportError(
-            f"the receiver {what} while the channel was idle: it failed or left",
-            channel=self.channel,
+            f"the receiver {what} while {doing}: it failed or left", channel=self.channel
         )
+
+    def raise_broken_sync(self, doing: str) -> None:
+        error = self._sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_ERROR)
+        if error:
+            raise self._broken(OSError(error, os.strerror(error)), doing)
+        super().raise_broken_sync(doing)
 
     def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
         buffers = [memoryview(p) for p in parts]
@@ -496,51 +509,110 @@ class SocketTransport(Transport):
 
 
 class ReadySet(Generic[T]):
-    """The channels of a receiving thread that wait for their next packet, and the wait
-    for any of them to have bytes to read.
+    """The channels of a receiving thread, and the wait for any of them to have bytes to
+    read: the channels that wait for their next packet, and the parked ones (waiting at
+    SYNC, not read) for a reset or hang-up only.
 
     Socket channels are polled together (spinning first after bytes moved, as a single
     channel's waits do). A channel over another stream cannot be polled: it gets a
-    thread of its own, and :meth:`wait` returns it at once (its reads wait in Trio).
+    thread of its own, and :meth:`wait` returns it at once unless it is parked (its
+    reads wait in Trio).
     """
 
     def __init__(self) -> None:
         self._poller = select.poll()
         self._sockets: dict[int, T] = {}
         self._streams: list[T] = []
+        self._parked: set[int] = set()
+        self._reading = 0
         self.spinner = _Spinner()
 
     def __len__(self) -> int:
-        return len(self._sockets) + len(self._streams)
+        """How many of the channels are read (not parked)."""
+        return self._reading
 
     def add(self, transport: Transport, item: T) -> None:
-        """Wait for ``transport`` too, returning ``item`` when it is readable."""
+        """Read ``transport`` too, returning ``item`` from :meth:`wait` when it is readable."""
         if isinstance(transport, SocketTransport):
-            self._poller.register(transport._fd, select.POLLIN | select.POLLRDHUP)
+            self._poller.register(transport._fd, _READABLE)
             self._sockets[transport._fd] = item
         else:
             self._streams.append(item)
+        self._reading += 1
+
+    def park(self, transport: Transport, item: T) -> None:
+        """Stop reading ``transport``; :meth:`wait` still returns ``item`` if the peer
+        resets or hangs up."""
+        if isinstance(transport, SocketTransport):
+            # POLLERR and POLLHUP are reported whatever the mask; a FIN is not.
+            self._poller.modify(transport._fd, 0)
+            self._parked.add(transport._fd)
+        else:
+            self._streams.remove(item)
+        self._reading -= 1
+
+    def unpark(self, transport: Transport, item: T) -> None:
+        """Read ``transport`` again."""
+        if isinstance(transport, SocketTransport):
+            self._poller.modify(transport._fd, _READABLE)
+            self._parked.discard(transport._fd)
+        else:
+            self._streams.append(item)
+        self._reading += 1
 
     def remove(self, transport: Transport, item: T) -> None:
-        """Stop waiting for ``transport``."""
+        """Forget ``transport`` (a channel that is read)."""
         if isinstance(transport, SocketTransport):
             self._poller.unregister(transport._fd)
             del self._sockets[transport._fd]
         else:
             self._streams.remove(item)
+        self._reading -= 1
 
-    def wait(self) -> list[T]:
-        """The items whose channels are readable (an error or an end of stream counts):
-        none after :data:`CANCEL_CHECK` without any."""
+    def wait(self, *, block: bool = True) -> list[T]:
+        """The items whose channels are readable (an error or an end of stream counts)
+        or, parked, reset: none after :data:`CANCEL_CHECK` without any (at once with
+        ``block`` false)."""
         if self._streams:
             return list(self._streams)
         sockets = self._sockets
-        events = self.spinner.poll(self._poller)
+        events = self.spinner.poll(self._poller) if block else self._poller.poll(0)
         if len(events) > 1 and any(flags & _BROKEN for _, flags in events):
-            # A channel the peer reset or closed goes first: when the peer's reaction to
-            # that failure then resets the others, the error raised names the first.
-            events.sort(key=lambda event: not event[1] & _BROKEN)
+            # A channel the peer reset or closed goes first, one still in its round before
+            # a parked one (which delivered its round): when the peer's reaction to the
+            # first failure resets the others, the error raised names the first.
+            parked = self._parked
+            events.sort(key=lambda e: 2 if not e[1] & _BROKEN else e[0] in parked)
         return [sockets[fd] for fd, _ in events]
+
+
+class Turns(Generic[T]):
+    """Gives a sending thread's packets to its channels in turn, passing over a socket
+    that has no room right now when another one has, so that a slow channel holds up
+    its thread's others only when every one of them is full."""
+
+    def __init__(self, channels: Sequence[tuple[Transport, T]]) -> None:
+        self._items = [item for _, item in channels]
+        self._fds = [t._fd if isinstance(t, SocketTransport) else -1 for t, _ in channels]
+        self._poller = select.poll()
+        for fd in self._fds:
+            if fd >= 0:
+                self._poller.register(fd, select.POLLOUT)
+        self._next = 0
+
+    def next(self) -> T:
+        """The channel to send the next packet on."""
+        count = len(self._items)
+        start = self._next
+        if count > 1:
+            writable = {fd for fd, _ in self._poller.poll(0)}
+            for step in range(count):
+                index = (start + step) % count
+                if self._fds[index] in writable:
+                    self._next = (index + 1) % count
+                    return self._items[index]
+        self._next = (start + 1) % count
+        return self._items[start]
 
 
 def open_transport(
