@@ -84,6 +84,7 @@ def test_bench_json_has_every_field_and_verifies(tmp_path: Path) -> None:
             )
             assert isinstance(case["ratio_to_raw"], float)
             assert case["ratio_to_raw"] > 0
+            assert case["io_threads"] is None
         else:
             assert "ratio_to_raw" not in case
     # The table on stdout, progress on stderr.
@@ -95,6 +96,7 @@ def test_bench_known_zero_target_verifies_without_touching_zero_pages(tmp_path: 
     out = tmp_path / "bench.json"
     args = ["--size", "8MiB", "--repeat", "1", "--channels", "2", "--compression", "none"]
     args += ["--data", "zero-all", "--known-zero", "--no-baselines", "--json", str(out)]
+    args += ["--io-threads", "2"]  # a thread per channel on each end
     proc = subprocess.run(
         [sys.executable, "-m", "trio_multifd", "bench", *args],
         capture_output=True,
@@ -104,6 +106,7 @@ def test_bench_known_zero_target_verifies_without_touching_zero_pages(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     (case,) = json.loads(out.read_text())
     assert case["verified"] is True
+    assert case["io_threads"] == 2
     # The 8 MiB target was never written: unlike the sender's 8 MiB of (written) source,
     # it does not count in the receiver's peak RSS.
     assert case["receiver_peak_rss_mib"] < case["sender_peak_rss_mib"] - 4

@@ -245,6 +245,7 @@ def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
         ["bench", "--compression", "lz4"],
         ["bench", "--data", "ones"],
         ["bench", "--repeat", "0"],
+        ["bench", "--io-threads", "0"],
         ["demo", "--size", "4097"],
     ],
 )

@@ -360,7 +360,10 @@ async def _trio_receive(
     else:
         block = RAMBlock("bench", view, zeroed=bool(spec.get("known_zero")))
         async with open_receiver(
-            [block], channels=spec["channels"], compression=spec["compression"]
+            [block],
+            channels=spec["channels"],
+            compression=spec["compression"],
+            io_threads=spec.get("io_threads"),
         ) as receiver:
             async with trio.open_nursery() as nursery:
                 await nursery.start(receiver.serve, listeners)
@@ -451,6 +454,7 @@ async def _trio_send(
         channels=spec["channels"],
         compression=spec["compression"],
         compression_level=spec.get("level"),
+        io_threads=spec.get("io_threads"),
     ) as sender:
         t0 = _now()
         cpu0 = _cpu()
@@ -528,6 +532,7 @@ def run_once(
     size: int,
     level: int | None = None,
     known_zero: bool = False,
+    io_threads: int | None = None,
     timeout: float | None = None,
     seed: int = 0,
 ) -> RunResult:
@@ -545,6 +550,7 @@ def run_once(
         "size": size,
         "level": level,
         "known_zero": known_zero,
+        "io_threads": io_threads,
         "seed": seed,
     }
     recv = _spawn("recv", spec)
@@ -632,6 +638,7 @@ class CaseResult:
     case: Case
     size: int
     known_zero: bool = False
+    io_threads: int | None = None
     runs: list[RunResult] = attrs.Factory(list)
     ratios: list[float] = attrs.Factory(list)
 
@@ -678,6 +685,7 @@ class CaseResult:
         }
         if self.case.impl == "trio_multifd":
             obj["raw_impl"] = self.case.raw_impl
+            obj["io_threads"] = self.io_threads
             obj["ratio_to_raw"] = round(med(self.ratios), 4) if baselines and self.ratios else None
             wire = [r.sender.get("wire_bytes") for r in ok if r.sender.get("wire_bytes")]
             if wire:
@@ -721,17 +729,19 @@ def run_bench(
     baselines: bool,
     level: int | None = None,
     known_zero: bool = False,
+    io_threads: int | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[CaseResult]:
     """Run every case ``repeat`` times, interleaved within each repeat.
 
     With ``known_zero`` every receiver starts from fresh, untouched memory (no pattern
     fill), and trio_multifd's target is a known-zero block (``RAMBlock(zeroed=True)``).
+    ``io_threads`` goes to both ends of the trio_multifd runs (``None``: their default).
     """
     cases = make_cases(
         channels=channels, compressions=compressions, data=data, baselines=baselines
     )
-    results = {case: CaseResult(case, size, known_zero) for case in cases}
+    results = {case: CaseResult(case, size, known_zero, io_threads) for case in cases}
     total = len(cases) * repeat
     done = 0
     for rep in range(repeat):
@@ -745,6 +755,7 @@ def run_bench(
                 level=level if case.compression != "none" else None,
                 seed=rep,
                 known_zero=known_zero,
+                io_threads=io_threads,
             )
             done += 1
             status = f"{run.gbps:.2f} GB/s" if run.verified else f"FAILED: {run.error}"

@@ -200,6 +200,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="receivers start from fresh memory, trio_multifd's target a known-zero block",
     )
+    bench.add_argument(
+        "--io-threads",
+        type=_io_threads_arg,
+        default=None,
+        metavar="N",
+        help="worker threads of each trio_multifd end (default: the library's)",
+    )
     bench.add_argument("--repeat", type=int, default=5, help="repeats (default 5)")
     bench.add_argument(
         "--baselines",
@@ -293,6 +300,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         baselines=args.baselines,
         level=args.level,
         known_zero=args.known_zero,
+        io_threads=args.io_threads,
         progress=progress,
     )
     objects = [r.to_json(baselines=args.baselines) for r in results]
