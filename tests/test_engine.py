@@ -91,11 +91,15 @@ async def test_sender_without_zero_page_detection_sends_zero_pages_as_data() -> 
     assert sent.normal_pages == 70
 
 
+def known_zero_pair(data: bytearray) -> tuple[m.RAMBlock, bytearray, m.RAMBlock]:
+    """A source block over ``data``, and a known-zero target block and its buffer."""
+    target_buffer = bytearray(len(data))
+    return m.RAMBlock("mem", data), target_buffer, m.RAMBlock("mem", target_buffer, zeroed=True)
+
+
 async def test_known_zero_target_skips_zero_pages_never_written() -> None:
     data = random_pages(32, zero_every=2, seed=6)
-    source = m.RAMBlock("mem", data)
-    target_buffer = bytearray(len(data))
-    target = m.RAMBlock("mem", target_buffer, zeroed=True)
+    source, target_buffer, target = known_zero_pair(data)
 
     async def body(sender: m.Sender) -> None:
         await sender.queue_pages(source, range(0, len(data), PAGE))
@@ -119,9 +123,7 @@ async def test_known_zero_target_skips_zero_pages_never_written() -> None:
 async def test_known_zero_target_zeroes_only_the_written_stretch_of_a_zero_run() -> None:
     data = bytearray(8 * PAGE)
     data[2 * PAGE : 6 * PAGE] = random_pages(4, seed=7)
-    source = m.RAMBlock("mem", data)
-    target_buffer = bytearray(len(data))
-    target = m.RAMBlock("mem", target_buffer, zeroed=True)
+    source, target_buffer, target = known_zero_pair(data)
 
     async def body(sender: m.Sender) -> None:
         await sender.queue_pages(source, range(0, len(data), PAGE))

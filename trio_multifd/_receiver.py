@@ -491,7 +491,7 @@ class Receiver:
         try:
             self._check_checksum_flag(header)
             if header.carries_pages:
-                self._receive_pages(transport, channel, header, link.decoder, link.payload)
+                self._receive_pages(link, header)
         except ProtocolError as exc:
             exc.channel = channel
             if exc.packet_num is None:
@@ -539,19 +539,13 @@ class Receiver:
             limit=self._method.flag,
         )
 
-    def _receive_pages(
-        self,
-        transport: Transport,
-        channel: int,
-        header: PacketHeader,
-        decoder: Decoder | None,
-        payload_buffer: memoryview | None,
-    ) -> None:
+    def _receive_pages(self, link: _Link, header: PacketHeader) -> None:
         self._check_method(header)
+        channel, transport, decoder, stats = link.channel, link.transport, link.decoder, link.stats
+        payload_buffer = link.payload
         block, normal_runs, zero_runs = self._table.resolve(header, channel=channel)
         page_size = self.page_size
         view = block.view
-        stats = self.stats.channels[channel]
         received = self._received.get(block.name)
         if normal_runs:
             expected = header.normal_pages * page_size

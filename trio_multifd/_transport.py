@@ -524,12 +524,11 @@ class ReadySet(Generic[T]):
         self._sockets: dict[int, T] = {}
         self._streams: list[T] = []
         self._parked: set[int] = set()
-        self._reading = 0
         self.spinner = _Spinner()
 
     def __len__(self) -> int:
         """How many of the channels are read (not parked)."""
-        return self._reading
+        return len(self._sockets) - len(self._parked) + len(self._streams)
 
     def add(self, transport: Transport, item: T) -> None:
         """Read ``transport`` too, returning ``item`` from :meth:`wait` when it is readable."""
@@ -538,7 +537,6 @@ class ReadySet(Generic[T]):
             self._sockets[transport._fd] = item
         else:
             self._streams.append(item)
-        self._reading += 1
 
     def park(self, transport: Transport, item: T) -> None:
         """Stop reading ``transport``; :meth:`wait` still returns ``item`` if the peer
@@ -549,7 +547,6 @@ class ReadySet(Generic[T]):
             self._parked.add(transport._fd)
         else:
             self._streams.remove(item)
-        self._reading -= 1
 
     def unpark(self, transport: Transport, item: T) -> None:
         """Read ``transport`` again."""
@@ -558,7 +555,6 @@ class ReadySet(Generic[T]):
             self._parked.discard(transport._fd)
         else:
             self._streams.append(item)
-        self._reading += 1
 
     def remove(self, transport: Transport, item: T) -> None:
         """Forget ``transport`` (a channel that is read)."""
@@ -567,7 +563,6 @@ class ReadySet(Generic[T]):
             del self._sockets[transport._fd]
         else:
             self._streams.remove(item)
-        self._reading -= 1
 
     def wait(self, *, block: bool = True) -> list[T]:
         """The items whose channels are readable (an error or an end of stream counts)
