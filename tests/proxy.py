@@ -134,6 +134,8 @@ class TcpLink:
         self.sender_streams: list[trio.SocketStream] = []
         self.receiver_streams: list[trio.SocketStream] = []
         self.extra_streams: list[trio.SocketStream] = []
+        # Each accepted stream's peer address, recorded while it still has one.
+        self._peers: dict[int, object] = {}
 
     @classmethod
     @asynccontextmanager
@@ -163,6 +165,7 @@ class TcpLink:
     async def accept(self) -> trio.abc.Stream:
         stream = await self.listener.accept()
         self.receiver_streams.append(stream)
+        self._peers[id(stream)] = _peer(stream)
         return stream
 
     def all_closed(self, side: Literal["sender", "receiver"]) -> bool:
@@ -183,10 +186,12 @@ class TcpLink:
 
     async def wait_closed(self, address: object, *, within: float = 1.0) -> None:
         """Wait (at most ``within`` s) until the receiver has closed the stream it
-        accepted from ``address``."""
+        accepted from ``address``: until it has reacted, not only until a reset reached
+        that stream (after which its peer name is gone)."""
         with trio.move_on_after(within):
             while True:
-                if not any(_peer(s) == address for s in self.receiver_streams):
+                mine = [s for s in self.receiver_streams if self._peers.get(id(s)) == address]
+                if mine and all(s.socket.fileno() == -1 for s in mine):
                     return
                 await trio.sleep(0.005)
 
