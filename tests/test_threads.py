@@ -17,7 +17,7 @@ from trio_multifd._transport import SocketTransport, Turns, open_transport
 from .helpers import PAGE, block_pair, run_both_ends, shuffled
 from .proxy import TamperStream, TcpLink, damaged_pages, run_faulty_transfer
 from .test_engine import handshake, sync_packet
-from .transfer import transfer
+from .transfer import listening, transfer
 
 
 @pytest.mark.parametrize("io_threads", [0, 256, 1.5, "2"])
@@ -222,3 +222,36 @@ async def test_a_sending_thread_passes_over_a_channel_without_room() -> None:
             await transport.aclose()
         for _, theirs in pairs:
             theirs.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="the platform has no TCP_NOTSENT_LOWAT"
+)
+@pytest.mark.parametrize(("compression", "lifted"), [("none", False), ("zstd", True)])
+async def test_a_compressing_sender_lifts_trios_cap_on_unsent_bytes(
+    compression: str, lifted: bool
+) -> None:
+    # Trio caps every SocketStream's unsent bytes (16 KiB today); 0 is no cap.
+    src, dst = block_pair("mem", 64)
+    streams: list[trio.SocketStream] = []
+    async with m.open_receiver([dst], channels=2, compression=compression) as receiver:
+        async with trio.open_nursery() as nursery, listening("tcp") as (listeners, connect):
+            await nursery.start(receiver.serve, listeners)
+
+            async def recording(channel: int) -> trio.abc.Stream:
+                stream = await connect(channel)
+                assert isinstance(stream, trio.SocketStream)
+                streams.append(stream)
+                return stream
+
+            async with m.open_sender(recording, channels=2, compression=compression) as sender:
+                await sender.queue_pages(src, range(0, src.size, PAGE))
+                caps = [
+                    struct.unpack(
+                        "i", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 4)
+                    )[0]
+                    for s in streams
+                ]
+            await receiver.wait_closed()
+    assert [c == 0 for c in caps] == [lifted, lifted]
+    assert dst.view == src.view

@@ -407,6 +407,8 @@ class Sender:
             self.stats.channels[channel].bytes += 64
             if self._method.compresses:
                 encoder = self._method.new_encoder(self._level)
+                if isinstance(transport, SocketTransport):
+                    transport.lift_send_cap()
             logger.info("sender: channel %d connected", channel)
             crew = self._join(_Link(channel, transport, encoder))
             await self._all_connected.wait()

@@ -16,6 +16,7 @@ broken stream, :class:`TruncatedError` for an end of stream inside a structure,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import select
@@ -45,6 +46,9 @@ Buffer = bytes | bytearray | memoryview
 # a channel failed (a clean FIN means "everything read and completed").
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _FAILED = b"!"
+
+# Where the socket module has it, Trio set it (see SocketTransport).
+_NOTSENT_LOWAT: int | None = getattr(stdlib_socket, "TCP_NOTSENT_LOWAT", None)
 
 # The peer's end of stream as a poll event (Linux only; elsewhere it shows as POLLIN).
 _RDHUP = getattr(select, "POLLRDHUP", 0)
@@ -377,6 +381,27 @@ class SocketTransport(Transport):
         # The sockets of other channels whose failure a wait to send must notice.
         self._watched: dict[int, SocketTransport] = {}
         self._spinner = _Spinner()
+
+    def lift_send_cap(self) -> None:
+        """Let the kernel hold as much unsent data as its buffer takes.
+
+        Trio's SocketStream caps a TCP socket's unsent data at 16 KiB
+        (``TCP_NOTSENT_LOWAT``), for the latency of small writes; the socket's 0 is the
+        system's default, no cap. A compressing sender is the slow end: with the cap its
+        512 KiB ``sendmsg`` returns early and its thread waits and wakes about once per
+        packet, and without it the receiver's acknowledgements push the queued bytes.
+        Measured on 2 cores, 4 channels of zstd, medians of 5: ~290 against ~20 waits
+        per GiB, 1.04 against 0.87 sender CPU s/GB, 1.16 against 1.30 GB/s. Not without
+        compression: there the receiver is the slow end, and the cap keeps the kernel's
+        sending work on the sender's side (4.04 against 3.50 GB/s, 0.23 against 0.28
+        CPU s/GB on each end).
+        """
+        if _NOTSENT_LOWAT is not None and self._sock.family in (
+            stdlib_socket.AF_INET,
+            stdlib_socket.AF_INET6,
+        ):
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(stdlib_socket.IPPROTO_TCP, _NOTSENT_LOWAT, 0)
 
     def close_sync_side(self) -> None:
         if self.sync_sock is not None:

@@ -48,7 +48,8 @@ class Encoder(abc.ABC):
 
         Returns:
             The payload: ``next_packet_size`` bytes, at most
-            :meth:`Method.payload_bound` of the pages' size.
+            :meth:`Method.payload_bound` of the pages' size. It may be a view of a
+            buffer the encoder reuses: valid until the next call or :meth:`close`.
         """
 
     # Not abstract: most encoders hold nothing that needs releasing before collection.

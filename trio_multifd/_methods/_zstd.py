@@ -14,6 +14,9 @@ from typing import IO, ClassVar, cast, final
 
 import zstandard
 
+# libzstd's C API as python-zstandard's CFFI backend binds it (untyped, as it is there).
+from zstandard._cffi import ffi, lib  # type: ignore[import-not-found]
+
 from .._errors import DecompressionError
 from .._wire import PACKET_SIZE, Compression
 from ._base import (
@@ -35,29 +38,67 @@ QEMU's highest level, 20, compresses with a 32 MiB window (``windowLog`` 25); zs
 limit, 128 MiB, would let any peer make every channel allocate that much.
 """
 
-# A chunk larger than any packet's payload: the chunker then hands over each packet's
-# payload whole at its flush, with no join.
-_CHUNK_SIZE = compressed_payload_bound(PACKET_SIZE)
+# libzstd's own streaming call, through python-zstandard's CFFI binding (its "cffi"
+# extra): it compresses into a buffer the encoder keeps, where the C backend's chunker and
+# compressobj return each payload as a new bytes object, one more copy of every byte.
+# Measured on 2 cores, 4 channels, random data, alternating runs: 0.72-0.74 against
+# 0.79-0.82 CPU s/GB in the sender. The decoder needs no such thing: zstandard's stream
+# reader already decodes straight into the target.
+_OUTPUT_SIZE = compressed_payload_bound(PACKET_SIZE)
 
 
 @final
 class _ZstdEncoder(Encoder):
     def __init__(self, level: int) -> None:
+        cctx = lib.ZSTD_createCCtx()
+        if cctx == ffi.NULL:
+            raise MemoryError("zstd: cannot allocate a compression context")
+        self._cctx = ffi.gc(cctx, lib.ZSTD_freeCCtx)
         # Single-threaded, no checksum, no content size: the frame header that QEMU's
-        # ZSTD_initCStream(level) writes. The chunker measured faster than a
-        # compressobj on incompressible pages (3.0 against 2.4 GB/s), as fast elsewhere.
-        self._chunker = zstandard.ZstdCompressor(level=level).chunker(chunk_size=_CHUNK_SIZE)
+        # ZSTD_initCStream(level) writes.
+        _check(lib.ZSTD_CCtx_setParameter(self._cctx, lib.ZSTD_c_compressionLevel, level))
+        self._output = bytearray(_OUTPUT_SIZE)
+        self._dst = ffi.from_buffer(self._output)
+        self._view = memoryview(self._output)
+        self._out_pos = ffi.new("size_t *")
+        self._in_pos = ffi.new("size_t *")
 
-    def encode(self, runs: Sequence[memoryview]) -> bytes:
-        # Writing a run of pages at once is the same ZSTD_e_continue stream as writing
-        # its pages one by one, with fewer calls.
-        chunker = self._chunker
-        chunks: list[bytes] = []
-        for run in runs:
-            chunks += chunker.compress(run)
-        # zstandard's stub leaves flush() unannotated; it yields bytes.
-        chunks += chunker.flush()  # type: ignore[no-untyped-call]
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def encode(self, runs: Sequence[memoryview]) -> memoryview:
+        # Feeding a run of pages at once is the same ZSTD_e_continue stream as feeding its
+        # pages one by one, with fewer calls; the last run is fed with ZSTD_e_flush.
+        self._out_pos[0] = 0
+        last = len(runs) - 1
+        for index, run in enumerate(runs):
+            self._feed(run, lib.ZSTD_e_flush if index == last else lib.ZSTD_e_continue)
+        return self._view[: self._out_pos[0]]
+
+    def _feed(self, run: memoryview, mode: int) -> None:
+        cctx, dst, out_pos, in_pos = self._cctx, self._dst, self._out_pos, self._in_pos
+        size = len(run)
+        in_pos[0] = 0
+        with ffi.from_buffer(run) as src:
+            while True:
+                left = _check(
+                    lib.ZSTD_compressStream2_simpleArgs(
+                        cctx, dst, _OUTPUT_SIZE, out_pos, src, size, in_pos, mode
+                    )
+                )
+                if in_pos[0] == size and (mode == lib.ZSTD_e_continue or not left):
+                    return
+                # The buffer holds any packet's payload: a full one is a broken bound.
+                if out_pos[0] == _OUTPUT_SIZE:
+                    raise RuntimeError("zstd: a packet's payload outgrew its bound")
+
+    def close(self) -> None:
+        ffi.release(self._dst)
+        ffi.release(self._cctx)
+
+
+def _check(result: int) -> int:
+    if lib.ZSTD_isError(result):
+        name = ffi.string(lib.ZSTD_getErrorName(result)).decode()
+        raise RuntimeError(f"zstd compression failed: {name}")
+    return result
 
 
 class _Exhausted(Exception):
