@@ -156,7 +156,9 @@ class Receiver:
         self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
         # Worker threads read the packets, each for a crew of channels; they wait on
         # this condition for a round to complete or a channel to join.
-        self._io_threads = io_thread_count(io_threads, channels, compressing=False)
+        self._io_threads = io_thread_count(
+            io_threads, channels, compressing=self._method.compresses
+        )
         self._crews = {
             slot: _Crew({c for c in range(channels) if shared_slot(c, self._io_threads) == slot})
             for slot in range(self._io_threads)
@@ -707,8 +709,8 @@ async def open_receiver(
             mismatch is an :class:`IntegrityError` and its round never completes.
         io_threads: How many worker threads read the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
-            thread each); ``None`` for half the cores, at least one (decoding
-            zlib or zstd costs a fraction of encoding).
+            thread each); ``None`` for one per core with compression, else half the
+            cores (at least one).
 
     Raises:
         ValueError: A bad argument (no blocks, read-only or mixed page sizes, method).
