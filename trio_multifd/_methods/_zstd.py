@@ -38,11 +38,11 @@ QEMU's highest level, 20, compresses with a 32 MiB window (``windowLog`` 25); zs
 limit, 128 MiB, would let any peer make every channel allocate that much.
 """
 
-# libzstd's own streaming call, through python-zstandard's CFFI binding (its "cffi"
-# extra): it compresses into a buffer the encoder keeps, where the C backend's chunker and
+# libzstd's own streaming call, through the CFFI binding that zstandard's wheels ship: it
+# compresses into a buffer the encoder keeps, where the C backend's chunker and
 # compressobj return each payload as a new bytes object, one more copy of every byte.
-# Measured on 2 cores, 4 channels, random data, alternating runs: 0.72-0.74 against
-# 0.79-0.82 CPU s/GB in the sender. The decoder needs no such thing: zstandard's stream
+# Measured on 2 cores, 4 channels, random data, alternating runs: 0.72-0.80 against
+# 0.79-0.90 CPU s/GB in the sender. The decoder needs no such thing: zstandard's stream
 # reader already decodes straight into the target.
 _OUTPUT_SIZE = compressed_payload_bound(PACKET_SIZE)
 
