@@ -254,6 +254,28 @@ def test_encoder_output_is_qemus_page_by_page_stream(name: str) -> None:
         assert encode_pages(encoder, image, pages) == prepare(page_views(image, pages))
 
 
+@pytest.mark.parametrize("level", [0, 3, 9, 19])
+def test_zstd_encoder_compresses_at_its_level(level: int) -> None:
+    # The same stream as zstandard's own objects at that level, and not the level-1 one.
+    rng = random.Random(level)
+    text = b"".join(b"page %d of a text-like image; " % i for i in range(PAGE_COUNT * PAGE // 24))
+    image = bytearray(text[: IMAGE_PAGES * PAGE].ljust(IMAGE_PAGES * PAGE, b"."))
+    encoder = get_method("zstd").new_encoder(level)
+    reference = zstandard.ZstdCompressor(level=level).compressobj()
+    level_one = zstandard.ZstdCompressor(level=1).compressobj()
+    pages = random_pages(rng, PAGE_COUNT)
+    views = page_views(image, pages)
+    payload = encode_pages(encoder, image, pages)
+    expected = b"".join(
+        [*map(reference.compress, views), reference.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]
+    )
+    baseline = b"".join(
+        [*map(level_one.compress, views), level_one.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]
+    )
+    assert payload == expected
+    assert payload != baseline
+
+
 def test_zstd_payloads_decode_with_a_plain_streaming_decoder() -> None:
     rng = random.Random(5)
     image = make_image(rng)
