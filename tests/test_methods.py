@@ -28,7 +28,7 @@ from trio_multifd._methods import (
     register_method,
     unregister_method,
 )
-from trio_multifd._methods._zstd import MAX_WINDOW_SIZE
+from trio_multifd._methods._zstd import MAX_WINDOW_SIZE, _ZstdChunkerEncoder
 from trio_multifd._wire import HANDSHAKE_SIZE, PACKET_SIZE, decode_packet_header, header_size
 
 from . import captures
@@ -274,6 +274,26 @@ def test_zstd_encoder_compresses_at_its_level(level: int) -> None:
     )
     assert payload == expected
     assert payload != baseline
+
+
+@pytest.mark.parametrize("level", [1, 9])
+def test_zstd_fallback_encoder_makes_the_same_stream(level: int) -> None:
+    # Without zstandard's CFFI module the C backend's chunker encodes: the same bytes.
+    rng = random.Random(level)
+    image = make_image(rng)
+    ours = get_method("zstd").new_encoder(level)
+    fallback = _ZstdChunkerEncoder(level)
+    for count in (PAGE_COUNT, 1, 33, 7, PAGE_COUNT):
+        pages = random_pages(rng, count)
+        assert encode_pages(ours, image, pages) == encode_pages(fallback, image, pages)
+
+
+def test_zstd_encoder_refuses_to_encode_once_closed() -> None:
+    encoder = get_method("zstd").new_encoder(1)
+    encoder.close()
+    encoder.close()
+    with pytest.raises(ValueError, match="closed"):
+        encoder.encode([memoryview(bytes(PAGE))])
 
 
 def test_zstd_payloads_decode_with_a_plain_streaming_decoder() -> None:

@@ -255,3 +255,13 @@ async def test_a_compressing_sender_lifts_trios_cap_on_unsent_bytes(
             await receiver.wait_closed()
     assert [c == 0 for c in caps] == [lifted, lifted]
     assert dst.view == src.view
+
+
+@pytest.mark.parametrize(("compression", "threads"), [("none", 2), ("zstd", 4), ("zlib", 4)])
+async def test_a_receiver_has_a_thread_per_core_with_compression(
+    monkeypatch: pytest.MonkeyPatch, compression: str, threads: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    _, dst = block_pair("mem", 1)
+    async with m.open_receiver([dst], channels=8, compression=compression) as receiver:
+        assert receiver._io_threads == threads

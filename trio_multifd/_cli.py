@@ -120,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_io_threads_arg,
         default=None,
         metavar="N",
-        help="worker threads moving the channels' packets (default: half the cores;"
-        " for send with compression, one per core)",
+        help="worker threads moving the channels' packets (default: one per core with"
+        " compression, else half the cores)",
     )
 
     send = sub.add_parser(

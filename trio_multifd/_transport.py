@@ -391,11 +391,13 @@ class SocketTransport(Transport):
         compressing sender is the slow end: with the cap its
         512 KiB ``sendmsg`` returns early and its thread waits and wakes about once per
         packet, and without it the receiver's acknowledgements push the queued bytes.
-        Measured on 2 cores, 4 channels of zstd, medians of 5: ~290 against ~20 waits
-        per GiB, 1.04 against 0.87 sender CPU s/GB, 1.16 against 1.30 GB/s. Not without
-        compression: there the receiver is the slow end, and the cap keeps the kernel's
-        sending work on the sender's side (4.04 against 3.50 GB/s, 0.23 against 0.28
-        CPU s/GB on each end).
+        Measured on 2 cores, 4 channels of zstd, 1 GiB, medians of 5 in alternating runs:
+        ~290 against ~20 waits per GiB; with the C backend's encoder 1.04 against 0.87
+        sender CPU s/GB and 1.16 against 1.30 GB/s, with the CFFI one 0.95 against 0.80
+        and 1.28 against 1.36 (the receiver's CPU rose from 0.42 to 0.56: its
+        acknowledgements now push the queued bytes). Not without compression: there the
+        receiver is the slow end, and the cap keeps the kernel's sending work on the
+        sender's side (4.04 against 3.50 GB/s, 0.23 against 0.28 CPU s/GB on each end).
         """
         if _NOTSENT_LOWAT is not None and self._sock.family in (
             stdlib_socket.AF_INET,

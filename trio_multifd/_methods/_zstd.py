@@ -9,13 +9,18 @@ back to earlier packets' bytes (the window) and reuse their repeat offsets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, ClassVar, cast, final
 
 import zstandard
 
-# libzstd's C API as python-zstandard's CFFI backend binds it (untyped, as it is there).
-from zstandard._cffi import ffi, lib  # type: ignore[import-not-found]
+try:
+    # libzstd's C API as python-zstandard's CFFI backend binds it (untyped, as it is
+    # there). Builds without that backend (free-threaded wheels, some distributions)
+    # get the C backend's chunker instead: the same stream, one copy more per byte.
+    from zstandard._cffi import ffi, lib  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - the CI's wheels have it
+    ffi = lib = None
 
 from .._errors import DecompressionError
 from .._wire import PACKET_SIZE, Compression
@@ -49,6 +54,8 @@ _OUTPUT_SIZE = compressed_payload_bound(PACKET_SIZE)
 
 @final
 class _ZstdEncoder(Encoder):
+    """libzstd's ZSTD_compressStream2 into a buffer the encoder keeps."""
+
     def __init__(self, level: int) -> None:
         cctx = lib.ZSTD_createCCtx()
         if cctx == ffi.NULL:
@@ -62,10 +69,13 @@ class _ZstdEncoder(Encoder):
         self._view = memoryview(self._output)
         self._out_pos = ffi.new("size_t *")
         self._in_pos = ffi.new("size_t *")
+        self._closed = False
 
     def encode(self, runs: Sequence[memoryview]) -> memoryview:
         # Feeding a run of pages at once is the same ZSTD_e_continue stream as feeding its
         # pages one by one, with fewer calls; the last run is fed with ZSTD_e_flush.
+        if self._closed:
+            raise ValueError("the zstd encoder is closed")
         self._out_pos[0] = 0
         last = len(runs) - 1
         for index, run in enumerate(runs):
@@ -90,6 +100,8 @@ class _ZstdEncoder(Encoder):
                     raise RuntimeError("zstd: a packet's payload outgrew its bound")
 
     def close(self) -> None:
+        # The context is freed here, not at collection: encode() must not reach it after.
+        self._closed = True
         ffi.release(self._dst)
         ffi.release(self._cctx)
 
@@ -99,6 +111,28 @@ def _check(result: int) -> int:
         name = ffi.string(lib.ZSTD_getErrorName(result)).decode()
         raise RuntimeError(f"zstd compression failed: {name}")
     return result
+
+
+@final
+class _ZstdChunkerEncoder(Encoder):
+    """The same stream through zstandard's C backend, for builds without its CFFI one."""
+
+    def __init__(self, level: int) -> None:
+        # A chunk larger than any packet's payload: the chunker hands over each packet's
+        # payload whole at its flush.
+        self._chunker = zstandard.ZstdCompressor(level=level).chunker(chunk_size=_OUTPUT_SIZE)
+
+    def encode(self, runs: Sequence[memoryview]) -> bytes:
+        chunker = self._chunker
+        chunks: list[bytes] = []
+        for run in runs:
+            chunks += chunker.compress(run)
+        # zstandard's stub leaves flush() unannotated; it yields bytes.
+        chunks += chunker.flush()  # type: ignore[no-untyped-call]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_ENCODER: Callable[[int], Encoder] = _ZstdChunkerEncoder if lib is None else _ZstdEncoder
 
 
 class _Exhausted(Exception):
@@ -208,7 +242,7 @@ class ZstdMethod(StreamMethod):
     default_level: ClassVar[int | None] = 1
 
     def _encoder(self, level: int) -> Encoder:
-        return _ZstdEncoder(level)
+        return _ENCODER(level)
 
     def new_decoder(self) -> Decoder:
         """Return the decompressing end of a new channel's stream.
