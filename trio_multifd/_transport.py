@@ -386,18 +386,14 @@ class SocketTransport(Transport):
         """Let the kernel hold as much unsent data as its buffer takes.
 
         Trio's SocketStream caps a TCP socket's unsent data at 16 KiB
-        (``TCP_NOTSENT_LOWAT``), for the latency of small writes; setting 0 restores the
-        system's default (``net.ipv4.tcp_notsent_lowat``: no cap unless configured). A
-        compressing sender is the slow end: with the cap its
-        512 KiB ``sendmsg`` returns early and its thread waits and wakes about once per
-        packet, and without it the receiver's acknowledgements push the queued bytes.
-        Measured on 2 cores, 4 channels of zstd, 1 GiB, medians of 5 in alternating runs:
-        ~290 against ~20 waits per GiB; with the C backend's encoder 1.04 against 0.87
-        sender CPU s/GB and 1.16 against 1.30 GB/s, with the CFFI one 0.95 against 0.80
-        and 1.28 against 1.36 (the receiver's CPU rose from 0.42 to 0.56: its
-        acknowledgements now push the queued bytes). Not without compression: there the
-        receiver is the slow end, and the cap keeps the kernel's sending work on the
-        sender's side (4.04 against 3.50 GB/s, 0.23 against 0.28 CPU s/GB on each end).
+        (``TCP_NOTSENT_LOWAT``), for the latency of small writes; 0 restores the system's
+        default (``net.ipv4.tcp_notsent_lowat``: no cap unless configured). For a
+        compressing sender, the slow end: with the cap its 512 KiB ``sendmsg`` returned
+        early and its thread woke ~290 times per GiB (~20 without), and the sender's CPU
+        fell from 0.95 to 0.80 s/GB at 4 channels of zstd (the receiver's rose from 0.42
+        to 0.56: its acknowledgements now push the queued bytes), 1.28 to 1.36 GB/s.
+        Without compression the receiver is the slow end and the cap measured better
+        (4.04 against 3.50 GB/s). See ``docs/performance.rst``.
         """
         if _NOTSENT_LOWAT is not None and self._sock.family in (
             stdlib_socket.AF_INET,

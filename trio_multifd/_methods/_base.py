@@ -287,18 +287,8 @@ class StreamMethod(Method):
     qemu_compatible: ClassVar[bool] = True
 
     def payload_bound(self, page_bytes: int) -> int:
-        """Return the largest payload a packet of ``page_bytes`` of pages can have: the
-        library's worst case, the stream's header and the per-packet flush.
-
-        Args:
-            page_bytes: The packet's normal pages times the page size.
-
-        Returns:
-            ``page_bytes + page_bytes // 64 + 1024``.
-
-        Raises:
-            ValueError: ``page_bytes`` is negative.
-        """
+        """:func:`compressed_payload_bound`: the library's worst case, the stream's header
+        and the per-packet flush."""
         return compressed_payload_bound(page_bytes)
 
     def new_encoder(self, level: int | None = None) -> Encoder:

@@ -50,6 +50,12 @@ limit, 128 MiB, would let any peer make every channel allocate that much.
 # 0.79-0.90 CPU s/GB in the sender. The decoder needs no such thing: zstandard's stream
 # reader already decodes straight into the target.
 _OUTPUT_SIZE = compressed_payload_bound(PACKET_SIZE)
+if lib is not None:
+    # Looked up once: an attribute of the CFFI library costs a lookup per packet.
+    _compress_stream = lib.ZSTD_compressStream2_simpleArgs
+    _is_error = lib.ZSTD_isError
+    _CONTINUE = lib.ZSTD_e_continue
+    _FLUSH = lib.ZSTD_e_flush
 
 
 @final
@@ -79,7 +85,7 @@ class _ZstdEncoder(Encoder):
         self._out_pos[0] = 0
         last = len(runs) - 1
         for index, run in enumerate(runs):
-            self._feed(run, lib.ZSTD_e_flush if index == last else lib.ZSTD_e_continue)
+            self._feed(run, _FLUSH if index == last else _CONTINUE)
         return self._view[: self._out_pos[0]]
 
     def _feed(self, run: memoryview, mode: int) -> None:
@@ -89,11 +95,9 @@ class _ZstdEncoder(Encoder):
         with ffi.from_buffer(run) as src:
             while True:
                 left = _check(
-                    lib.ZSTD_compressStream2_simpleArgs(
-                        cctx, dst, _OUTPUT_SIZE, out_pos, src, size, in_pos, mode
-                    )
+                    _compress_stream(cctx, dst, _OUTPUT_SIZE, out_pos, src, size, in_pos, mode)
                 )
-                if in_pos[0] == size and (mode == lib.ZSTD_e_continue or not left):
+                if in_pos[0] == size and (mode == _CONTINUE or not left):
                     return
                 # The buffer holds any packet's payload: a full one is a broken bound.
                 if out_pos[0] == _OUTPUT_SIZE:
@@ -107,7 +111,7 @@ class _ZstdEncoder(Encoder):
 
 
 def _check(result: int) -> int:
-    if lib.ZSTD_isError(result):
+    if _is_error(result):
         name = ffi.string(lib.ZSTD_getErrorName(result)).decode()
         raise RuntimeError(f"zstd compression failed: {name}")
     return result
