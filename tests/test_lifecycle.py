@@ -91,8 +91,14 @@ async def test_a_channel_failing_mid_transfer_fails_both_ends_and_closes_everyth
         tracked, sender_error, receiver_error = await _sender_with_broken_channel(True)
     assert isinstance(sender_error, m.TransportError)
     assert sender_error.channel == 1
-    assert isinstance(receiver_error, m.TruncatedError | m.TransportError)
-    assert receiver_error.channel == 1
+    # The sender cuts channel 1 first, then the others as it tears down; the receiver
+    # reads each channel in a thread of its own (memory streams), so it may see another
+    # channel's cut first: it names the channel it saw end.
+    assert isinstance(
+        receiver_error, m.TruncatedError | m.TransportError | m.TransferIncompleteError
+    )
+    assert receiver_error.channel in (0, 1)
+    assert str(receiver_error).startswith(f"channel {receiver_error.channel}")
     assert all(t.closed for t in tracked)
     assert isinstance(sender_error.__cause__, BaseException)
 

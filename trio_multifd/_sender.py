@@ -422,6 +422,17 @@ class Sender:
             await transport.aclose()
             logger.info("sender: channel %d done, receiver confirmed", channel)
         except MultiFDError as exc:
+            # The receiver learns of the failure on the channel that failed before the
+            # teardown closes the others (a stream ended between packets, a symptom):
+            # its error then names the same channel.
+            failed = transport
+            if crew is not None:
+                await crew.worker.released()
+                failed = next(
+                    (k.transport for k in crew.links if k.channel == exc.channel), failed
+                )
+            if failed is not None:
+                await failed.reset()
             await self._supervisor.channel_failed(exc, channel)
             raise
         finally:
