@@ -197,7 +197,9 @@ async def test_marks_a_writer_mutating_64_mib_converges_and_the_target_is_identi
     assert report.rounds[-2].expected_downtime is not None
     assert report.rounds[-2].expected_downtime <= GENEROUS
     assert writer.writes > 0
-    assert final.pages == report.rounds[-1].pages
+    # The receiver's figures are approximate (precopy_receive's docs): pages of the
+    # final round can be counted in the round before, never the other way round.
+    assert final.pages <= report.rounds[-1].pages
     assert target_bytes == source_bytes
 
 
