@@ -19,6 +19,7 @@ Data generation, pre-touch, connection setup and hashing are outside the timed p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -39,6 +40,7 @@ import attrs
 __all__ = [
     "DATA_KINDS",
     "IMPLS",
+    "QEMU_METHODS",
     "Case",
     "CaseResult",
     "RunResult",
@@ -59,7 +61,10 @@ DATA_KINDS = ("random", "compressible", "zero", "zero-all", "mixed")
 + 3 KiB text; ``zero`` 15 pages in 16 all zero (the 16th random); ``zero-all`` every page
 zero; ``mixed`` (the demo's) a quarter zero pages, a quarter random, half text."""
 
-IMPLS = ("trio_multifd", "raw_socket", "raw_socket_threads", "naive_trio")
+IMPLS = ("trio_multifd", "raw_socket", "raw_socket_threads", "naive_trio", "qemu_multifd")
+
+QEMU_METHODS = ("none", "zlib", "zstd")
+"""The methods QEMU's ``multifd-compression`` parameter shares with trio_multifd."""
 
 
 def _now() -> float:
@@ -560,14 +565,14 @@ def run_once(
         first = recv.stdout.readline()
         if not first:
             _, err = recv.communicate(timeout=10)
-            return _failed(size, f"receiver did not start: {_last_line(err)}")
+            return failed_run(size, f"receiver did not start: {_last_line(err)}")
         spec["port"] = json.loads(first)["port"]
         send = _spawn("send", spec)
         deadline = time.monotonic() + timeout
         send_out, send_err = send.communicate(timeout=timeout)
         recv_out, recv_err = recv.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        return _failed(size, f"timed out after {timeout:.0f}s")
+        return failed_run(size, f"timed out after {timeout:.0f}s")
     finally:
         for proc in (recv, send):
             if proc is not None and proc.poll() is None:
@@ -577,7 +582,7 @@ def run_once(
     if send.returncode or recv.returncode:
         which = "sender" if send.returncode else "receiver"
         err = send_err if send.returncode else recv_err
-        return _failed(size, f"{which} failed: {_last_line(err)}", load=load)
+        return failed_run(size, f"{which} failed: {_last_line(err)}", load=load)
     sender = json.loads(_last_line(send_out))
     receiver = json.loads(_last_line(recv_out))
     verified = sender["hash"] == receiver["hash"]
@@ -595,7 +600,7 @@ def run_once(
     )
 
 
-def _failed(size: int, error: str, *, load: float = 0.0) -> RunResult:
+def failed_run(size: int, error: str, *, load: float = 0.0) -> RunResult:
     return RunResult(
         seconds=0.0,
         size=size,
@@ -630,6 +635,10 @@ class Case:
         """The case this one is compared with."""
         return Case(self.raw_impl, self.channels, "none", self.data)
 
+    def counterpart(self) -> Case:
+        """The trio_multifd case of the same channels, method and data."""
+        return Case("trio_multifd", self.channels, self.compression, self.data)
+
 
 @attrs.define
 class CaseResult:
@@ -641,6 +650,8 @@ class CaseResult:
     io_threads: int | None = None
     runs: list[RunResult] = attrs.Factory(list)
     ratios: list[float] = attrs.Factory(list)
+    qemu_ratios: list[float] | None = None
+    """Per-repeat ratios to QEMU's multifd (a trio_multifd case, when QEMU ran)."""
 
     @property
     def verified(self) -> bool:
@@ -687,6 +698,10 @@ class CaseResult:
             obj["raw_impl"] = self.case.raw_impl
             obj["io_threads"] = self.io_threads
             obj["ratio_to_raw"] = round(med(self.ratios), 4) if baselines and self.ratios else None
+            if self.qemu_ratios is not None:
+                obj["ratio_to_qemu"] = (
+                    round(med(self.qemu_ratios), 4) if self.qemu_ratios else None
+                )
             wire = [r.sender.get("wire_bytes") for r in ok if r.sender.get("wire_bytes")]
             if wire:
                 obj["wire_bytes"] = wire[0]
@@ -702,9 +717,11 @@ def make_cases(
     compressions: Sequence[str],
     data: Sequence[str],
     baselines: bool,
+    qemu: bool = False,
 ) -> list[Case]:
     """The cases of one repeat, in the order they run: per data kind, per connection
-    count, the baseline right before the trio_multifd runs it is compared with."""
+    count, the baseline right before the trio_multifd runs it is compared with; with
+    ``qemu``, QEMU's multifd right after each trio_multifd run of a method it has."""
     cases: list[Case] = []
     for kind in data:
         if baselines:
@@ -716,6 +733,8 @@ def make_cases(
                 )
             for method in compressions:
                 cases.append(Case("trio_multifd", count, method, kind))
+                if qemu and method in QEMU_METHODS:
+                    cases.append(Case("qemu_multifd", count, method, kind))
     return cases
 
 
@@ -730,32 +749,49 @@ def run_bench(
     level: int | None = None,
     known_zero: bool = False,
     io_threads: int | None = None,
+    qemu: str | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[CaseResult]:
     """Run every case ``repeat`` times, interleaved within each repeat.
+
+    ``qemu`` is the path of a ``qemu-system-x86_64`` to run QEMU's own multifd on the
+    same data after each trio_multifd case (see ``_qemu_bench``); ``None`` skips it.
 
     With ``known_zero`` every receiver starts from fresh, untouched memory (no pattern
     fill), and trio_multifd's target is a known-zero block (``RAMBlock(zeroed=True)``).
     ``io_threads`` goes to both ends of the trio_multifd runs (``None``: their default).
     """
+    from ._qemu_bench import run_qemu_once
+
     cases = make_cases(
-        channels=channels, compressions=compressions, data=data, baselines=baselines
+        channels=channels,
+        compressions=compressions,
+        data=data,
+        baselines=baselines,
+        qemu=qemu is not None,
     )
     results = {case: CaseResult(case, size, known_zero, io_threads) for case in cases}
+    for case in cases:
+        if case.impl == "qemu_multifd":
+            results[case.counterpart()].qemu_ratios = []
     total = len(cases) * repeat
     done = 0
     for rep in range(repeat):
         for case in cases:
-            run = run_once(
-                case.impl,
+            run_case = (
+                functools.partial(run_qemu_once, qemu)
+                if qemu is not None and case.impl == "qemu_multifd"
+                else functools.partial(
+                    run_once, case.impl, known_zero=known_zero, io_threads=io_threads
+                )
+            )
+            run = run_case(
                 channels=case.channels,
                 compression=case.compression,
                 data=case.data,
                 size=size,
                 level=level if case.compression != "none" else None,
                 seed=rep,
-                known_zero=known_zero,
-                io_threads=io_threads,
             )
             done += 1
             status = f"{run.gbps:.2f} GB/s" if run.verified else f"FAILED: {run.error}"
@@ -768,6 +804,10 @@ def run_bench(
                 base = results[case.baseline()].runs
                 if len(base) == rep + 1 and base[-1].verified and run.verified:
                     results[case].ratios.append(run.gbps / base[-1].gbps)
+            if case.impl == "qemu_multifd":
+                ours = results[case.counterpart()]
+                if ours.qemu_ratios is not None and ours.runs[-1].verified and run.verified:
+                    ours.qemu_ratios.append(ours.runs[-1].gbps / run.gbps)
     return list(results.values())
 
 
@@ -775,7 +815,7 @@ def format_table(results: Sequence[CaseResult], *, baselines: bool) -> str:
     """The people's table: medians, spread, ratio, CPU and memory per side."""
     header = (
         f"{'impl':<19} {'ch':>2} {'method':<6} {'data':<12} {'GB/s':>6} {'min-max':>11}"
-        f" {'ratio':>6} {'CPU s/GB snd/rcv':>16} {'RSS+ MiB snd/rcv':>16} {'ok':>3}"
+        f" {'ratio':>6} {'/qemu':>6} {'CPU s/GB snd/rcv':>16} {'RSS+ MiB snd/rcv':>16} {'ok':>3}"
     )
     lines = [header, "-" * len(header)]
     for result in results:
@@ -784,13 +824,16 @@ def format_table(results: Sequence[CaseResult], *, baselines: bool) -> str:
         spread = f"{min(runs):.2f}-{max(runs):.2f}" if runs else "-"
         ratio = obj.get("ratio_to_raw")
         ratio_text = f"{ratio:.2f}" if isinstance(ratio, float) else ""
+        to_qemu = obj.get("ratio_to_qemu")
+        qemu_text = f"{to_qemu:.2f}" if isinstance(to_qemu, float) else ""
         cpu = f"{obj['sender_cpu_s_per_gb']:.2f}/{obj['receiver_cpu_s_per_gb']:.2f}"
         rss = (
             f"{obj['sender_rss_beyond_data_mib']:.0f}/{obj['receiver_rss_beyond_target_mib']:.0f}"
         )
         lines.append(
             f"{obj['impl']:<19} {obj['channels']:>2} {obj['compression']:<6} {obj['data']:<12}"
-            f" {obj['gbps_median']:>6.2f} {spread:>11} {ratio_text:>6} {cpu:>16} {rss:>16}"
+            f" {obj['gbps_median']:>6.2f} {spread:>11} {ratio_text:>6} {qemu_text:>6}"
+            f" {cpu:>16} {rss:>16}"
             f" {'yes' if obj['verified'] else 'NO':>3}"
         )
     return "\n".join(lines)

@@ -166,9 +166,10 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure against raw sockets and naive Trio",
+        help="measure against raw sockets, naive Trio and (--qemu) QEMU's multifd",
         description="Two fresh processes per run over 127.0.0.1 TCP; trio_multifd against"
-        " raw_socket, raw_socket_threads and naive_trio on the same data.",
+        " raw_socket, raw_socket_threads and naive_trio on the same data, and with --qemu"
+        " against QEMU's own multifd.",
     )
     bench.add_argument(
         "--size",
@@ -213,6 +214,16 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the baselines (default yes)",
+    )
+    bench.add_argument(
+        "--qemu",
+        nargs="?",
+        const="qemu-system-x86_64",
+        default=None,
+        metavar="BINARY",
+        help="also run QEMU's own multifd after each trio_multifd case of a method QEMU has"
+        " (none, zlib, zstd), on the same data (BINARY default qemu-system-x86_64; --size a"
+        " whole number of MiB)",
     )
     bench.add_argument(
         "--json", metavar="PATH", dest="json_path", help="write the results as a JSON array"
@@ -263,6 +274,18 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error("--repeat must be at least 1")
         if args.size < 4096 * max(args.channels):
             parser.error("--size must hold at least one page per channel")
+        if args.qemu is not None:
+            from ._qemu_bench import find_qemu
+
+            found = find_qemu(args.qemu)
+            if found is None:
+                parser.error(
+                    f"--qemu: no QEMU binary {args.qemu!r} found (Debian: apt install"
+                    " qemu-system-x86)"
+                )
+            args.qemu = found
+            if args.size % (1 << 20):
+                parser.error("--qemu needs a --size that is a whole number of MiB")
     if args.command == "recv" and bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     level = getattr(args, "level", None)
@@ -301,6 +324,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         level=args.level,
         known_zero=args.known_zero,
         io_threads=args.io_threads,
+        qemu=args.qemu,
         progress=progress,
     )
     objects = [r.to_json(baselines=args.baselines) for r in results]
@@ -308,7 +332,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     loads = [load for obj in objects for load in obj["load_1m"]]
     sys.stdout.write(
         f"{args.size / (1 << 20):g} MiB per run, medians of {args.repeat}; ratio = median of"
-        f" per-repeat ratios to the baseline with as many connections; RSS+ = peak RSS beyond"
+        f" per-repeat ratios to the baseline with as many connections (/qemu: to QEMU's"
+        f" multifd, same method); RSS+ = peak RSS beyond"
         f" the data buffer; load {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs\n"
     )
     if args.json_path:
