@@ -89,6 +89,7 @@ def test_bench_json_has_every_field_and_verifies(tmp_path: Path) -> None:
             assert "ratio_to_raw" not in case
     # The table on stdout, progress on stderr.
     assert "trio_multifd" in proc.stdout
+    assert "/qemu" not in proc.stdout  # QEMU's column only when --qemu ran it
     assert "[7/7]" in proc.stderr
 
 

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from trio_multifd import _qemu_bench
 from trio_multifd._bench import make_cases
 from trio_multifd._qemu_bench import find_qemu, qemu_argv, run_qemu_once
 
@@ -51,13 +53,13 @@ def test_qemu_runs_right_after_each_trio_multifd_run_of_a_method_it_has() -> Non
     ]
 
 
-def test_the_destination_preallocates_and_waits_for_its_migration() -> None:
+def test_both_sides_preallocate_and_the_destination_waits_for_its_migration() -> None:
     source = qemu_argv("qemu", ram_path="/r/src", size=64 << 20, qmp_path="/q", destination=False)
     target = qemu_argv("qemu", ram_path="/r/dst", size=64 << 20, qmp_path="/q", destination=True)
     assert "-S" in source and "-m" in source and source[source.index("-m") + 1] == "64M"
-    backend = source[source.index("-object") + 1]
-    assert "mem-path=/r/src" in backend and "prealloc" not in backend
-    assert "prealloc=on" in target[target.index("-object") + 1]
+    for argv, path in ((source, "/r/src"), (target, "/r/dst")):
+        backend = argv[argv.index("-object") + 1]
+        assert f"mem-path={path}" in backend and "prealloc=on" in backend
     assert "-incoming" not in source
     assert target[target.index("-incoming") + 1] == "defer"
 
@@ -66,6 +68,26 @@ def test_a_qemu_that_exits_at_once_is_a_failed_run_not_a_hang() -> None:
     run = run_qemu_once("/bin/false", channels=1, compression="none", data="zero", size=1 << 20)
     assert run.verified is False
     assert run.error is not None and "QEMU exited with status 1" in run.error
+
+
+def test_a_qemu_that_never_greets_fails_at_the_deadline(tmp_path: Path) -> None:
+    # A stand-in for QEMU that opens its QMP socket and then says nothing.
+    fake = tmp_path / "silent-qemu"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import socket, sys, time\n"
+        "path = sys.argv[sys.argv.index('-qmp') + 1][len('unix:'):].split(',')[0]\n"
+        "listener = socket.socket(socket.AF_UNIX)\n"
+        "listener.bind(path)\n"
+        "listener.listen()\n"
+        "time.sleep(60)\n"
+    )
+    fake.chmod(0o755)
+    run = run_qemu_once(
+        str(fake), channels=1, compression="none", data="zero", size=1 << 20, timeout=1
+    )
+    assert run.verified is False
+    assert run.error == "QEMU run failed: QEMU sent no greeting before the run's deadline"
 
 
 def test_a_size_qemu_cannot_take_is_a_failed_run() -> None:
@@ -81,6 +103,7 @@ def test_a_missing_qemu_binary_is_a_usage_error() -> None:
 
 
 def test_qemu_needs_a_size_in_whole_mebibytes() -> None:
+    # Any executable passes the check that the binary exists, which comes first.
     proc = bench("--size", "1028KiB", "--channels", "1", "--qemu", sys.executable)
     assert proc.returncode == 2
     assert "--qemu needs a --size that is a whole number of MiB" in proc.stderr
@@ -110,4 +133,34 @@ def test_bench_runs_qemu_on_the_same_data_and_reports_the_ratio(tmp_path: Path) 
             assert "ratio_to_qemu" not in case
             # Guest RAM counts in QEMU's peak RSS, as the data buffer does in ours.
             assert case["receiver_peak_rss_mib"] > 16
-    assert "/qemu" in proc.stdout
+    trio_row = next(line for line in proc.stdout.splitlines() if "trio_multifd" in line)
+    assert f"{cases[0]['ratio_to_qemu']:.2f}" in trio_row.split()
+
+
+@needs_qemu
+def test_a_source_that_cannot_connect_fails_the_run_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The source migrates to a closed port: its failure ends the run, the destination
+    # (which would wait for ever) is not waited for.
+    command = _qemu_bench._Qmp.command
+
+    def closed_port(self: _qemu_bench._Qmp, name: str, **arguments: Any) -> Any:
+        if name == "migrate":
+            arguments["uri"] = "tcp:127.0.0.1:1"
+        return command(self, name, **arguments)
+
+    monkeypatch.setattr(_qemu_bench._Qmp, "command", closed_port)
+    run = run_qemu_once(
+        QEMU or "", channels=2, compression="none", data="random", size=16 << 20, timeout=30
+    )
+    assert run.verified is False
+    assert run.error is not None and run.error.startswith("QEMU's source failed:"), run.error
+
+
+@needs_qemu
+def test_a_known_zero_destination_starts_zeroed_and_still_verifies() -> None:
+    run = run_qemu_once(
+        QEMU or "", channels=2, compression="zstd", data="zero", size=16 << 20, known_zero=True
+    )
+    assert run.verified is True, run.error

@@ -250,7 +250,8 @@ def fill_pattern(view: memoryview) -> None:
         view[base:end] = block[: end - base]
 
 
-def _digest(view: memoryview) -> str:
+def digest(view: memoryview) -> str:
+    """The hash both ends of a run compare (xxh3_128)."""
     import xxhash
 
     return xxhash.xxh3_128(view).hexdigest()
@@ -334,7 +335,7 @@ def _receiver_worker(spec: dict[str, Any], out: TextIO) -> None:
         import trio
 
         t1, cpu = trio.run(_trio_receive, spec, view, out)
-    result.update(t_end=t1, cpu_s=cpu, maxrss_mib=_maxrss_mib(), hash=_digest(view))
+    result.update(t_end=t1, cpu_s=cpu, maxrss_mib=_maxrss_mib(), hash=digest(view))
     _emit(out, result)
 
 
@@ -388,8 +389,7 @@ def _sender_worker(spec: dict[str, Any], out: TextIO) -> None:
     source = mmap.mmap(-1, size)
     view = memoryview(source)
     fill_data(spec["data"], view, seed=spec.get("seed", 0))
-    digest = _digest(view)
-    result: dict[str, Any] = {"hash": digest}
+    result: dict[str, Any] = {"hash": digest(view)}
     if impl == "raw_socket":
         sock = socket.create_connection(("127.0.0.1", port))
         t0 = _now()
@@ -514,7 +514,8 @@ class RunResult:
         return self.size / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (a child's result or its error)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -565,7 +566,7 @@ def run_once(
         first = recv.stdout.readline()
         if not first:
             _, err = recv.communicate(timeout=10)
-            return failed_run(size, f"receiver did not start: {_last_line(err)}")
+            return failed_run(size, f"receiver did not start: {last_line(err)}")
         spec["port"] = json.loads(first)["port"]
         send = _spawn("send", spec)
         deadline = time.monotonic() + timeout
@@ -582,9 +583,9 @@ def run_once(
     if send.returncode or recv.returncode:
         which = "sender" if send.returncode else "receiver"
         err = send_err if send.returncode else recv_err
-        return failed_run(size, f"{which} failed: {_last_line(err)}", load=load)
-    sender = json.loads(_last_line(send_out))
-    receiver = json.loads(_last_line(recv_out))
+        return failed_run(size, f"{which} failed: {last_line(err)}", load=load)
+    sender = json.loads(last_line(send_out))
+    receiver = json.loads(last_line(recv_out))
     verified = sender["hash"] == receiver["hash"]
     return RunResult(
         seconds=receiver["t_end"] - sender["t_start"],
@@ -761,8 +762,6 @@ def run_bench(
     fill), and trio_multifd's target is a known-zero block (``RAMBlock(zeroed=True)``).
     ``io_threads`` goes to both ends of the trio_multifd runs (``None``: their default).
     """
-    from ._qemu_bench import run_qemu_once
-
     cases = make_cases(
         channels=channels,
         compressions=compressions,
@@ -778,14 +777,7 @@ def run_bench(
     done = 0
     for rep in range(repeat):
         for case in cases:
-            run_case = (
-                functools.partial(run_qemu_once, qemu)
-                if qemu is not None and case.impl == "qemu_multifd"
-                else functools.partial(
-                    run_once, case.impl, known_zero=known_zero, io_threads=io_threads
-                )
-            )
-            run = run_case(
+            run = _runner(case, qemu=qemu, known_zero=known_zero, io_threads=io_threads)(
                 channels=case.channels,
                 compression=case.compression,
                 data=case.data,
@@ -811,11 +803,27 @@ def run_bench(
     return list(results.values())
 
 
+def _runner(
+    case: Case, *, qemu: str | None, known_zero: bool, io_threads: int | None
+) -> Callable[..., RunResult]:
+    """What runs ``case``: a QEMU migration, or a pair of this module's processes."""
+    if case.impl == "qemu_multifd":
+        # Imported here: _qemu_bench builds on this module.
+        from ._qemu_bench import run_qemu_once
+
+        assert qemu is not None, "a qemu_multifd case needs a QEMU binary"
+        return functools.partial(run_qemu_once, qemu, known_zero=known_zero)
+    return functools.partial(run_once, case.impl, known_zero=known_zero, io_threads=io_threads)
+
+
 def format_table(results: Sequence[CaseResult], *, baselines: bool) -> str:
-    """The people's table: medians, spread, ratio, CPU and memory per side."""
+    """The people's table: medians, spread, ratio (and to QEMU, when it ran), CPU and
+    memory per side."""
+    with_qemu = any(result.qemu_ratios is not None for result in results)
     header = (
         f"{'impl':<19} {'ch':>2} {'method':<6} {'data':<12} {'GB/s':>6} {'min-max':>11}"
-        f" {'ratio':>6} {'/qemu':>6} {'CPU s/GB snd/rcv':>16} {'RSS+ MiB snd/rcv':>16} {'ok':>3}"
+        f" {'ratio':>6}{' /qemu' if with_qemu else ''}"
+        f" {'CPU s/GB snd/rcv':>16} {'RSS+ MiB snd/rcv':>16} {'ok':>3}"
     )
     lines = [header, "-" * len(header)]
     for result in results:
@@ -825,15 +833,15 @@ def format_table(results: Sequence[CaseResult], *, baselines: bool) -> str:
         ratio = obj.get("ratio_to_raw")
         ratio_text = f"{ratio:.2f}" if isinstance(ratio, float) else ""
         to_qemu = obj.get("ratio_to_qemu")
-        qemu_text = f"{to_qemu:.2f}" if isinstance(to_qemu, float) else ""
+        qemu_text = f" {to_qemu:>5.2f}" if isinstance(to_qemu, float) else " " * 6
         cpu = f"{obj['sender_cpu_s_per_gb']:.2f}/{obj['receiver_cpu_s_per_gb']:.2f}"
         rss = (
             f"{obj['sender_rss_beyond_data_mib']:.0f}/{obj['receiver_rss_beyond_target_mib']:.0f}"
         )
         lines.append(
             f"{obj['impl']:<19} {obj['channels']:>2} {obj['compression']:<6} {obj['data']:<12}"
-            f" {obj['gbps_median']:>6.2f} {spread:>11} {ratio_text:>6} {qemu_text:>6}"
-            f" {cpu:>16} {rss:>16}"
+            f" {obj['gbps_median']:>6.2f} {spread:>11} {ratio_text:>6}"
+            f"{qemu_text if with_qemu else ''} {cpu:>16} {rss:>16}"
             f" {'yes' if obj['verified'] else 'NO':>3}"
         )
     return "\n".join(lines)

@@ -330,10 +330,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     objects = [r.to_json(baselines=args.baselines) for r in results]
     sys.stdout.write(format_table(results, baselines=args.baselines) + "\n")
     loads = [load for obj in objects for load in obj["load_1m"]]
+    to_qemu = " (/qemu: to QEMU's multifd, same method)" if args.qemu else ""
     sys.stdout.write(
         f"{args.size / (1 << 20):g} MiB per run, medians of {args.repeat}; ratio = median of"
-        f" per-repeat ratios to the baseline with as many connections (/qemu: to QEMU's"
-        f" multifd, same method); RSS+ = peak RSS beyond"
+        f" per-repeat ratios to the baseline with as many connections{to_qemu};"
+        f" RSS+ = peak RSS beyond"
         f" the data buffer; load {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs\n"
     )
     if args.json_path:

@@ -1,25 +1,28 @@
 """QEMU's own multifd as a benchmark baseline, measured in the same run as trio_multifd.
 
 Two QEMU processes (``qemu-system-x86_64``, paused with ``-S``: no guest code runs) migrate
-a guest whose RAM is a file: the source's holds the bench's data, the destination's is
-preallocated (every page touched before the clock starts, as the other receivers' targets
-are) and compared with the source afterwards. The migration goes over 127.0.0.1 TCP with
-QEMU's ``multifd`` capability, channel count and compression, driven through QMP.
+a guest whose RAM is a file on tmpfs: the source's holds the bench's data, the
+destination's the receivers' non-zero pattern (or zeros for ``known_zero``), both
+preallocated so every page is mapped before the clock starts, as the other cases' buffers
+are. The migration goes over 127.0.0.1 TCP with QEMU's ``multifd`` capability, channel
+count and compression, driven through QMP; afterwards the two RAM files must be equal.
 
 The clock is QEMU's own: the timestamp of the source's ``MIGRATION`` event that enters
-``active`` (channel setup done) to the destination's that enters ``completed`` (every
-page in place). CPU seconds are each process's ``utime + stime`` over the migration, and
-peak RSS its ``VmHWM`` (guest RAM included, as the other cases' data buffers are).
+``active`` (setup done) to the destination's that enters ``completed`` (every page in
+place). CPU seconds are each process's ``utime + stime`` from the ``migrate`` command to
+the end, and peak RSS its ``VmHWM`` (guest RAM included, as the other cases' data buffers
+are).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import ctypes
 import json
 import mmap
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -27,11 +30,22 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._bench import MIB, QEMU_METHODS, RunResult, failed_run, fill_data
+from ._bench import (
+    MIB,
+    QEMU_METHODS,
+    RunResult,
+    digest,
+    failed_run,
+    fill_data,
+    fill_pattern,
+    last_line,
+)
 
 __all__ = ["find_qemu", "qemu_argv", "run_qemu_once"]
 
 _LEVEL_PARAMETER = {"zlib": "multifd-zlib-level", "zstd": "multifd-zstd-level"}
+
+_PR_SET_PDEATHSIG = 1
 
 
 def find_qemu(binary: str = "qemu-system-x86_64") -> str | None:
@@ -42,11 +56,8 @@ def find_qemu(binary: str = "qemu-system-x86_64") -> str | None:
 def qemu_argv(
     binary: str, *, ram_path: str, size: int, qmp_path: str, destination: bool
 ) -> list[str]:
-    """The command line of one side: a paused ``pc`` machine whose RAM is ``ram_path``.
-
-    The destination preallocates its RAM and waits for ``migrate-incoming``.
-    """
-    backend = f"memory-backend-file,id=mem,size={size},mem-path={ram_path},share=on"
+    """The command line of one side: a paused ``pc`` machine whose preallocated RAM is
+    ``ram_path``; the destination waits for ``migrate-incoming``."""
     argv = [
         binary,
         "-accel",
@@ -57,7 +68,7 @@ def qemu_argv(
         "-m",
         f"{size // MIB}M",
         "-object",
-        backend + (",prealloc=on" if destination else ""),
+        f"memory-backend-file,id=mem,size={size},mem-path={ram_path},share=on,prealloc=on",
         "-nodefaults",
         "-display",
         "none",
@@ -70,10 +81,12 @@ def qemu_argv(
 
 
 class _Qmp:
-    """A minimal QMP client: commands in order, events kept, every read bounded."""
+    """A minimal QMP client: commands in order, events kept, every read bounded by the
+    run's deadline."""
 
     def __init__(self, path: str, process: subprocess.Popen[bytes], deadline: float) -> None:
         self._deadline = deadline
+        self.events: list[dict[str, Any]] = []
         while True:
             self._sock = socket.socket(socket.AF_UNIX)
             try:
@@ -89,20 +102,26 @@ class _Qmp:
                     raise TimeoutError(f"QEMU's QMP socket {path} did not open") from None
                 time.sleep(0.01)
         self._file = self._sock.makefile("rb")
-        self.events: list[dict[str, Any]] = []
-        self._read()  # the greeting
-        self.command("qmp_capabilities")
+        try:
+            self._read("greeting")
+            self.command("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._file.close()
         self._sock.close()
 
-    def _read(self) -> dict[str, Any]:
-        self._sock.settimeout(max(0.001, self._deadline - time.monotonic()))
+    def _read(self, what: str) -> dict[str, Any]:
+        left = self._deadline - time.monotonic()
         try:
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
             line = self._file.readline()
         except TimeoutError:
-            raise TimeoutError("QEMU did not answer on QMP in time") from None
+            raise TimeoutError(f"QEMU sent no {what} before the run's deadline") from None
         if not line:
             raise ConnectionError("QEMU closed its QMP socket (it exited)")
         message: dict[str, Any] = json.loads(line)
@@ -113,7 +132,7 @@ class _Qmp:
         request = {"execute": name, "arguments": arguments}
         self._sock.sendall(json.dumps(request).encode() + b"\n")
         while True:
-            message = self._read()
+            message = self._read(f"answer to {name}")
             if "event" in message:
                 self.events.append(message)
             elif "error" in message:
@@ -127,7 +146,7 @@ class _Qmp:
             if match(event):
                 return event
         while True:
-            message = self._read()
+            message = self._read("migration event it waited for")
             if "event" in message:
                 self.events.append(message)
                 if match(message):
@@ -166,31 +185,36 @@ def _peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _file_digest(path: str, size: int) -> str:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as ram:
+        return digest(memoryview(ram))
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _ram_file(path: str, size: int, fill: Callable[[memoryview], None]) -> None:
+    with open(path, "w+b") as f:
+        # Allocated, not sparse: a full tmpfs fails here (ENOSPC), not with a SIGBUS on
+        # a write through the mapping.
+        os.posix_fallocate(f.fileno(), 0, size)
+        with mmap.mmap(f.fileno(), size) as ram:
+            fill(memoryview(ram))
 
 
 @contextlib.contextmanager
-def _ram_files(size: int, data: str, seed: int) -> Iterator[tuple[str, str]]:
+def _ram_files(size: int, data: str, seed: int, known_zero: bool) -> Iterator[tuple[str, str]]:
     # On tmpfs when there is one: guest RAM in memory, as the other cases' buffers are.
     where = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="trio-multifd-qemu-", dir=where) as folder:
         source, destination = os.path.join(folder, "src.ram"), os.path.join(folder, "dst.ram")
-        with open(source, "w+b") as f:
-            f.truncate(size)
-            with mmap.mmap(f.fileno(), size) as ram:
-                fill_data(data, memoryview(ram), seed=seed)
-        with open(destination, "wb") as f:
-            f.truncate(size)
+        _ram_file(source, size, lambda view: fill_data(data, view, seed=seed))
+        # Zero pages must be written over the pattern, as in the other cases; a
+        # known-zero destination starts zeroed (QEMU then skips writing zero pages).
+        _ram_file(destination, size, (lambda view: None) if known_zero else fill_pattern)
         yield source, destination
+
+
+def _die_with_parent() -> None:
+    # A bench killed outright must not leave two paused QEMUs holding guest RAM.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def run_qemu_once(
@@ -202,6 +226,7 @@ def run_qemu_once(
     size: int,
     level: int | None = None,
     seed: int = 0,
+    known_zero: bool = False,
     timeout: float | None = None,
 ) -> RunResult:
     """Migrate ``size`` bytes of ``data`` between two QEMU processes; never raises for a
@@ -213,11 +238,11 @@ def run_qemu_once(
     if timeout is None:
         timeout = 60 + size / 50e6
     deadline = time.monotonic() + timeout
-    processes: list[subprocess.Popen[bytes]] = []
     errors: list[str] = []
     try:
-        with _ram_files(size, data, seed) as (source_ram, destination_ram):
+        with _ram_files(size, data, seed, known_zero) as (source_ram, destination_ram):
             folder = os.path.dirname(source_ram)
+            processes: list[subprocess.Popen[bytes]] = []
             clients: list[_Qmp] = []
             try:
                 for name, ram in (("src", source_ram), ("dst", destination_ram)):
@@ -228,9 +253,16 @@ def run_qemu_once(
                         qmp_path=os.path.join(folder, f"{name}.qmp"),
                         destination=name == "dst",
                     )
-                    processes.append(
-                        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                    )
+                    # stderr to a file: a pipe read only at the end could fill and block.
+                    with open(os.path.join(folder, f"{name}.err"), "wb") as err:
+                        processes.append(
+                            subprocess.Popen(
+                                argv,
+                                stdout=subprocess.DEVNULL,
+                                stderr=err,
+                                preexec_fn=_die_with_parent,
+                            )
+                        )
                 for name, process in zip(("src", "dst"), processes, strict=True):
                     clients.append(_Qmp(os.path.join(folder, f"{name}.qmp"), process, deadline))
                 return _migrate(
@@ -248,8 +280,14 @@ def run_qemu_once(
                     client.close()
                 for process in processes:
                     process.kill()
-                    errors.append(_last_line(process.communicate()[1]))
-    except (OSError, RuntimeError, ValueError) as exc:
+                    process.wait()
+                for name in ("src", "dst"):
+                    with (
+                        contextlib.suppress(OSError),
+                        open(os.path.join(folder, f"{name}.err"), errors="replace") as f,
+                    ):
+                        errors.append(last_line(f.read()))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         detail = next((e for e in errors if e), "")
         return failed_run(size, f"QEMU run failed: {exc}{'; ' + detail if detail else ''}")
 
@@ -268,7 +306,7 @@ def _migrate(
     parameters: dict[str, Any] = {
         "multifd-channels": channels,
         "multifd-compression": compression,
-        # QEMU's default cap is 32 MiB/s.
+        # QEMU 7.2 caps a migration at 128 MiB/s unless told otherwise.
         "max-bandwidth": 1 << 40,
     }
     if level is not None and compression in _LEVEL_PARAMETER:
@@ -282,17 +320,25 @@ def _migrate(
             ],
         )
         client.command("migrate-set-parameters", **parameters)
-    uri = f"tcp:127.0.0.1:{_free_port()}"
-    destination.command("migrate-incoming", uri=uri)
+    # Port 0: the destination picks a free port and says which.
+    destination.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = destination.command("query-migrate")["socket-address"][0]["port"]
     cpu_before = [_cpu_seconds(p.pid) for p in processes]
-    source.command("migrate", uri=uri)
-    ends = [client.wait_event(_ended) for client in clients]
-    cpu = [_cpu_seconds(p.pid) - before for p, before in zip(processes, cpu_before, strict=True)]
-    if any(end["data"]["status"] != "completed" for end in ends):
+    source.command("migrate", uri=f"tcp:127.0.0.1:{port}")
+    # The source first: if it failed, the destination may never end.
+    end = source.wait_event(_ended)
+    if _status(end) == "failed":
         info = source.command("query-migrate")
-        return failed_run(size, f"QEMU migration failed: {info.get('error-desc', info)}")
-    seconds = _timestamp(ends[1]) - _timestamp(source.wait_event(_active))
-    verified = _file_digest(source_ram) == _file_digest(destination_ram)
+        return failed_run(size, f"QEMU's source failed: {info.get('error-desc', 'no reason')}")
+    end = destination.wait_event(_ended)
+    if _status(end) == "failed":
+        info = destination.command("query-migrate")
+        return failed_run(
+            size, f"QEMU's destination failed: {info.get('error-desc', 'no reason')}"
+        )
+    cpu = [_cpu_seconds(p.pid) - before for p, before in zip(processes, cpu_before, strict=True)]
+    seconds = _timestamp(end) - _timestamp(source.wait_event(_active))
+    verified = _file_digest(source_ram, size) == _file_digest(destination_ram, size)
     return RunResult(
         seconds=seconds,
         size=size,
@@ -304,8 +350,3 @@ def _migrate(
         error=None if verified else "target differs from source (hash mismatch)",
         load=os.getloadavg()[0],
     )
-
-
-def _last_line(data: bytes) -> str:
-    lines = data.decode(errors="replace").strip().splitlines()
-    return lines[-1] if lines else ""
