@@ -71,7 +71,8 @@ def test_a_qemu_that_exits_at_once_is_a_failed_run_not_a_hang() -> None:
 
 
 def test_a_qemu_that_never_greets_fails_at_the_deadline(tmp_path: Path) -> None:
-    # A stand-in for QEMU that opens its QMP socket and then says nothing.
+    # A stand-in for QEMU that opens its QMP socket and then says nothing (3 s: time for
+    # its interpreter to start on a loaded machine, so the wait is for the greeting).
     fake = tmp_path / "silent-qemu"
     fake.write_text(
         f"#!{sys.executable}\n"
@@ -84,7 +85,7 @@ def test_a_qemu_that_never_greets_fails_at_the_deadline(tmp_path: Path) -> None:
     )
     fake.chmod(0o755)
     run = run_qemu_once(
-        str(fake), channels=1, compression="none", data="zero", size=1 << 20, timeout=1
+        str(fake), channels=1, compression="none", data="zero", size=1 << 20, timeout=3
     )
     assert run.verified is False
     assert run.error == "QEMU run failed: QEMU sent no greeting before the run's deadline"
