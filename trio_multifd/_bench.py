@@ -40,6 +40,7 @@ import attrs
 __all__ = [
     "DATA_KINDS",
     "IMPLS",
+    "QEMU_BINARY",
     "QEMU_METHODS",
     "Case",
     "CaseResult",
@@ -65,6 +66,9 @@ IMPLS = ("trio_multifd", "raw_socket", "raw_socket_threads", "naive_trio", "qemu
 
 QEMU_METHODS = ("none", "zlib", "zstd")
 """The methods QEMU's ``multifd-compression`` parameter shares with trio_multifd."""
+
+QEMU_BINARY = "qemu-system-x86_64"
+"""The QEMU that ``--qemu`` runs unless given another (looked up on ``PATH``)."""
 
 
 def _now() -> float:
@@ -794,13 +798,20 @@ def run_bench(
             results[case].runs.append(run)
             if case.impl == "trio_multifd" and baselines:
                 base = results[case.baseline()].runs
-                if len(base) == rep + 1 and base[-1].verified and run.verified:
-                    results[case].ratios.append(run.gbps / base[-1].gbps)
+                if len(base) == rep + 1:
+                    _add_ratio(results[case].ratios, run, base[-1])
             if case.impl == "qemu_multifd":
                 ours = results[case.counterpart()]
-                if ours.qemu_ratios is not None and ours.runs[-1].verified and run.verified:
-                    ours.qemu_ratios.append(ours.runs[-1].gbps / run.gbps)
+                assert ours.qemu_ratios is not None, "set for every QEMU counterpart"
+                _add_ratio(ours.qemu_ratios, ours.runs[-1], run)
     return list(results.values())
+
+
+def _add_ratio(ratios: list[float], ours: RunResult, theirs: RunResult) -> None:
+    """Record one repeat's ratio of a trio_multifd run to the run it is compared with,
+    when both verified."""
+    if ours.verified and theirs.verified:
+        ratios.append(ours.gbps / theirs.gbps)
 
 
 def _runner(

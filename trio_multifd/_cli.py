@@ -85,7 +85,7 @@ def _channel_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._bench import DATA_KINDS
+    from ._bench import DATA_KINDS, QEMU_BINARY
 
     parser = argparse.ArgumentParser(
         prog="trio-multifd",
@@ -218,11 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--qemu",
         nargs="?",
-        const="qemu-system-x86_64",
+        const=QEMU_BINARY,
         default=None,
         metavar="BINARY",
         help="also run QEMU's own multifd after each trio_multifd case of a method QEMU has"
-        " (none, zlib, zstd), on the same data (BINARY default qemu-system-x86_64; --size a"
+        f" (none, zlib, zstd), on the same data (BINARY default {QEMU_BINARY}; --size a"
         " whole number of MiB)",
     )
     bench.add_argument(

@@ -32,6 +32,7 @@ from typing import Any
 
 from ._bench import (
     MIB,
+    QEMU_BINARY,
     QEMU_METHODS,
     RunResult,
     digest,
@@ -48,7 +49,7 @@ _LEVEL_PARAMETER = {"zlib": "multifd-zlib-level", "zstd": "multifd-zstd-level"}
 _PR_SET_PDEATHSIG = 1
 
 
-def find_qemu(binary: str = "qemu-system-x86_64") -> str | None:
+def find_qemu(binary: str = QEMU_BINARY) -> str | None:
     """The path of the QEMU binary (a name is looked up on ``PATH``), or ``None``."""
     return shutil.which(binary)
 
