@@ -155,6 +155,15 @@ async def test_a_cut_channel_fails_both_ends_with_the_documented_errors(
     assert len(damaged_pages(run.src.view, run.dst.view)) <= 2
 
 
+async def test_a_header_cut_on_a_socket_reports_the_bytes_of_the_whole_header() -> None:
+    with trio.fail_after(15):
+        run = await cut_channel_1(CASES["header"], "close")
+    error = run.outcome.receiver
+    assert type(error) is m.TruncatedError
+    assert (error.value, error.limit) == (100, HEADER)
+    assert f"after 100 of {HEADER} bytes" in str(error)
+
+
 async def test_a_cut_while_the_sender_waits_in_sync_ends_that_sync() -> None:
     with trio.fail_after(15):
         run = await cut_channel_1(CASES["sender-in-sync"], "reset")

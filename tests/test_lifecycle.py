@@ -14,6 +14,23 @@ from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern
 from .transfer import listening
 
 
+async def test_a_header_cut_short_reports_the_bytes_of_the_whole_header() -> None:
+    # The first read brings part of the header, the rest never comes: the message counts
+    # from the header's first byte, not from the part still missing.
+    header = m.header_size(128)
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(captures.load("nocomp")[: m.HANDSHAKE_SIZE + 500])
+    await feed.send_eof()  # type: ignore[attr-defined]
+    target = m.RAMBlock("mem", pattern(captures.GUEST_RAM_SIZE))
+    with trio.fail_after(20), pytest.raises(m.TruncatedError) as info:
+        async with m.open_receiver([target], channels=1, uuid=uuid.UUID(int=0)) as receiver:
+            assert await receiver.add_channel(ends[0]) == 0
+            await receiver.wait_closed()
+    assert (info.value.value, info.value.limit) == (500, header)
+    assert f"inside a packet header after 500 of {header} bytes" in str(info.value)
+
+
 async def test_qemu_capture_replays_into_a_receiver_then_reports_the_cut() -> None:
     data = captures.load("nocomp")
     ram = captures.nocomp_guest_ram()

@@ -551,6 +551,22 @@ def test_a_decoder_is_unusable_after_an_error(name: str) -> None:
         decoder.decode_into(payloads[1], runs_of(bytearray(IMAGE_PAGES * PAGE), page_lists[1]))
 
 
+def test_zlib_output_pending_after_all_input_is_a_surplus() -> None:
+    # One page plus 553 bytes of a long match: zlib reads the whole payload (the sync
+    # flush's last bytes cut off) yet holds the match's tail back past the page.
+    deflate = zlib.compressobj(9)
+    stream = deflate.compress(b"a" * (PAGE + 553)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    payload = stream[:-5]
+    inflate = zlib.decompressobj()
+    assert len(inflate.decompress(payload, PAGE)) == PAGE
+    assert not inflate.unconsumed_tail
+    with pytest.raises(DecompressionError) as surplus:
+        get_method("zlib").new_decoder().decode_into(payload, [memoryview(bytearray(PAGE))])
+    assert surplus.value.limit == PAGE
+    assert isinstance(surplus.value.value, int)
+    assert surplus.value.value > PAGE
+
+
 def test_zlib_payload_that_ends_the_stream_is_rejected() -> None:
     source = bytes(random.Random(6).randbytes(PAGE))
     deflate = zlib.compressobj(1)

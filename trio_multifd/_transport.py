@@ -205,8 +205,9 @@ class Transport:
             channel=self.channel,
         )
 
-    async def receive_into(self, views: Sequence[memoryview], what: str) -> None:
-        """Fill ``views`` exactly from the stream, never reading past them.
+    async def receive_into(self, views: Sequence[memoryview], what: str, before: int = 0) -> None:
+        """Fill ``views`` exactly from the stream, never reading past them; ``before``
+        bytes of ``what`` arrived earlier (they count in a truncation's message).
 
         Raises:
             TruncatedError: The stream ended first.
@@ -220,7 +221,7 @@ class Transport:
                 # structure is ever read here, so no buffer of leftovers is needed.
                 data = await self._receive_some(len(view) - pos, what)
                 if not data:
-                    self._truncated(what, got + pos, total)
+                    self._truncated(what, before + got + pos, before + total)
                 view[pos : pos + len(data)] = data
                 pos += len(data)
             got += pos
@@ -237,7 +238,7 @@ class Transport:
             return False
         view[: len(data)] = data
         if len(data) < len(view):
-            await self.receive_into([view[len(data) :]], what)
+            await self.receive_into([view[len(data) :]], what, len(data))
         return True
 
     # -- called from a worker thread -----------------------------------------------------------
@@ -246,9 +247,9 @@ class Transport:
         """:meth:`send_parts`, from a worker thread."""
         trio.from_thread.run(self.send_parts, parts)
 
-    def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
+    def receive_into_sync(self, views: Sequence[memoryview], what: str, before: int = 0) -> None:
         """:meth:`receive_into`, from a worker thread."""
-        trio.from_thread.run(self.receive_into, views, what)
+        trio.from_thread.run(self.receive_into, views, what, before)
 
     def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
         """:meth:`receive_or_eof`, from a worker thread."""
@@ -492,7 +493,7 @@ class SocketTransport(Transport):
             progress = time.monotonic()
             self._spinner.moved = True
 
-    def receive_into_sync(self, views: Sequence[memoryview], what: str) -> None:
+    def receive_into_sync(self, views: Sequence[memoryview], what: str, before: int = 0) -> None:
         buffers = list(views)
         total = sum(len(v) for v in buffers)
         got = 0
@@ -507,7 +508,7 @@ class SocketTransport(Transport):
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
             if not n:
-                self._truncated(what, got, total)
+                self._truncated(what, before + got, before + total)
             got += n
             buffers = _advance(buffers, n)
             progress = time.monotonic()
@@ -528,7 +529,7 @@ class SocketTransport(Transport):
                 return False
             self._spinner.moved = True
             if n < len(view):
-                self.receive_into_sync([view[n:]], what)
+                self.receive_into_sync([view[n:]], what, n)
             return True
 
 

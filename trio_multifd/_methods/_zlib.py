@@ -58,8 +58,10 @@ class _ZlibDecoder(StreamDecoder):
             rest = inflate.unconsumed_tail if expected else payload
             # The pages can be complete before inflate has read the packet's last bytes
             # (at least the sync flush's empty block): those must yield no byte more.
-            # With room left in the output, one call reads all of its input.
-            surplus = len(inflate.decompress(rest, 1)) if rest else 0
+            # With room left in the output, one call reads all of its input. Called even
+            # with no input left: a match cut off by max_length leaves output pending
+            # inside inflate, which would otherwise start the next packet's pages.
+            surplus = len(inflate.decompress(rest, 1))
         except zlib.error as exc:
             raise DecompressionError(
                 f"corrupt zlib payload: {exc}", field="payload", limit=expected
