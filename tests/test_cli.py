@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -273,18 +274,16 @@ def test_connection_refused_json(tmp_path: Path) -> None:
     src.write_bytes(b"a")
     with receiving(tmp_path / "b") as (_recv, port):
         pass  # killed: the port is free again
-    proc = subprocess.run(
-        _command("send", str(src), f"127.0.0.1:{port}", "--json"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 1
-    import json
+    assert "could not connect" in failed_json(send(src, port, "--json"))
 
+
+def failed_json(proc: subprocess.CompletedProcess[str]) -> str:
+    """The error of a command that failed with ``--json``: exit 1, one object."""
+    assert proc.returncode == 1
     result = json.loads(proc.stdout)
     assert result["ok"] is False
-    assert "could not connect" in result["error"]
+    assert isinstance(result["error"], str)
+    return result["error"]
 
 
 def test_parsers() -> None:

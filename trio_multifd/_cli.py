@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,16 @@ def _io_threads_arg(text: str) -> int:
     return _one_to_255("io-threads", int(text))
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
 def _channel_list(text: str) -> list[int]:
     values: list[int] = _list_of(int)(text)
     return [_one_to_255("channels", value) for value in values]
@@ -122,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker threads moving the channels' packets (default: one per core with"
         " compression, else half the cores)",
+    )
+    common.add_argument(
+        "--idle-timeout",
+        type=_seconds_arg,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when the peer makes no progress for this long (default 60)",
     )
 
     send = sub.add_parser(
@@ -412,12 +430,6 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from . import _filecopy as fc
 
-    tls = None
-    if args.command == "send":
-        if args.tls_ca:
-            tls = fc.client_context(args.tls_ca)
-    elif args.tls_cert:
-        tls = fc.server_context(args.tls_cert, args.tls_key)
     err = sys.stderr
     reporter = _Reporter(
         "sending" if args.command == "send" else "receiving",
@@ -431,6 +443,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         err.flush()
 
     try:
+        tls = _tls_context(fc, args)
         if args.command == "send":
             host, port = args.address
             summary = trio.run(
@@ -443,6 +456,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     level=args.level,
                     tls=tls,
                     progress=reporter,
+                    idle_timeout=args.idle_timeout,
                     io_threads=args.io_threads,
                 )
             )
@@ -457,18 +471,22 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     tls=tls,
                     progress=reporter,
                     announce=announce,
+                    idle_timeout=args.idle_timeout,
                     io_threads=args.io_threads,
                 )
             )
-    except Exception as exc:
+    except BaseException as exc:
         reporter.stop()
-        if args.debug:
+        if _interrupted(exc):
+            if args.json:
+                _json_failure(args.command, "interrupted")
+            # Trio's nurseries wrap it in a group: main() reports a bare one.
+            raise KeyboardInterrupt from None
+        if args.debug or not isinstance(exc, Exception):
             raise
         message = fc.describe(exc)
         if args.json:
-            sys.stdout.write(
-                json.dumps({"ok": False, "command": args.command, "error": message}) + "\n"
-            )
+            _json_failure(args.command, message)
         err.write(f"trio-multifd: error: {message}\n")
         return 1
     reporter.stop()
@@ -484,3 +502,28 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f" xxh3_128 {summary.checksum}\n"
         )
     return 0
+
+
+def _tls_context(fc: Any, args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context the options ask for; a file that cannot be loaded is named."""
+    try:
+        if args.command == "send":
+            return fc.client_context(args.tls_ca) if args.tls_ca else None
+        return fc.server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        files = [args.tls_ca] if args.command == "send" else [args.tls_cert, args.tls_key]
+        raise fc.CopyError(
+            f"cannot load TLS files {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _json_failure(command: str, message: str) -> None:
+    sys.stdout.write(json.dumps({"ok": False, "command": command, "error": message}) + "\n")
+    sys.stdout.flush()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C, alone or inside exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_interrupted(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)

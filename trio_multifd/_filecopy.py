@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
+import re
 import ssl
 import struct
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 import attrs
 import trio
@@ -56,6 +58,14 @@ CONTROL_MAGIC = b"TMFDCTL\x01"
 """The first 8 bytes of a control stream: ``TMFDCTL`` and the framing version, 1."""
 MAX_MESSAGE = 64 * 1024
 """The largest control message either side accepts."""
+IDLE_TIMEOUT = 60.0
+"""How long either side waits for its peer to make progress (the default of
+``idle_timeout``): the go-ahead, the next byte of page data, the verdict or a sign that
+the receiver is still checking."""
+CHECKING_INTERVAL = 5.0
+"""How often a receiver computing the checksum tells the sender so (at most)."""
+MAX_SIZE = 2**63 - 1
+"""The largest file size a manifest may declare (the largest ``off_t``)."""
 PAGE = 4096
 CHECKSUM = "xxh3_128"
 
@@ -194,10 +204,11 @@ async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
     (length,) = struct.unpack(">I", await _receive_exact(stream, 4, what))
     if length > MAX_MESSAGE:
         raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE})")
+    body = await _receive_exact(stream, length, what)
     try:
-        message = json.loads(await _receive_exact(stream, length, what))
-    except ValueError as exc:
-        raise CopyError(f"bad control message: {exc}") from None
+        message = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CopyError(f"bad control message: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise CopyError("bad control message: not an object with a type")
     return message
@@ -243,9 +254,13 @@ async def send_file(
     tls: ssl.SSLContext | None = None,
     progress: Progress | None = None,
     connect_timeout: float = 30.0,
+    idle_timeout: float = IDLE_TIMEOUT,
     io_threads: int | None = None,
 ) -> Summary:
-    """Send the file at ``path`` to a ``recv`` listening at ``host:port``."""
+    """Send the file at ``path`` to a ``recv`` listening at ``host:port``.
+
+    ``idle_timeout`` bounds each wait for the receiver: its go-ahead, and after the last
+    page its verdict (renewed by each message saying it is still checking)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -296,9 +311,13 @@ async def send_file(
         try:
             await control.send_all(CONTROL_MAGIC)
             await send_message(control, manifest)
-            reply = await receive_message(control, "its go-ahead")
+            try:
+                with trio.fail_after(idle_timeout):
+                    reply = await receive_message(control, "its go-ahead")
+            except trio.TooSlowError:
+                raise CopyError(f"no go-ahead from the receiver within {idle_timeout}s") from None
             if reply["type"] != "go":
-                raise CopyError(f"the receiver refused: {reply.get('error', reply)}")
+                raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
             if whole:
                 mapping = mmap.mmap(fd, whole, prot=mmap.PROT_READ)
                 blocks.append(RAMBlock("data", mapping))
@@ -308,17 +327,27 @@ async def send_file(
                 return await open_stream()
 
             verdict: dict[str, Any] = {}
+            # No deadline while pages move (the engine bounds those waits); from the
+            # last page on, idle_timeout for each message of the receiver.
+            waiting = trio.CancelScope()
 
             async def read_verdict() -> None:
-                # Read from the start: the receiver says nothing until its verdict, so
-                # an end of stream before it means the receiver failed or was stopped,
-                # and the transfer is cancelled at once rather than at its end.
-                try:
-                    verdict.update(await receive_message(control, "its verdict"))
-                except (trio.BrokenResourceError, CopyError) as exc:
-                    raise CopyError(
-                        "the receiver went away before its verdict (it failed or was stopped)"
-                    ) from exc
+                # Read from the start: the receiver says nothing until it checks the
+                # copy, so an end of stream before it means the receiver failed or was
+                # stopped, and the transfer is cancelled at once rather than at its end.
+                with waiting:
+                    try:
+                        while True:
+                            message = await receive_message(control, "its verdict")
+                            if message["type"] != "checking":
+                                verdict.update(message)
+                                return
+                            if waiting.deadline != math.inf:
+                                waiting.deadline = trio.current_time() + idle_timeout
+                    except (trio.BrokenResourceError, CopyError) as exc:
+                        raise CopyError(
+                            "the receiver went away before its verdict (it failed or was stopped)"
+                        ) from exc
 
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -340,10 +369,15 @@ async def send_file(
                             await sender.queue_page(tail_block, 0)
                     watching.cancel_scope.cancel()
                 seconds = trio.current_time() - start
+                waiting.deadline = trio.current_time() + idle_timeout
                 if progress is not None:
                     progress(data_bytes, data_bytes)
+            if waiting.cancelled_caught:
+                raise CopyError(f"no verdict from the receiver within {idle_timeout}s")
             if verdict.get("type") != "verdict" or not verdict.get("ok"):
-                raise CopyError(f"the receiver rejected the copy: {verdict.get('error', verdict)}")
+                raise CopyError(
+                    f"the receiver rejected the copy: {_shown(verdict.get('error', verdict))}"
+                )
         finally:
             await trio.aclose_forcefully(control)
         stats = sender.stats
@@ -393,15 +427,26 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     if manifest.get("type") != "manifest":
         raise CopyError(f"expected a manifest, got a {manifest.get('type')!r} message")
     name = manifest.get("name")
-    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\0" in name
+        or name in (".", "..")
+        or not name.isprintable()
+    ):
         raise bad("name")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise bad("name") from None
     for field in ("size", "data_bytes"):
-        if not isinstance(manifest.get(field), int) or manifest[field] < 0:
+        if not _is_int(manifest.get(field)) or not 0 <= manifest[field] <= MAX_SIZE:
             raise bad(field)
     if manifest.get("page_size") != PAGE:
         raise bad("page_size")
     channels = manifest.get("channels")
-    if not isinstance(channels, int) or not 1 <= channels <= 255:
+    if not _is_int(channels) or not 1 <= channels <= 255:
         raise bad("channels")
     if not isinstance(manifest.get("method"), str):
         raise bad("method")
@@ -414,8 +459,20 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
         not isinstance(checksum, dict)
         or checksum.get("algorithm") != CHECKSUM
         or not isinstance(checksum.get("value"), str)
+        or not re.fullmatch(r"[0-9a-f]{32}", checksum["value"])
     ):
         raise bad("checksum")
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # JSON's true and false arrive as bool, which Python counts as int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(text: object) -> str:
+    """A peer's text as one line: printable as it is, else quoted with escapes."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
 
 
 async def receive_file(
@@ -428,10 +485,14 @@ async def receive_file(
     progress: Progress | None = None,
     announce: Callable[[str, int], None] | None = None,
     handshake_timeout: float = 30.0,
+    idle_timeout: float = IDLE_TIMEOUT,
     io_threads: int | None = None,
 ) -> Summary:
     """Listen at ``host:port``, receive one file into ``path`` (a file name, or an
-    existing directory to put the sender's file name in), and return."""
+    existing directory to put the sender's file name in), and return.
+
+    The transfer fails when no page data arrives for ``idle_timeout`` seconds: a sender
+    that never opens its channels, or stalls, cannot keep the receiver waiting."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
     if not force and _destination(path, "-", "-")[2] and not _isdir(path):
         raise CopyError(f"{path} exists: refusing to overwrite it without --force")
@@ -439,13 +500,19 @@ async def receive_file(
         tcp = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise CopyError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # With port 0 each address (say ::1 and 127.0.0.1) got a port of its own: keep the
+    # ones on the port that is announced.
+    chosen = tcp[0].socket.getsockname()[1]
+    for extra in [t for t in tcp if t.socket.getsockname()[1] != chosen]:
+        await trio.aclose_forcefully(extra)
+    tcp = [t for t in tcp if t.socket.getsockname()[1] == chosen]
     listeners = list(tcp)
     if tls is not None:
         listeners = [trio.SSLListener(listener, tls) for listener in tcp]
     try:
         if announce is not None:
-            announce(host, tcp[0].socket.getsockname()[1])
-        control = await listeners[0].accept()
+            announce(host, chosen)
+        control = await _accept_first(listeners)
         try:
             return await _receive_with(
                 control,
@@ -454,6 +521,7 @@ async def receive_file(
                 force=force,
                 progress=progress,
                 handshake_timeout=handshake_timeout,
+                idle_timeout=idle_timeout,
                 io_threads=io_threads,
             )
         finally:
@@ -461,6 +529,49 @@ async def receive_file(
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+async def _accept_first(
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
+) -> trio.abc.Stream:
+    """The first connection on any of ``listeners`` (a host name may resolve to several
+    addresses, and the sender may reach any of them)."""
+    accepted: list[trio.abc.Stream] = []
+
+    async def accept(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        stream = await listener.accept()
+        if accepted:  # another listener won between two checkpoints
+            await trio.aclose_forcefully(stream)
+            return
+        accepted.append(stream)
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept, listener)
+    return accepted[0]
+
+
+async def _watch_idle(get: Callable[[], int], idle_timeout: float) -> None:
+    """Raise when ``get()`` (the bytes received) stays the same for ``idle_timeout``."""
+    last, since = get(), trio.current_time()
+    while True:
+        await trio.sleep(min(1.0, idle_timeout))
+        now, value = trio.current_time(), get()
+        if value != last:
+            last, since = value, now
+        elif now - since >= idle_timeout:
+            raise CopyError(
+                f"no data from the sender for {idle_timeout}s (its channels never opened,"
+                " or it stalled)"
+            )
+
+
+async def _checking(control: trio.abc.Stream, interval: float) -> None:
+    """Tell the sender, every ``interval``, that the receiver is still checking."""
+    while True:
+        await trio.sleep(interval)
+        await send_message(control, {"type": "checking"})
 
 
 async def _receive_with(
@@ -471,6 +582,7 @@ async def _receive_with(
     force: bool,
     progress: Progress | None,
     handshake_timeout: float,
+    idle_timeout: float,
     io_threads: int | None,
 ) -> Summary:
     try:
@@ -488,7 +600,11 @@ async def _receive_with(
         raise CopyError(f"no manifest within {handshake_timeout}s") from None
     except trio.BrokenResourceError as exc:
         raise CopyError(f"control stream failed: {exc.__cause__ or exc}") from None
-    _check_manifest(manifest)
+    try:
+        _check_manifest(manifest)
+    except CopyError as exc:
+        await send_message(control, {"type": "refuse", "error": str(exc)})
+        raise
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
         await send_message(
@@ -505,7 +621,12 @@ async def _receive_with(
     renamed = False
     mapping: mmap.mmap | None = None
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            error = f"cannot make a file of {size} bytes: {exc.strerror}"
+            await send_message(control, {"type": "refuse", "error": error})
+            raise CopyError(error) from None
         whole = size // PAGE * PAGE
         tail_len = size - whole
         blocks: list[RAMBlock] = []
@@ -534,6 +655,7 @@ async def _receive_with(
                     _watch, lambda: receiver.stats.page_bytes, manifest["data_bytes"], progress
                 )
                 nursery.start_soon(_watch_control, control)
+                nursery.start_soon(_watch_idle, lambda: receiver.stats.bytes, idle_timeout)
                 await nursery.start(receiver.serve, listeners)
                 await receiver.wait_closed()
                 nursery.cancel_scope.cancel()
@@ -546,7 +668,10 @@ async def _receive_with(
             mapping = None
         if tail_len and any(tail[:tail_len]):
             os.pwrite(fd, tail[:tail_len], whole)
-        checksum = await trio.to_thread.run_sync(file_checksum, fd, size)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
+            checksum = await trio.to_thread.run_sync(file_checksum, fd, size)
+            nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
             error = f"checksum mismatch: the copy has {checksum}, the manifest says {expected}"

@@ -1,0 +1,312 @@
+"""``send`` and ``recv`` against hostile or broken peers: a clear one-line error within
+``--idle-timeout``, no file left behind, never a hang.
+
+The peers here are hand-written: plain sockets speaking the control framing of
+docs/cli.rst (magic, then 4-byte length-prefixed JSON) to a real ``trio-multifd``
+subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trio_multifd import Handshake, _filecopy as fc, encode_handshake
+
+from .test_cli import TIMEOUT, failed_json, receiving, send
+
+GOOD_CHECKSUM = "0" * 32
+
+
+def manifest(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "manifest",
+        "name": "f.bin",
+        "size": 8192,
+        "page_size": 4096,
+        "data_bytes": 8192,
+        "method": "none",
+        "channels": 1,
+        "uuid": str(uuid.UUID(int=7)),
+        "checksum": {"algorithm": "xxh3_128", "value": GOOD_CHECKSUM},
+    }
+    base.update(changes)
+    return base
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def read_message(sock: socket.socket) -> dict[str, Any] | None:
+    """One control message, or ``None`` when the peer closed the stream."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    message: dict[str, Any] = json.loads(data[4:])
+    return message
+
+
+def open_control(port: int, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(fc.CONTROL_MAGIC + frame(body))
+    return sock
+
+
+def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
+    _out, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        (json.dumps(manifest(size=True)).encode(), "field 'size' is True"),
+        (json.dumps(manifest(channels=True)).encode(), "field 'channels' is True"),
+        (json.dumps(manifest(size=10**30)).encode(), "field 'size'"),
+        (json.dumps(manifest(name="a\0b")).encode(), "field 'name'"),
+        (json.dumps(manifest(name="a\ud800")).encode(), "field 'name'"),
+        (json.dumps(manifest(name="a\nb")).encode(), "field 'name'"),
+        (
+            json.dumps(
+                manifest(checksum={"algorithm": "xxh3_128", "value": "abc\ntrio-multifd: OK"})
+            ).encode(),
+            "field 'checksum'",
+        ),
+    ],
+)
+def test_a_bad_manifest_is_refused_by_name_and_leaves_no_file(
+    tmp_path: Path, body: bytes, complaint: str
+) -> None:
+    with receiving(tmp_path) as (proc, port):
+        with open_control(port, body) as sock:
+            reply = read_message(sock)
+        code, lines = finished(proc)
+    assert reply is not None and reply["type"] == "refuse"
+    assert complaint in reply["error"]
+    assert code == 1
+    assert len(lines) == 1 and complaint in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        (json.dumps(manifest()).encode("utf-16"), "UnicodeDecodeError"),
+        (b"[" * 30000, "RecursionError"),
+    ],
+)
+def test_a_control_message_that_is_not_utf8_json_is_a_clear_error(
+    tmp_path: Path, body: bytes, complaint: str
+) -> None:
+    with receiving(tmp_path) as (proc, port):
+        with open_control(port, body) as sock:
+            assert read_message(sock) is None
+        code, lines = finished(proc)
+    assert code == 1
+    assert len(lines) == 1 and f"bad control message: {complaint}" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_receiver_whose_sender_never_opens_its_channels_gives_up(tmp_path: Path) -> None:
+    with receiving(tmp_path, "--idle-timeout", "1") as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            assert read_message(sock) == {"type": "go"}
+            code, lines = finished(proc)  # the control stream is still open
+    assert code == 1
+    assert lines == ["trio-multifd: error: " + no_data_message(1.0)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_receiver_whose_sender_stalls_inside_a_packet_gives_up(tmp_path: Path) -> None:
+    with receiving(tmp_path, "--idle-timeout", "1") as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            assert read_message(sock) == {"type": "go"}
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as channel:
+                channel.sendall(encode_handshake(Handshake(uuid.UUID(int=7), 0)))
+                channel.sendall(bytes.fromhex("112233440000000100"))  # a header's start
+                code, lines = finished(proc)
+    assert code == 1
+    assert lines == ["trio-multifd: error: " + no_data_message(1.0)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def no_data_message(seconds: float) -> str:
+    return f"no data from the sender for {seconds}s (its channels never opened, or it stalled)"
+
+
+@contextmanager
+def fake_receiver(reply: dict[str, Any] | None) -> Iterator[int]:
+    """A listener that reads the manifest, then sends ``reply`` (or nothing) and keeps
+    the control stream open until the sender leaves."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            assert conn.recv(len(fc.CONTROL_MAGIC), socket.MSG_WAITALL) == fc.CONTROL_MAGIC
+            (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            conn.recv(length, socket.MSG_WAITALL)
+            if reply is not None:
+                conn.sendall(frame(json.dumps(reply).encode()))
+            conn.recv(1)  # until the sender closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+
+
+def test_a_sender_waits_for_the_go_ahead_no_longer_than_idle_timeout(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    with fake_receiver(None) as port:
+        started = time.monotonic()
+        proc = send(src, port, "--idle-timeout", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "trio-multifd: error: no go-ahead from the receiver within 1.0s"
+    ]
+    assert time.monotonic() - started < TIMEOUT / 2
+
+
+def test_a_refusal_with_control_characters_is_printed_on_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    with fake_receiver({"type": "refuse", "error": "nope\ntrio-multifd: sent OK"}) as port:
+        proc = send(src, port)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "trio-multifd: error: the receiver refused: 'nope\\ntrio-multifd: sent OK'"
+    ]
+
+
+def test_json_names_a_tls_file_that_cannot_be_loaded(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    missing = tmp_path / "ca.pem"
+    assert str(missing) in failed_json(send(src, 9, "--json", "--tls-ca", str(missing)))
+
+
+async def copy_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, checking: bool
+) -> tuple[BaseException | fc.Summary, BaseException | fc.Summary]:
+    """A copy whose receiver takes 3.5 s to check the file, with idle_timeout 1 s;
+    ``checking=False`` silences the receiver's "still checking" messages."""
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 64)
+    real = fc.file_checksum
+    calls = 0
+
+    def slow_second_call(fd: int, size: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the receiver's, after the sender's own
+            time.sleep(3.5)
+        return real(fd, size)
+
+    monkeypatch.setattr(fc, "file_checksum", slow_second_call)
+    if not checking:
+
+        async def silent(control: trio.abc.Stream, interval: float) -> None:
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(fc, "_checking", silent)
+    results: dict[str, BaseException | fc.Summary] = {}
+    ports: list[int] = []
+    ready = trio.Event()
+
+    def announce(host: str, port: int) -> None:
+        ports.append(port)
+        ready.set()
+
+    async def run(key: str, task: Any) -> None:
+        try:
+            results[key] = await task()
+        except Exception as exc:
+            results[key] = exc
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run,
+                "recv",
+                lambda: fc.receive_file(
+                    str(tmp_path / "dst"), "127.0.0.1", 0, announce=announce, idle_timeout=1.0
+                ),
+            )
+            await ready.wait()
+            await run(
+                "send",
+                lambda: fc.send_file(str(src), "127.0.0.1", ports[0], idle_timeout=1.0),
+            )
+    return results["send"], results["recv"]
+
+
+async def test_a_long_check_keeps_the_sender_waiting_for_its_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent, received = await copy_in_process(tmp_path, monkeypatch, checking=True)
+    assert isinstance(sent, fc.Summary) and isinstance(received, fc.Summary)
+    assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+
+
+async def test_a_sender_waits_for_a_silent_verdict_no_longer_than_idle_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent, received = await copy_in_process(tmp_path, monkeypatch, checking=False)
+    assert isinstance(sent, fc.CopyError)
+    assert str(sent) == "no verdict from the receiver within 1.0s"
+    # The receiver's copy checked out: it keeps it whole, or, if it noticed the sender
+    # gone before its verdict went out, nothing at all.
+    if isinstance(received, fc.Summary):
+        assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+    else:
+        assert isinstance(received, fc.CopyError)
+        assert not (tmp_path / "dst").exists()
+
+
+async def test_the_control_stream_is_accepted_on_any_listener() -> None:
+    first = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    second = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        with trio.fail_after(TIMEOUT):
+            port = second[0].socket.getsockname()[1]
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            accepted = await fc._accept_first([*first, *second])
+            await client.send_all(b"hello")
+            assert await accepted.receive_some(5) == b"hello"
+            await accepted.aclose()
+            await client.aclose()
+    finally:
+        for listener in (*first, *second):
+            await listener.aclose()
+
+
+def test_an_interrupted_receiver_still_prints_one_json_object(tmp_path: Path) -> None:
+    with receiving(tmp_path, "--json") as (proc, _port):
+        proc.send_signal(signal.SIGINT)
+        out, _err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130
+    assert json.loads(out) == {"ok": False, "command": "recv", "error": "interrupted"}
