@@ -26,7 +26,7 @@ import trio
 
 from trio_multifd import Handshake, _filecopy as fc, encode_handshake
 
-from .test_cli import TIMEOUT, failed_json, receiving, send
+from .test_cli import TIMEOUT, _command, failed_json, receiving, send
 
 GOOD_CHECKSUM = "0" * 32
 
@@ -310,3 +310,30 @@ def test_an_interrupted_receiver_still_prints_one_json_object(tmp_path: Path) ->
         out, _err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130
     assert json.loads(out) == {"ok": False, "command": "recv", "error": "interrupted"}
+
+
+def test_a_destination_directory_that_does_not_exist_is_refused_before_listening(
+    tmp_path: Path,
+) -> None:
+    missing = f"{tmp_path / 'no-such-dir'}/"
+    proc = subprocess.run(
+        [*_command("recv"), missing, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"trio-multifd: error: {missing} is not a directory"]
+
+
+def test_a_sender_gone_before_the_refusal_still_gets_the_receivers_own_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "f.bin").write_bytes(b"old")
+    with receiving(tmp_path) as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        code, lines = finished(proc)
+    assert code == 1
+    assert len(lines) == 1 and "exists: refusing to overwrite it" in lines[0], lines
+    assert (tmp_path / "f.bin").read_bytes() == b"old"

@@ -22,6 +22,7 @@ least as sparse as the source.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -494,6 +495,8 @@ async def receive_file(
     The transfer fails when no page data arrives for ``idle_timeout`` seconds: a sender
     that never opens its channels, or stalls, cannot keep the receiver waiting."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
+    if path.endswith(os.sep) and not _isdir(path):
+        raise CopyError(f"{path} is not a directory")
     if not force and _destination(path, "-", "-")[2] and not _isdir(path):
         raise CopyError(f"{path} exists: refusing to overwrite it without --force")
     try:
@@ -529,6 +532,13 @@ async def receive_file(
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+async def _refuse(control: trio.abc.Stream, error: str) -> None:
+    """Tell the sender why the receiver will not take its file, if it still listens:
+    the error raised next is the receiver's own message either way."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await send_message(control, {"type": "refuse", "error": error})
 
 
 async def _accept_first(
@@ -603,20 +613,18 @@ async def _receive_with(
     try:
         _check_manifest(manifest)
     except CopyError as exc:
-        await send_message(control, {"type": "refuse", "error": str(exc)})
+        await _refuse(control, str(exc))
         raise
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
-        await send_message(
-            control, {"type": "refuse", "error": f"{final} exists (use --force on the receiver)"}
-        )
+        await _refuse(control, f"{final} exists (use --force on the receiver)")
         raise CopyError(f"{final} exists: refusing to overwrite it without --force")
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
-        await send_message(control, {"type": "refuse", "error": f"cannot create the file: {exc}"})
+        await _refuse(control, f"cannot create the file: {exc}")
         raise CopyError(f"cannot create {temp}: {exc.strerror}") from None
     renamed = False
     mapping: mmap.mmap | None = None
@@ -625,7 +633,7 @@ async def _receive_with(
             os.ftruncate(fd, size)
         except OSError as exc:
             error = f"cannot make a file of {size} bytes: {exc.strerror}"
-            await send_message(control, {"type": "refuse", "error": error})
+            await _refuse(control, error)
             raise CopyError(error) from None
         whole = size // PAGE * PAGE
         tail_len = size - whole
@@ -645,7 +653,7 @@ async def _receive_with(
                 io_threads=io_threads,
             )
         except ValueError as exc:
-            await send_message(control, {"type": "refuse", "error": str(exc)})
+            await _refuse(control, str(exc))
             raise CopyError(f"cannot receive: {exc}") from None
         start = trio.current_time()
         async with receiver_cm as receiver:
