@@ -124,7 +124,7 @@ class Receiver:
         io_threads: int | None,
     ) -> None:
         blocks = list(blocks)
-        if not isinstance(channels, int) or not 1 <= channels <= 255:
+        if type(channels) is not int or not 1 <= channels <= 255:
             raise ValueError(f"channels must be 1..255, got {channels!r}")
         if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
             raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")

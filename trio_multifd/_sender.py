@@ -125,6 +125,7 @@ class _JobQueue:
         self._limit = limit
         self._waiter: trio.Event | None = None
         self._token = token
+        self._closed = False
 
     def put(self, job: PageBatch | _SyncRound) -> None:
         """Append a job (the Trio side)."""
@@ -135,13 +136,31 @@ class _JobQueue:
             self._not_empty.notify()
 
     async def wait_for_room(self) -> None:
-        """Wait until at most ``limit`` queued pages are not yet taken (the Trio side)."""
+        """Wait until at most ``limit`` queued pages are not yet taken (the Trio side).
+
+        Raises:
+            RuntimeError: The queue was closed: no worker thread will take them.
+        """
         while True:
             with self._lock:
+                if self._closed:
+                    raise RuntimeError("the sender closed before these pages were sent")
                 if self._queued <= self._limit:
                     return
-                self._waiter = waiter = trio.Event()
+                # One event for every waiting task (two tasks may queue at once).
+                if self._waiter is None:
+                    self._waiter = trio.Event()
+                waiter = self._waiter
             await waiter.wait()
+
+    def close(self) -> None:
+        """No job will be taken any more: wake every task waiting for room (the Trio
+        side, when the transfer is over)."""
+        with self._lock:
+            self._closed = True
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.set()
 
     def take(self, timeout: float, channels: int) -> PageBatch | _SyncRound | None:
         """Take the next packet's pages or, for a thread that serves ``channels``
@@ -203,7 +222,7 @@ class Sender:
         integrity: bool,
         io_threads: int | None,
     ) -> None:
-        if not isinstance(channels, int) or not 1 <= channels <= 255:
+        if type(channels) is not int or not 1 <= channels <= 255:
             raise ValueError(f"channels must be 1..255, got {channels!r}")
         if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
             raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
@@ -240,6 +259,8 @@ class Sender:
         self._connected = 0
         self._all_connected = trio.Event()
         self._closing = False
+        # SYNC rounds queued and not yet written, whose callers wait.
+        self._unwritten: list[_SyncRound] = []
         # Worker threads move (and compress) the packets, each for a crew of channels.
         self._io_threads = io_thread_count(
             io_threads, channels, compressing=self._method.compresses
@@ -257,8 +278,11 @@ class Sender:
                 f"block {block.name!r} has page_size {block.page_size}, the sender uses"
                 f" {self.page_size}"
             )
+        self._check_open()
+
+    def _check_open(self) -> None:
         if self._closing:
-            raise RuntimeError("the sender is closing: no page can be queued")
+            raise RuntimeError("the sender is closing or closed: no page can be queued")
 
     async def queue_page(self, block: RAMBlock, offset: SupportsIndex) -> None:
         """Queue the page at byte ``offset`` of ``block``.
@@ -367,11 +391,22 @@ class Sender:
         return await self._sync(final=False, final_round=final_round)
 
     async def _sync(self, *, final: bool, final_round: bool = False) -> int:
+        if not final:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_open()
         self._flush()
         self._rounds += 1
         sync_round = _SyncRound(self._rounds, final, self.channels, final_round, self.channels)
         self._jobs.put(sync_round)
-        await sync_round.written.wait()
+        self._unwritten.append(sync_round)
+        try:
+            await sync_round.written.wait()
+        finally:
+            self._unwritten.remove(sync_round)
+        if not sync_round.all_written.is_set():
+            raise RuntimeError(
+                f"the sender closed before round {sync_round.number} was written"
+            ) from self._supervisor.error
         self.stats.rounds = sync_round.number
         logger.debug("sender: round %d written on every channel", sync_round.number)
         return sync_round.number
@@ -385,9 +420,18 @@ class Sender:
 
     async def _finish(self) -> None:
         # Normal exit: everything queued goes out, then a last SYNC round; the channel
-        # tasks then wait for the receiver to confirm and end.
-        await self._sync(final=True)
+        # tasks then wait for the receiver to confirm and end. Pages queued after it
+        # would never be sent: from here on queueing is an error.
         self._closing = True
+        await self._sync(final=True)
+
+    def _close(self) -> None:
+        """The transfer is over, however it ended: wake every task still waiting to
+        queue or for a round (tasks outside the transfer's block may be), to raise."""
+        self._closing = True
+        self._jobs.close()
+        for sync_round in self._unwritten:
+            sync_round.written.set()
 
     # -- channel tasks ------------------------------------------------------------------------
 
@@ -633,5 +677,8 @@ async def open_sender(
         integrity=integrity,
         io_threads=io_threads,
     )
-    async with sender._supervisor.run(sender._start, sender._finish):
-        yield sender
+    try:
+        async with sender._supervisor.run(sender._start, sender._finish):
+            yield sender
+    finally:
+        sender._close()

@@ -41,7 +41,7 @@ def io_thread_count(io_threads: int | None, channels: int, *, compressing: bool)
     worker threads the channels over sockets share: never more than the channels."""
     if io_threads is None:
         io_threads = default_io_threads(compressing)
-    elif not isinstance(io_threads, int) or not 1 <= io_threads <= 255:
+    elif type(io_threads) is not int or not 1 <= io_threads <= 255:
         raise ValueError(f"io_threads must be 1..255 or None, got {io_threads!r}")
     return min(io_threads, channels)
 

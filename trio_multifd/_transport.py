@@ -50,6 +50,10 @@ _FAILED = b"!"
 # Trio sets it on TCP streams where the socket module has it (see lift_send_cap).
 _NOTSENT_LOWAT: int | None = getattr(stdlib_socket, "TCP_NOTSENT_LOWAT", None)
 
+# The most buffers one sendmsg/recvmsg_into takes (a packet of 1024 scattered 512-byte
+# pages and its header is 1025); the rest goes in the next call.
+_IOV_MAX: int = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
 # The peer's end of stream as a poll event (Linux only; elsewhere it shows as POLLIN).
 _RDHUP = getattr(select, "POLLRDHUP", 0)
 _READABLE = select.POLLIN | _RDHUP
@@ -481,7 +485,7 @@ class SocketTransport(Transport):
         progress = time.monotonic()
         while buffers:
             try:
-                sent = sendmsg(buffers)
+                sent = sendmsg(buffers[:_IOV_MAX])
             except BlockingIOError:
                 # send_timeout bounds each wait for progress, not the whole packet: a
                 # slow but moving peer is not stalled.
@@ -501,7 +505,7 @@ class SocketTransport(Transport):
         progress = time.monotonic()
         while buffers:
             try:
-                n = recvmsg_into(buffers)[0]
+                n = recvmsg_into(buffers[:_IOV_MAX])[0]
             except BlockingIOError:
                 self._wait(self._readable, progress, self.receive_timeout, what)
                 continue

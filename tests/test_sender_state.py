@@ -1,0 +1,189 @@
+"""The sender's state around its block: tasks queueing at once, calls after the block
+exited (however it exited), tasks outside the block, and packets of many buffers.
+
+Each case must end promptly with every page delivered or a clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+import pytest
+import trio
+
+import trio_multifd as m
+
+from .helpers import PAGE, block_pair, memory_channels, random_pages
+from .transfer import listening, transfer
+
+DEADLINE = 20
+
+
+async def test_two_tasks_queueing_at_once_both_finish_and_every_page_arrives() -> None:
+    # Far more pages than the queue holds: both tasks wait for room, often together.
+    src, dst = block_pair("mem", 8192, seed=3)
+    half = src.size // 2
+
+    async def body(sender: m.Sender) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.queue_pages, src, range(0, half, PAGE))
+            nursery.start_soon(sender.queue_pages, src, range(half, src.size, PAGE))
+
+    with trio.fail_after(DEADLINE):
+        await transfer([src], [dst], body, channels=1)
+    assert dst.view == src.view
+
+
+async def test_two_tasks_queueing_page_by_page_both_finish() -> None:
+    src, dst = block_pair("mem", 2048, seed=4)
+
+    async def one_by_one(sender: m.Sender, start: int) -> None:
+        for offset in range(start, src.size, 2 * PAGE):
+            await sender.queue_page(src, offset)
+
+    async def body(sender: m.Sender) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_by_one, sender, 0)
+            nursery.start_soon(one_by_one, sender, PAGE)
+
+    with trio.fail_after(DEADLINE):
+        await transfer([src], [dst], body, channels=1)
+    assert dst.view == src.view
+
+
+async def open_and_leave(how: str) -> m.Sender:
+    """A sender whose block was left normally, by an exception, or by cancellation."""
+    src, dst = block_pair("mem", 64)
+    kept: list[m.Sender] = []
+
+    async def body(sender: m.Sender) -> None:
+        kept.append(sender)
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(DEADLINE):
+        if how == "normal":
+            await transfer([src], [dst], body, via="memory")
+            return kept[0]
+        # No receiver: memory streams take what is sent without one.
+        connect, _ends = memory_channels(1)
+        with trio.CancelScope() as scope:
+            try:
+                async with m.open_sender(connect, channels=1) as sender:
+                    await body(sender)
+                    if how == "exception":
+                        raise KeyError("the application's own error")
+                    scope.cancel()
+                    await trio.sleep_forever()
+            except KeyError:
+                assert how == "exception"
+        assert scope.cancelled_caught == (how == "cancel")
+    return kept[0]
+
+
+@pytest.mark.parametrize("how", ["normal", "exception", "cancel"])
+async def test_a_closed_sender_refuses_pages_and_rounds(how: str) -> None:
+    sender = await open_and_leave(how)
+    block = m.RAMBlock("mem", bytearray(64 * PAGE))
+    with trio.fail_after(DEADLINE):
+        with pytest.raises(RuntimeError, match="closing or closed"):
+            await sender.queue_page(block, 0)
+        with pytest.raises(RuntimeError, match="closing or closed"):
+            await sender.queue_pages(block, range(0, block.size, PAGE))
+        with pytest.raises(RuntimeError, match="closing or closed"):
+            await sender.sync()
+
+
+async def test_tasks_outside_the_block_are_woken_when_it_ends() -> None:
+    # A peer that accepts and never reads: the socket fills, one outside task waits for
+    # room to queue and another for its round; then the application leaves the block.
+    src = m.RAMBlock("mem", random_pages(8192, seed=5))
+    outcomes: dict[str, BaseException] = {}
+
+    async def record(name: str, call: Awaitable[object]) -> None:
+        try:
+            await call
+        except RuntimeError as exc:
+            outcomes[name] = exc
+
+    with trio.fail_after(DEADLINE):
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as outside:
+            peer: list[trio.abc.Stream] = []
+
+            async def accept() -> None:
+                peer.append(await listeners[0].accept())
+
+            outside.start_soon(accept)
+            try:
+                async with m.open_sender(connect, channels=1) as sender:
+                    outside.start_soon(
+                        record, "queue", sender.queue_pages(src, range(0, src.size, PAGE))
+                    )
+                    await trio.sleep(0.2)
+                    outside.start_soon(record, "sync", sender.sync())
+                    await trio.sleep(0.2)
+                    raise KeyError("the application gives up")
+            except KeyError:
+                pass
+            outside.cancel_scope.deadline = trio.current_time() + 5
+        for stream in peer:
+            await stream.aclose()
+    assert "before round 1 was written" in str(outcomes["sync"])
+    assert "closed before these pages were sent" in str(outcomes["queue"])
+
+
+async def test_pages_queued_while_the_block_exits_are_refused_not_lost() -> None:
+    src, dst = block_pair("mem", 2048, seed=6)
+    refused: list[RuntimeError] = []
+
+    async def late(sender: m.Sender, closing: trio.Event) -> None:
+        await closing.wait()
+        try:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            closing = trio.Event()
+
+            async def body(sender: m.Sender) -> None:
+                nursery.start_soon(late, sender, closing)
+                await sender.queue_pages(src, range(0, src.size // 2, PAGE))
+                closing.set()
+
+            await transfer([src], [dst], body, channels=1)
+    assert len(refused) == 1
+    assert dst.view[: src.size // 2] == src.view[: src.size // 2]
+
+
+@pytest.mark.parametrize("zero_page_detection", ["none", "multifd"])
+async def test_a_packet_of_more_buffers_than_one_system_call_takes_is_sent(
+    zero_page_detection: str,
+) -> None:
+    # 512-byte pages, every other one: 1024 separate pages and the header in one packet.
+    size = 4096 * 512
+    src = m.RAMBlock("mem", random_pages(size // PAGE, seed=7), page_size=512)
+    dst = m.RAMBlock("mem", bytearray(size), page_size=512)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, size, 1024))
+
+    with trio.fail_after(DEADLINE):
+        await transfer(
+            [src],
+            [dst],
+            body,
+            channels=1,
+            sender_options={"page_size": 512, "zero_page_detection": zero_page_detection},
+        )
+    for offset in range(0, size, 1024):
+        assert dst.view[offset : offset + 512] == src.view[offset : offset + 512]
+
+
+@pytest.mark.parametrize("option", ["channels", "io_threads"])
+async def test_true_is_not_a_count(option: str) -> None:
+    connect, _ends = memory_channels(1)
+    options = {"channels": 1, option: True}
+    with pytest.raises(ValueError, match=option):
+        async with m.open_sender(connect, **options):  # type: ignore[arg-type]
+            pass
