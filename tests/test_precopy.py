@@ -120,7 +120,7 @@ async def migrate(
     target: m.RAMBlock,
     tracker: DirtyTracker,
     *,
-    on_stop: Callable[[], Awaitable[None]],
+    on_stop: Callable[[], Awaitable[None] | None],
     receive_on_round: Callable[[PrecopyRound], Awaitable[None] | None] | None = None,
     channels: int = 4,
     sender_closed: trio.Event | None = None,
@@ -347,13 +347,17 @@ async def test_a_write_between_the_stop_decision_and_on_stop_returning_is_sent(
     assert target_bytes == source_bytes
 
 
-async def test_max_rounds_1_is_plain_stop_and_copy() -> None:
+@pytest.mark.parametrize("plain", [False, True])
+async def test_max_rounds_1_is_plain_stop_and_copy(plain: bool) -> None:
+    # on_stop may be a plain function as well as a coroutine function.
     source, target, source_bytes, target_bytes = blocks(SMALL, seed=13)
     tracker = DirtyTracker([source])
     calls: list[str] = []
 
-    async def on_stop() -> None:
+    async def async_stop() -> None:
         calls.append("stop")
+
+    on_stop = (lambda: calls.append("stop")) if plain else async_stop
 
     with trio.fail_after(20):
         report, outcome = await migrate(source, target, tracker, on_stop=on_stop, max_rounds=1)

@@ -336,10 +336,11 @@ def _union(a: bytearray, b: bytearray) -> bytearray:
     return bytearray(value.to_bytes(len(a), "little"))
 
 
-async def _call(callback: RoundCallback | None, info: PrecopyRound) -> None:
+async def _call(callback: Callable[..., Awaitable[None] | None] | None, *args: object) -> None:
+    """Call a plain function or a coroutine function alike."""
     if callback is None:
         return
-    result = callback(info)
+    result = callback(*args)
     if inspect.isawaitable(result):
         await result
 
@@ -348,7 +349,7 @@ async def precopy(
     sender: Sender,
     tracker: DirtyTracker,
     *,
-    on_stop: Callable[[], Awaitable[None]],
+    on_stop: Callable[[], Awaitable[None] | None],
     downtime_limit: float = 0.3,
     max_rounds: int = 30,
     force_stop: bool = True,
@@ -373,8 +374,9 @@ async def precopy(
     Args:
         sender: An open sender; its page size must be the tracker's.
         tracker: What changes, and how to find out.
-        on_stop: ``async on_stop()``: stop the writers. When it returns, no further write
-            may happen and every write so far must be marked (``detect="marks"``).
+        on_stop: ``on_stop()``: stop the writers; a coroutine function or a plain
+            function. When it returns, no further write may happen and every write so far
+            must be marked (``detect="marks"``).
         downtime_limit: Seconds of stop-and-copy the application accepts.
         max_rounds: Most rounds, the final one included; ``1`` is plain stop-and-copy.
         force_stop: Stop the application at ``max_rounds`` even without convergence.
@@ -396,7 +398,7 @@ async def precopy(
     if not isinstance(tracker, DirtyTracker):
         raise TypeError(f"tracker must be a DirtyTracker, got {type(tracker).__name__}")
     if not callable(on_stop):
-        raise TypeError("on_stop must be an async function")
+        raise TypeError("on_stop must be a function")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
     if not isinstance(downtime_limit, int | float) or not downtime_limit >= 0:
@@ -442,7 +444,7 @@ async def precopy(
             seconds=time.perf_counter() - started,
         )
     stopping = time.perf_counter()
-    await on_stop()
+    await _call(on_stop)
     stopped = time.perf_counter()
     # Marks (and writes, for hashes) made up to on_stop's return are in this collection.
     last = await tracker._collect_maps()
