@@ -187,3 +187,24 @@ async def test_true_is_not_a_count(option: str) -> None:
     with pytest.raises(ValueError, match=option):
         async with m.open_sender(connect, **options):  # type: ignore[arg-type]
             pass
+
+
+async def test_any_failure_of_connect_is_the_channels_transport_error() -> None:
+    async def connect(channel: int) -> trio.abc.Stream:
+        raise trio.TooSlowError  # say, its own timeout
+
+    with trio.fail_after(DEADLINE), pytest.raises(m.TransportError) as info:
+        async with m.open_sender(connect, channels=1):
+            pass
+    assert info.value.channel == 0
+    assert "could not connect: TooSlowError()" in str(info.value)
+
+
+async def test_connect_returning_no_stream_is_named() -> None:
+    async def connect(channel: int) -> trio.abc.Stream:
+        return None  # type: ignore[return-value]
+
+    with trio.fail_after(DEADLINE), pytest.raises(m.TransportError) as info:
+        async with m.open_sender(connect, channels=1):
+            pass
+    assert "connect returned NoneType, not a trio.abc.Stream" in str(info.value)

@@ -442,8 +442,15 @@ class Sender:
         try:
             try:
                 stream = await self._connect(channel)
-            except (OSError, trio.BrokenResourceError) as exc:
+            except Exception as exc:
+                # Whatever connect raises (OSError, a TLS failure, its own timeout): the
+                # channel could not be opened, said as one error of the transfer's.
                 raise TransportError(f"could not connect: {exc!r}", channel=channel) from exc
+            if not isinstance(stream, trio.abc.Stream):
+                raise TransportError(
+                    f"connect returned {type(stream).__name__}, not a trio.abc.Stream",
+                    channel=channel,
+                )
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
             features = Feature.CHECKSUMS if self._integrity else 0
             handshake = Handshake(uuid=self.uuid, channel_id=channel, features=features)
