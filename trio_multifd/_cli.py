@@ -443,7 +443,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         err.flush()
 
     try:
-        tls = _tls_context(fc, args)
+        tls = _tls_context(args)
         if args.command == "send":
             host, port = args.address
             summary = trio.run(
@@ -504,8 +504,10 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _tls_context(fc: Any, args: argparse.Namespace) -> ssl.SSLContext | None:
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context the options ask for; a file that cannot be loaded is named."""
+    from . import _filecopy as fc
+
     try:
         if args.command == "send":
             return fc.client_context(args.tls_ca) if args.tls_ca else None

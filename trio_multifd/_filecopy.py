@@ -33,7 +33,7 @@ import ssl
 import struct
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO, TypeGuard
+from typing import Any, TextIO
 
 import attrs
 import trio
@@ -442,12 +442,13 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     except UnicodeEncodeError:
         raise bad("name") from None
     for field in ("size", "data_bytes"):
-        if not _is_int(manifest.get(field)) or not 0 <= manifest[field] <= MAX_SIZE:
+        # type() rather than isinstance(): JSON's true and false arrive as bool.
+        if type(manifest.get(field)) is not int or not 0 <= manifest[field] <= MAX_SIZE:
             raise bad(field)
     if manifest.get("page_size") != PAGE:
         raise bad("page_size")
     channels = manifest.get("channels")
-    if not _is_int(channels) or not 1 <= channels <= 255:
+    if type(channels) is not int or not 1 <= channels <= 255:
         raise bad("channels")
     if not isinstance(manifest.get("method"), str):
         raise bad("method")
@@ -463,11 +464,6 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
         or not re.fullmatch(r"[0-9a-f]{32}", checksum["value"])
     ):
         raise bad("checksum")
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    # JSON's true and false arrive as bool, which Python counts as int.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(text: object) -> str:
@@ -506,9 +502,13 @@ async def receive_file(
     # With port 0 each address (say ::1 and 127.0.0.1) got a port of its own: keep the
     # ones on the port that is announced.
     chosen = tcp[0].socket.getsockname()[1]
-    for extra in [t for t in tcp if t.socket.getsockname()[1] != chosen]:
-        await trio.aclose_forcefully(extra)
-    tcp = [t for t in tcp if t.socket.getsockname()[1] == chosen]
+    kept: list[trio.SocketListener] = []
+    for opened in tcp:
+        if opened.socket.getsockname()[1] == chosen:
+            kept.append(opened)
+        else:
+            await trio.aclose_forcefully(opened)
+    tcp = kept
     listeners = list(tcp)
     if tls is not None:
         listeners = [trio.SSLListener(listener, tls) for listener in tcp]
