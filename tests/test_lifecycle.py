@@ -168,6 +168,46 @@ async def test_cancellation_from_outside_shuts_the_sender_down() -> None:
         assert scope.cancelled_caught
 
 
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+async def test_a_sender_cancelled_after_a_round_is_a_transport_error_at_the_receiver(
+    via: str,
+) -> None:
+    # On TCP the cancelled sender resets its channels; a Unix socket has no reset, so it
+    # writes its failure signal: either way the receiver names a channel and says the
+    # sender failed, rather than reporting a packet header cut after one byte.
+    src, dst = block_pair("mem", 256)
+    receiver_error: BaseException | None = None
+    rounds: list[int] = []
+    with trio.fail_after(20):
+        async with listening(via) as (listeners, connect):
+            async with trio.open_nursery() as nursery:
+
+                async def receive(task_status: trio.TaskStatus[None]) -> None:
+                    nonlocal receiver_error
+                    try:
+                        async with m.open_receiver([dst], channels=2) as receiver:
+                            await nursery.start(receiver.serve, listeners)
+                            task_status.started()
+                            rounds.append(await receiver.sync())
+                            await receiver.wait_closed()
+                    except m.MultiFDError as exc:
+                        receiver_error = exc
+
+                await nursery.start(receive)
+                with trio.CancelScope() as scope:
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                        await sender.sync()
+                        scope.cancel()
+                assert scope.cancelled_caught
+    assert rounds == [1]
+    assert dst.view == src.view  # the completed round is all there
+    assert isinstance(receiver_error, m.TransportError)
+    assert receiver_error.channel in (0, 1)
+    if via == "unix":
+        assert "failure signal" in str(receiver_error)
+
+
 async def test_receiver_failure_reaches_the_sender_as_a_multifd_error_over_tcp() -> None:
     src, _ = block_pair("mem", 256)
     wrong = m.RAMBlock("other", pattern(256 * PAGE))

@@ -36,6 +36,7 @@ from ._errors import (
     TooManyChannelsError,
     TransferIncompleteError,
     TransportError,
+    TruncatedError,
 )
 from ._methods import Decoder, Method, get_method, method_for_flag
 from ._methods._base import scatter
@@ -43,7 +44,14 @@ from ._pages import ZEROS
 from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
-from ._transport import CANCEL_CHECK, ReadySet, Transport, open_transport, root_cause
+from ._transport import (
+    CANCEL_CHECK,
+    FAILURE_SIGNAL,
+    ReadySet,
+    Transport,
+    open_transport,
+    root_cause,
+)
 from ._wire import (
     HANDSHAKE_SIZE,
     Feature,
@@ -480,7 +488,17 @@ class Receiver:
         """Read and apply one packet of ``link``'s channel (its first byte is there or
         the stream ended); at a SYNC, park the channel until the round completes."""
         channel, transport, buffer = link.channel, link.transport, link.header
-        if not transport.receive_or_eof_sync(buffer, "a packet header"):
+        try:
+            more = transport.receive_or_eof_sync(buffer, "a packet header")
+        except TruncatedError as exc:
+            if exc.value == len(FAILURE_SIGNAL) and buffer[:1] == FAILURE_SIGNAL:
+                raise TransportError(
+                    "the sender failed or was cancelled: it wrote its failure signal and"
+                    " closed the channel",
+                    channel=channel,
+                ) from exc
+            raise
+        if not more:
             trio.from_thread.run_sync(self._end_channel, channel)
             link.ended = True
             return

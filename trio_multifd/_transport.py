@@ -36,7 +36,7 @@ from ._errors import (
     TruncatedError,
 )
 
-__all__ = ["ReadySet", "SocketTransport", "Transport", "Turns", "open_transport"]
+__all__ = ["FAILURE_SIGNAL", "ReadySet", "SocketTransport", "Transport", "Turns", "open_transport"]
 
 T = TypeVar("T")
 
@@ -45,7 +45,9 @@ Buffer = bytes | bytearray | memoryview
 # Closing with SO_LINGER {on, 0} sends a TCP reset: how the receiver tells a sender that
 # a channel failed (a clean FIN means "everything read and completed").
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_FAILED = b"!"
+FAILURE_SIGNAL = b"!"
+"""What a failing end writes, at a packet boundary, before closing a stream that cannot be
+reset: no header starts with it (a header starts with the magic)."""
 
 # Trio sets it on TCP streams where the socket module has it (see lift_send_cap).
 _NOTSENT_LOWAT: int | None = getattr(stdlib_socket, "TCP_NOTSENT_LOWAT", None)
@@ -347,7 +349,7 @@ class Transport:
         elif not self._send_interrupted:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.2):
                 try:
-                    await self.stream.send_all(_FAILED)
+                    await self.stream.send_all(FAILURE_SIGNAL)
                 except (
                     trio.BrokenResourceError,
                     trio.ClosedResourceError,
