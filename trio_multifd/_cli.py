@@ -1,7 +1,8 @@
 """The ``trio-multifd`` command: ``demo``, ``send``, ``recv`` and ``bench``.
 
 Exit status: 0 on success, 1 when the work failed (one line on stderr, or a traceback
-with ``--debug``), 2 for a usage error.
+with ``--debug``), 2 for a usage error, 130 when interrupted (Ctrl-C), 143 when ``send`` or
+``recv`` was stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = ["main", "parse_hostport", "parse_size"]
 
@@ -447,6 +451,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.command == "send":
             host, port = args.address
             summary = trio.run(
+                _until_sigterm,
                 lambda: fc.send_file(
                     args.path,
                     host,
@@ -458,11 +463,12 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     progress=reporter,
                     idle_timeout=args.idle_timeout,
                     io_threads=args.io_threads,
-                )
+                ),
             )
         else:
             host, port = args.listen
             summary = trio.run(
+                _until_sigterm,
                 lambda: fc.receive_file(
                     args.path,
                     host,
@@ -473,7 +479,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     announce=announce,
                     idle_timeout=args.idle_timeout,
                     io_threads=args.io_threads,
-                )
+                ),
             )
     except BaseException as exc:
         reporter.stop()
@@ -482,6 +488,11 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 _json_failure(args.command, "interrupted")
             # Trio's nurseries wrap it in a group: main() reports a bare one.
             raise KeyboardInterrupt from None
+        if isinstance(exc, _Terminated):
+            if args.json:
+                _json_failure(args.command, "terminated")
+            err.write("trio-multifd: terminated\n")
+            return 143
         if args.debug or not isinstance(exc, Exception):
             raise
         message = fc.describe(exc)
@@ -502,6 +513,30 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f" xxh3_128 {summary.checksum}\n"
         )
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM stopped the copy."""
+
+
+async def _until_sigterm(work: Callable[[], Awaitable[_T]]) -> _T:
+    """``work()``, cancelled by SIGTERM as by Ctrl-C, so that the receiver still removes
+    its partial file: service managers stop a process with SIGTERM, and only SIGKILL
+    should leave a temporary file behind."""
+    import trio
+
+    stop = trio.CancelScope()
+
+    async def watch() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                stop.cancel()
+                return
+
+    trio.lowlevel.spawn_system_task(watch)
+    with stop:
+        return await work()
+    raise _Terminated
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
