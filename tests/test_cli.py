@@ -19,7 +19,7 @@ import trustme
 import xxhash
 
 from trio_multifd import _filecopy as fc
-from trio_multifd._cli import main, parse_hostport, parse_size
+from trio_multifd._cli import _parser, main, parse_hostport, parse_size
 from trio_multifd._filecopy import data_extents, file_checksum
 
 PAGE = 4096
@@ -223,6 +223,29 @@ def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
     assert not (out_dir / "a.bin").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_destination_without_room_for_the_data_is_refused_before_any_page(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
+    try:
+        with receiving(small) as (recv, port):
+            sender = send(src, port)
+            _, err = recv.communicate(timeout=TIMEOUT)
+        needs = f"its data needs {4 << 20} bytes, the file system has"
+        assert recv.returncode == 1
+        assert needs in err.splitlines()[-1]
+        assert sender.returncode == 1
+        assert "the receiver refused: not enough space" in sender.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -294,6 +317,16 @@ def test_parsers() -> None:
     assert parse_size("1GiB") == parse_size("1g") == 1 << 30
     assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_hostport("[::1]:80") == ("::1", 80)
+
+
+@pytest.mark.parametrize(
+    "command", [["demo"], ["bench"], ["send", "x", "h:1"], ["recv", "x", "--listen", "h:1"]]
+)
+def test_debug_goes_before_or_after_the_command(command: list[str]) -> None:
+    parser = _parser()
+    assert parser.parse_args(["--debug", *command]).debug
+    assert parser.parse_args([*command, "--debug"]).debug
+    assert not parser.parse_args(command).debug
 
 
 def test_extents_and_checksum(tmp_path: Path) -> None:

@@ -641,6 +641,18 @@ async def _receive_with(
             error = f"cannot make a file of {size} bytes: {exc.strerror}"
             await _refuse(control, error)
             raise CopyError(error) from None
+        # Pages land through a shared mapping, where a full file system is a SIGBUS
+        # that kills the process (and leaves the temporary file): refuse up front.
+        # Another writer can still fill the disk during the copy (see docs/cli.rst).
+        vfs = os.fstatvfs(fd)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < manifest["data_bytes"]:
+            error = (
+                f"not enough space for the copy: its data needs {manifest['data_bytes']}"
+                f" bytes, the file system has {free} free"
+            )
+            await _refuse(control, error)
+            raise CopyError(error)
         whole = size // PAGE * PAGE
         tail_len = size - whole
         blocks: list[RAMBlock] = []
