@@ -248,6 +248,41 @@ async def test_a_lagging_receiving_application_learns_the_right_final_round() ->
     assert target_bytes == source_bytes
 
 
+async def test_a_second_migration_over_the_same_channels_ends_at_its_own_final_round() -> None:
+    source, target, source_bytes, target_bytes = blocks(SMALL, seed=21)
+    tracker = DirtyTracker([source])
+    finals: list[PrecopyRound] = []
+    copies: list[bytes] = []
+    first_copied = trio.Event()
+    with trio.fail_after(30):
+        async with m.open_receiver([target], channels=2) as receiver:
+            async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+                await nursery.start(receiver.serve, listeners)
+
+                async def receive() -> None:
+                    for _ in range(2):
+                        finals.append(await receive_precopy(receiver))
+                        copies.append(bytes(target_bytes))
+                        first_copied.set()
+                    await receiver.wait_closed()
+
+                nursery.start_soon(receive)
+                async with m.open_sender(connect, channels=2) as sender:
+                    first = await precopy(sender, tracker, on_stop=lambda: None, max_rounds=2)
+                    first_source = bytes(source_bytes)
+                    # The second migration must not overwrite the target before the
+                    # receiving side has looked at the first one's result.
+                    await first_copied.wait()
+                    source_bytes[: 3 * PAGE] = random.Random(22).randbytes(3 * PAGE)
+                    tracker.mark(source, 0, 3 * PAGE)
+                    second = await precopy(sender, tracker, on_stop=lambda: None, max_rounds=2)
+    assert [r.number for r in first.rounds] == [1, 2]
+    assert [r.number for r in second.rounds] == [3, 4]
+    assert [(f.number, f.final) for f in finals] == [(2, True), (4, True)]
+    assert copies == [first_source, bytes(source_bytes)]
+    assert first_source != bytes(source_bytes)
+
+
 async def test_a_moderately_lagging_receiving_application() -> None:
     source, target, source_bytes, target_bytes = blocks(SMALL, seed=18)
     tracker = DirtyTracker([source])
@@ -473,6 +508,27 @@ async def test_collect_swaps_marks_so_a_mark_during_it_belongs_to_the_next() -> 
     assert during == [7]
     assert first == {block: [0]}
     assert await tracker.collect() == {block: [7 * PAGE]}
+
+
+@pytest.mark.parametrize("detect", ["marks", "hash"])
+async def test_a_cancelled_collect_leaves_its_pages_for_the_next(detect: str) -> None:
+    block = m.RAMBlock("ram", random_pages(16384, seed=17))  # 64 MiB: a scan of many chunks
+    tracker = DirtyTracker([block], detect=detect)
+    await tracker.collect()
+    expected: set[int] = set()
+    # Wherever the cancel lands (before, inside or after the scan), no page is lost.
+    for round_, delay in enumerate([0, 0.0005, 0.002, 0.005, 0.02]):
+        for page in (round_, 5000 + round_, 16383 - round_):
+            block.view[page * PAGE] ^= 0xFF
+            if detect == "marks":
+                tracker.mark(block, page * PAGE)
+            expected.add(page * PAGE)
+        with trio.move_on_after(delay) as scope:
+            result = await tracker.collect()
+        if not scope.cancelled_caught:
+            assert set(result[block]) == expected
+            expected.clear()
+    assert set((await tracker.collect())[block]) == expected
 
 
 async def test_collect_reports_each_block_in_order() -> None:

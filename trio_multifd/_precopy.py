@@ -245,14 +245,21 @@ class DirtyTracker:
             Every tracked block, in order, with the byte offsets of its dirty pages in
             ascending order (empty when none).
 
+        A collection that is cancelled hands nothing over: its pages stay dirty for the
+        next one.
+
         Raises:
             RuntimeError: Another :meth:`collect` of this tracker is running.
         """
         maps = await self._collect_maps()
-        result: dict[RAMBlock, list[int]] = {}
-        for block, bitmap in zip(self._blocks, maps, strict=True):
-            result[block] = await _offsets(bitmap, block.page_size)
-        return result
+        try:
+            result: dict[RAMBlock, list[int]] = {}
+            for block, bitmap in zip(self._blocks, maps, strict=True):
+                result[block] = await _offsets(bitmap, block.page_size)
+            return result
+        except BaseException:
+            self._give_back(maps)
+            raise
 
     async def _collect_maps(self) -> list[bytearray]:
         if self._collecting:
@@ -262,15 +269,27 @@ class DirtyTracker:
             with self._lock:
                 maps = self._maps
                 self._maps = [bytearray(b.page_count) for b in self._blocks]
-            if self._hashes is not None:
-                first = not self._scanned
-                for block, state, bitmap in zip(self._blocks, self._hashes, maps, strict=True):
-                    await self._scan(block, state, bitmap, first=first)
-                self._scanned = True
-            await trio.lowlevel.checkpoint()
+            try:
+                if self._hashes is not None:
+                    first = not self._scanned
+                    for block, state, bitmap in zip(self._blocks, self._hashes, maps, strict=True):
+                        await self._scan(block, state, bitmap, first=first)
+                    self._scanned = True
+                await trio.lowlevel.checkpoint()
+            except BaseException:
+                self._give_back(maps)
+                raise
             return maps
         finally:
             self._collecting = False
+
+    def _give_back(self, maps: list[bytearray]) -> None:
+        """Return the pages of a collection that was cancelled (or failed) to the next
+        one: nobody received them, and a page collected is a page the caller must send.
+        A cancelled hash scan has already stored the new hashes of the pages it found
+        changed, so those pages are only known from ``maps`` now."""
+        with self._lock:
+            self._maps = [_union(taken, now) for taken, now in zip(maps, self._maps, strict=True)]
 
     async def _scan(
         self, block: RAMBlock, state: _HashState, bitmap: bytearray, *, first: bool
@@ -545,6 +564,9 @@ async def receive_precopy(
             stats = receiver.stats
             last_pages, last_bytes = stats.pages, stats.page_bytes
             last_time = time.perf_counter()
+            # A final round before this call's first belongs to an earlier migration
+            # over the same channels.
+            first: int | None = None
             while True:
                 try:
                     number = await receiver.sync()
@@ -553,8 +575,9 @@ async def receive_precopy(
                     return
                 now = time.perf_counter()
                 pages, page_bytes = stats.pages, stats.page_bytes
+                first = number if first is None else first
                 final_round = receiver.final_round
-                is_final = final_round is not None and number >= final_round
+                is_final = final_round is not None and first <= final_round <= number
                 send.send_nowait(
                     PrecopyRound(
                         number=final_round if is_final and final_round else number,
