@@ -329,6 +329,16 @@ def test_debug_goes_before_or_after_the_command(command: list[str]) -> None:
     assert not parser.parse_args(command).debug
 
 
+@pytest.mark.parametrize(
+    "argv", [["demo", "--bogus"], ["send", "x", "h:1", "extra"], ["bench", "--repeat", "0"]]
+)
+def test_a_usage_error_past_the_command_shows_its_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"usage: trio-multifd {argv[0]} ")
+
+
 def test_extents_and_checksum(tmp_path: Path) -> None:
     path = tmp_path / "s"
     make_sparse(path)

@@ -38,6 +38,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "howto_custom_method.py": ([], "verified: True"),
     "howto_errors.py": ([], "receiver: CompressionMismatchError: channel"),
     "howto_testing.py": ([], "test_a_silent_peer_times_out passed"),
+    "precopy_migrate.py": (["--size", "4"], "copy verified: True"),
+    "precopy_migrate.py give-up": (["--size", "4", "--give-up"], "receiver: PrecopyAbortedError"),
 }
 
 

@@ -85,11 +85,11 @@ async def test_a_closed_sender_refuses_pages_and_rounds(how: str) -> None:
     sender = await open_and_leave(how)
     block = m.RAMBlock("mem", bytearray(64 * PAGE))
     with trio.fail_after(DEADLINE):
-        with pytest.raises(RuntimeError, match="closing or closed"):
+        with pytest.raises(RuntimeError, match="closing or closed: no page can be queued"):
             await sender.queue_page(block, 0)
-        with pytest.raises(RuntimeError, match="closing or closed"):
+        with pytest.raises(RuntimeError, match="closing or closed: no page can be queued"):
             await sender.queue_pages(block, range(0, block.size, PAGE))
-        with pytest.raises(RuntimeError, match="closing or closed"):
+        with pytest.raises(RuntimeError, match="closing or closed: no SYNC round can be"):
             await sender.sync()
 
 

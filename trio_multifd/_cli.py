@@ -108,9 +108,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --debug after the command as well as before it. SUPPRESS: argparse copies a
+    # command's defaults over the namespace, which would undo a --debug given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print tracebacks on errors",
+    )
 
     demo = sub.add_parser(
         "demo",
+        parents=[debug],
         help="a loopback transfer between two processes, verified, with its baseline",
         description="Send mixed data (a quarter zero pages, a quarter random, half"
         " text-like) to a receiver process over 127.0.0.1, verify it, print the figures.",
@@ -122,14 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--compression", choices=_METHODS, default="zstd", help="default zstd")
     demo.add_argument("--level", type=int, default=None, help="compression level")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     common.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object on stdout (ok, figures or error)",
     )
-    common.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     common.add_argument(
         "--io-threads",
         type=_io_threads_arg,
@@ -188,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
+        parents=[debug],
         help="measure against raw sockets, naive Trio and (--qemu) QEMU's multifd",
         description="Two fresh processes per run over 127.0.0.1 TCP; trio_multifd against"
         " raw_socket, raw_socket_threads and naive_trio on the same data, and with --qemu"
@@ -250,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json", metavar="PATH", dest="json_path", help="write the results as a JSON array"
     )
+    for command in (demo, send, recv, bench):
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -257,8 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-multifd`` command line; return the exit status."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
-        _validate(parser, args)
+        args, extra = parser.parse_known_args(argv)
+        # A usage error past the command shows the command's usage, not the top level's.
+        command: argparse.ArgumentParser = args.command_parser
+        if extra:
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        _validate(command, args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(args.debug)

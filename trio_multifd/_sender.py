@@ -201,6 +201,11 @@ class _JobQueue:
 class Sender:
     """The sending end of a transfer; made by :func:`open_sender`.
 
+    Its attributes stay readable after its ``async with`` block, its methods do not: from
+    the moment the block starts to exit, :meth:`queue_page`, :meth:`queue_pages` and
+    :meth:`sync` raise :class:`RuntimeError`, so that no page is accepted that would never
+    be sent.
+
     Attributes:
         uuid: The transfer's uuid, sent in every channel's handshake.
         channels: The number of channels.
@@ -278,11 +283,11 @@ class Sender:
                 f"block {block.name!r} has page_size {block.page_size}, the sender uses"
                 f" {self.page_size}"
             )
-        self._check_open()
+        self._check_open("no page can be queued")
 
-    def _check_open(self) -> None:
+    def _check_open(self, refused: str) -> None:
         if self._closing:
-            raise RuntimeError("the sender is closing or closed: no page can be queued")
+            raise RuntimeError(f"the sender is closing or closed: {refused}")
 
     async def queue_page(self, block: RAMBlock, offset: SupportsIndex) -> None:
         """Queue the page at byte ``offset`` of ``block``.
@@ -294,6 +299,9 @@ class Sender:
             ValueError: ``offset`` is not a page-aligned offset in the block, or the
                 block's page size differs from the sender's.
             TypeError: ``block`` is not a :class:`RAMBlock`.
+            RuntimeError: The sender's ``async with`` block has exited or is exiting, so
+                the page would never be sent; or the transfer ended while this call
+                waited for room in the queue.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
@@ -312,6 +320,9 @@ class Sender:
         Raises:
             ValueError: An offset is not a page-aligned offset in the block.
             TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an integer.
+            RuntimeError: The sender's ``async with`` block has exited or is exiting, so
+                the pages would never be sent; or the transfer ended while this call
+                waited for room in the queue.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
@@ -387,13 +398,19 @@ class Sender:
 
         Returns:
             The round number: 1 for the first call, then 2, ...
+
+        Raises:
+            RuntimeError: The sender's ``async with`` block has exited or is exiting (its
+                exit sends the last round itself); or the transfer ended before this
+                round was written on every channel, with the transfer's error, when it
+                failed, as the ``__cause__``.
         """
         return await self._sync(final=False, final_round=final_round)
 
     async def _sync(self, *, final: bool, final_round: bool = False) -> int:
         if not final:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
+            self._check_open("no SYNC round can be started")
         self._flush()
         self._rounds += 1
         sync_round = _SyncRound(self._rounds, final, self.channels, final_round, self.channels)
