@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -188,39 +189,83 @@ def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
     assert (out_dir / "a.bin").read_bytes() == src.read_bytes()
 
 
+@contextmanager
+def stalled_sender(src: Path, port: int, out_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A ``send`` that pauses halfway (after a SYNC: half the pages are in place, its file
+    mapped) for far longer than TIMEOUT, yielded once the receiver has made its
+    temporary file: a test ends in time only if the sender stops for another reason."""
+    sender = subprocess.Popen(
+        _command("send", str(src), f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env({"TRIO_MULTIFD_TEST_STALL": "3600"}),
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not any(p.endswith(".part") for p in os.listdir(out_dir)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield sender
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.communicate()
+
+
 def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(1024 * PAGE))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with receiving(out_dir / "a.bin") as (recv, port):
-        # The sender pauses halfway (after a SYNC: half the pages are in place) for far
-        # longer than TIMEOUT: it ends in time only by noticing the receiver is gone.
-        sender = subprocess.Popen(
-            _command("send", str(src), f"127.0.0.1:{port}"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env({"TRIO_MULTIFD_TEST_STALL": "3600"}),
-        )
-        try:
-            deadline = time.monotonic() + TIMEOUT
-            while not any(p.endswith(".part") for p in os.listdir(out_dir)):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(0.5)
-            recv.send_signal(signal.SIGKILL)
-            recv.wait(timeout=TIMEOUT)
-            _, err = sender.communicate(timeout=TIMEOUT)
-        finally:
-            if sender.poll() is None:
-                sender.kill()
-                sender.communicate()
+    with (
+        receiving(out_dir / "a.bin") as (recv, port),
+        stalled_sender(src, port, out_dir) as sender,
+    ):
+        time.sleep(0.5)
+        recv.send_signal(signal.SIGKILL)
+        recv.wait(timeout=TIMEOUT)
+        _, err = sender.communicate(timeout=TIMEOUT)
     assert sender.returncode == 1
     lines = err.strip().splitlines()
     assert lines[-1].startswith("trio-multifd: error: the receiver went away"), err
     assert "Traceback" not in err
     assert not (out_dir / "a.bin").exists()
+
+
+def can_lease(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_source_truncated_while_it_is_sent_stops_the_copy_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(1024 * PAGE))
+    if not can_lease(src):
+        pytest.skip("this file system has no file leases")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with receiving(out_dir) as (recv, port), stalled_sender(src, port, out_dir) as sender:
+        os.truncate(src, PAGE)  # waits for the sender to give its lease up
+        _, err = sender.communicate(timeout=TIMEOUT)
+        _, recv_err = recv.communicate(timeout=TIMEOUT)
+    assert sender.returncode == 1, err  # not killed by SIGBUS
+    assert err.splitlines()[-1] == (
+        f"trio-multifd: error: {src} was opened for writing or truncated by another"
+        " process while it was being sent: the copy stopped (its content would no longer"
+        " match the checksum)"
+    )
+    assert recv.returncode == 1, recv_err
+    assert list(out_dir.iterdir()) == []
+    assert src.stat().st_size == PAGE
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import mmap
 import os
 import re
+import signal
 import ssl
 import struct
 import uuid as uuid_mod
@@ -73,6 +75,9 @@ CHECKSUM = "xxh3_128"
 # Test hooks, read from the environment (documented in docs/cli.rst): a sender with
 # TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM=1 sends a manifest whose checksum is wrong; with
 # TRIO_MULTIFD_TEST_STALL=SECONDS it pauses that long halfway through the pages.
+LEASE_POLL = 0.05
+"""How often the sender looks whether another process wants to change its file."""
+
 _CORRUPT_ENV = "TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM"
 _STALL_ENV = "TRIO_MULTIFD_TEST_STALL"
 
@@ -140,6 +145,53 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
+@attrs.define
+class _SourceLease:
+    """A read lease on the file being sent, so that nobody truncates it under the mapping.
+
+    Pages are sent from a shared mapping of the file, where a page cut off by a
+    truncation is a SIGBUS that kills the process. With the lease, the kernel holds
+    back another process's truncation or open for writing (for up to
+    ``/proc/sys/fs/lease-break-time`` seconds) and tells us; the copy then stops with a
+    clear error (its content would no longer match the checksum anyway) before the
+    lease goes with the file descriptor. Without a lease (the file is already open for
+    writing, belongs to another user, or its file system has no leases) the copy runs
+    as before, unprotected.
+    """
+
+    fd: int
+    path: str
+    held: bool
+    broken: bool = False
+
+    @classmethod
+    def take(cls, fd: int, path: str) -> _SourceLease:
+        try:
+            # The break notice would be SIGIO, whose default action ends the process;
+            # SIGURG is ignored by default, and the lease's state is polled instead.
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:
+            return cls(fd, path, held=False)
+        return cls(fd, path, held=True)
+
+    def check(self) -> None:
+        """Raise :class:`CopyError` once another process wants to change the file."""
+        if self.held and fcntl.fcntl(self.fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+            self.broken = True
+            raise CopyError(
+                f"{self.path} was opened for writing or truncated by another process while"
+                " it was being sent: the copy stopped (its content would no longer match"
+                " the checksum)"
+            )
+
+    async def watch(self) -> None:
+        """:meth:`check` until cancelled, well within the kernel's lease-break time."""
+        while self.held:
+            self.check()
+            await trio.sleep(LEASE_POLL)
+
+
 def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lambda: None) -> str:
     """xxh3_128 of the file's content, holes hashed as zeros without reading them (on
     tmpfs even a read of a hole allocates memory).
@@ -170,8 +222,12 @@ def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lam
     return digest.hexdigest()
 
 
-async def _checksum_in_thread(fd: int, size: int) -> str:
-    return await trio.to_thread.run_sync(file_checksum, fd, size, trio.from_thread.check_cancelled)
+async def _checksum_in_thread(fd: int, size: int, check: Callable[[], None] = lambda: None) -> str:
+    def between_chunks() -> None:
+        trio.from_thread.check_cancelled()
+        check()
+
+    return await trio.to_thread.run_sync(file_checksum, fd, size, between_chunks)
 
 
 def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -275,6 +331,7 @@ async def send_file(
     mapping: mmap.mmap | None = None
     blocks: list[RAMBlock] = []
     try:
+        lease = _SourceLease.take(fd, path)
         size = os.fstat(fd).st_size
         whole = size // PAGE * PAGE
         ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
@@ -283,7 +340,7 @@ async def send_file(
         if tail_len:
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
-        checksum = await _checksum_in_thread(fd, size)
+        checksum = await _checksum_in_thread(fd, size, lease.check)
         if os.environ.get(_CORRUPT_ENV):
             checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
         transfer_uuid = uuid_mod.uuid4()
@@ -352,6 +409,8 @@ async def send_file(
                             if waiting.deadline != math.inf:
                                 waiting.deadline = trio.current_time() + idle_timeout
                     except (trio.BrokenResourceError, CopyError) as exc:
+                        if lease.broken:
+                            return  # because this side stopped; its own error says why
                         raise CopyError(
                             "the receiver went away before its verdict (it failed or was stopped)"
                         ) from exc
@@ -368,6 +427,7 @@ async def send_file(
                         compression_level=level,
                         io_threads=io_threads,
                     ) as sender:
+                        watching.start_soon(lease.watch)
                         watching.start_soon(
                             _watch, lambda: sender.stats.page_bytes, data_bytes, progress
                         )
