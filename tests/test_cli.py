@@ -132,23 +132,73 @@ def test_empty_and_tiny_files(tmp_path: Path) -> None:
         assert dest.read_bytes() == content
 
 
+def test_a_name_of_255_bytes_is_received_under_that_name(tmp_path: Path) -> None:
+    name = "é" * 100 + "n" * 55  # 255 bytes in UTF-8, multi-byte characters at the cut
+    src = tmp_path / name
+    src.write_bytes(os.urandom(3 * PAGE + 5))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with receiving(out_dir) as (recv, port):
+        sender = send(src, port)
+        recv.communicate(timeout=TIMEOUT)
+    assert sender.returncode == 0, sender.stderr
+    assert recv.returncode == 0
+    assert [p.name for p in out_dir.iterdir()] == [name]
+    assert (out_dir / name).read_bytes() == src.read_bytes()
+
+
 def test_into_directory_with_tls(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca_file, cert_file = tmp_path / "ca.pem", tmp_path / "server.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    receiver_tls, sender_tls = tls_files(tmp_path)
     src = tmp_path / "data.bin"
     src.write_bytes(os.urandom(300 * PAGE + 5))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    tls = ("--tls-cert", str(cert_file), "--tls-key", str(cert_file))
-    with receiving(out_dir, *tls) as (recv, port):
-        sent = send(src, port, "--channels", "2", "--tls-ca", str(ca_file))
+    with receiving(out_dir, *receiver_tls) as (recv, port):
+        sent = send(src, port, "--channels", "2", *sender_tls)
         recv.communicate(timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
     assert recv.returncode == 0
     assert (out_dir / "data.bin").read_bytes() == src.read_bytes()
+
+
+def tls_files(tmp_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The receiver's and the sender's TLS options, from a fresh CA."""
+    ca = trustme.CA()
+    ca_file, cert_file = tmp_path / "ca.pem", tmp_path / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    return ("--tls-cert", str(cert_file), "--tls-key", str(cert_file)), ("--tls-ca", str(ca_file))
+
+
+def test_a_plain_sender_and_a_tls_receiver_each_hint_at_tls(tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(PAGE))
+    receiver_tls, _ = tls_files(tmp_path)
+    with receiving(tmp_path / "out.bin", *receiver_tls) as (recv, port):
+        sender = send(src, port)
+        _, err = recv.communicate(timeout=TIMEOUT)
+    assert sender.returncode == 1 and recv.returncode == 1
+    assert err.splitlines()[-1].startswith("trio-multifd: error: control stream failed: [SSL")
+    assert err.splitlines()[-1].endswith("(does the sender use TLS, with --tls-ca?)")
+
+
+def test_a_tls_sender_and_a_plain_receiver_each_hint_at_tls(tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(PAGE))
+    _, sender_tls = tls_files(tmp_path)
+    with receiving(tmp_path / "out.bin") as (recv, port):
+        sender = send(src, port, *sender_tls)
+        _, err = recv.communicate(timeout=TIMEOUT)
+    assert sender.returncode == 1 and recv.returncode == 1
+    assert err.splitlines()[-1].endswith(
+        ": a TLS handshake; give the receiver --tls-cert and --tls-key)"
+    )
+    assert sender.stderr.splitlines()[-1].startswith(
+        f"trio-multifd: error: TLS handshake with 127.0.0.1:{port} failed: "
+    )
+    assert sender.stderr.splitlines()[-1].endswith(
+        "(does the receiver use TLS, with --tls-cert and --tls-key?)"
+    )
 
 
 def test_wrong_checksum_is_rejected_and_nothing_is_kept(tmp_path: Path) -> None:
@@ -343,7 +393,19 @@ def test_connection_refused_json(tmp_path: Path) -> None:
     src.write_bytes(b"a")
     with receiving(tmp_path / "b") as (_recv, port):
         pass  # killed: the port is free again
-    assert "could not connect" in failed_json(send(src, port, "--json"))
+    error = failed_json(send(src, port, "--json"))
+    assert error.startswith(f"could not connect to 127.0.0.1:{port}: ")
+    assert error.endswith("Connection refused")  # the reason, not "1 sub-exception"
+
+
+@pytest.mark.parametrize("source", ["a directory", "/dev/zero"])
+def test_only_a_regular_file_is_sent(tmp_path: Path, source: str) -> None:
+    path = str(tmp_path) if source == "a directory" else source
+    proc = subprocess.run(
+        _command("send", path, "127.0.0.1:9"), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"trio-multifd: error: {path} is not a regular file"]
 
 
 def failed_json(proc: subprocess.CompletedProcess[str]) -> str:

@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import ssl
+import stat
 import struct
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
@@ -331,8 +332,11 @@ async def send_file(
     mapping: mmap.mmap | None = None
     blocks: list[RAMBlock] = []
     try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise CopyError(f"{path} is not a regular file")
         lease = _SourceLease.take(fd, path)
-        size = os.fstat(fd).st_size
+        size = status.st_size
         whole = size // PAGE * PAGE
         ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
         tail_len = size - whole
@@ -360,16 +364,32 @@ async def send_file(
             try:
                 with trio.fail_after(connect_timeout):
                     stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-                    if tls is not None:
-                        ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+                    if tls is None:
+                        return stream
+                    ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+                    try:
                         await ssl_stream.do_handshake()
-                        stream = ssl_stream
-                    return stream
+                    except trio.BrokenResourceError as exc:
+                        await trio.aclose_forcefully(ssl_stream)
+                        # A certificate that fails verification came from a TLS receiver.
+                        hint = (
+                            ""
+                            if isinstance(exc.__cause__, ssl.SSLCertVerificationError)
+                            else " (does the receiver use TLS, with --tls-cert and --tls-key?)"
+                        )
+                        raise CopyError(
+                            f"TLS handshake with {host}:{port} failed:"
+                            f" {exc.__cause__ or exc}{hint}"
+                        ) from None
+                    return ssl_stream
             except trio.TooSlowError:
                 raise CopyError(f"could not connect to {host}:{port}: timed out") from None
             except (OSError, trio.BrokenResourceError) as exc:
                 cause = exc.__cause__ if exc.__cause__ is not None else exc
-                raise CopyError(f"could not connect to {host}:{port}: {cause}") from None
+                # open_tcp_stream's group holds the error of each address it tried.
+                reasons = _leaves(cause) if isinstance(cause, BaseExceptionGroup) else [cause]
+                shown = "; ".join(dict.fromkeys(str(reason) for reason in reasons))
+                raise CopyError(f"could not connect to {host}:{port}: {shown}") from None
 
         control = await open_stream()
         try:
@@ -667,15 +687,26 @@ async def _receive_with(
                 await control.do_handshake()
             magic = await _receive_exact(control, len(CONTROL_MAGIC), "the manifest")
             if magic != CONTROL_MAGIC:
+                # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
+                hint = (
+                    ": a TLS handshake; give the receiver --tls-cert and --tls-key"
+                    if magic.startswith(b"\x16\x03")
+                    else ""
+                )
                 raise CopyError(
                     f"the first connection is not a trio-multifd control stream (it began"
-                    f" with {magic!r})"
+                    f" with {magic!r}{hint})"
                 )
             manifest = await receive_message(control, "the manifest")
     except trio.TooSlowError:
         raise CopyError(f"no manifest within {handshake_timeout}s") from None
     except trio.BrokenResourceError as exc:
-        raise CopyError(f"control stream failed: {exc.__cause__ or exc}") from None
+        hint = (
+            " (does the sender use TLS, with --tls-ca?)"
+            if isinstance(exc.__cause__, ssl.SSLError)
+            else ""
+        )
+        raise CopyError(f"control stream failed: {exc.__cause__ or exc}{hint}") from None
     try:
         _check_manifest(manifest)
     except CopyError as exc:
@@ -822,7 +853,9 @@ def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
     """The final name, the temporary name beside it, and whether the final one exists."""
     final = os.path.join(path, name) if os.path.isdir(path) else path
     directory = os.path.dirname(os.path.abspath(final))
-    temp = os.path.join(directory, f".{os.path.basename(final)}.{transfer[:8]}.part")
+    # The final name may use all of NAME_MAX (255 bytes); the temporary one adds 15.
+    stem = os.fsencode(os.path.basename(final))[:200].decode("utf-8", "ignore")
+    temp = os.path.join(directory, f".{stem}.{transfer[:8]}.part")
     return final, temp, os.path.lexists(final)
 
 
