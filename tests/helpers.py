@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 import trio.testing
@@ -113,3 +113,36 @@ async def run_both_ends(
         nursery.start_soon(end, "receiver", receive)
         await end("sender", send)
     return errors.get("sender"), errors.get("receiver")
+
+
+def page_states(
+    source: bytes | bytearray | memoryview, target: bytes | bytearray | memoryview
+) -> list[str]:
+    """What each page of a target pre-filled with :func:`pattern` holds: ``"fill"``
+    (untouched), ``"source"`` (the source's page), ``"partly"`` (a prefix of the
+    source's page, then the fill: a payload cut inside that page) or ``"damaged"``
+    (anything else)."""
+    fill = bytes(pattern(PAGE))
+    states = []
+    for start in range(0, len(target), PAGE):
+        got, want = bytes(target[start : start + PAGE]), bytes(source[start : start + PAGE])
+        if got == fill:
+            states.append("fill")
+        elif got == want:
+            states.append("source")
+        else:
+            cut = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            states.append("partly" if got[cut:] == fill[cut:] else "damaged")
+    return states
+
+
+def landed(
+    source: bytes | bytearray | memoryview, pages: Iterable[int], *, page_size: int = PAGE
+) -> bytearray:
+    """What a target pre-filled with :func:`pattern` holds once exactly ``pages`` (page
+    numbers) of ``source`` have landed in it."""
+    target = pattern(len(source))
+    for page in pages:
+        start = page * page_size
+        target[start : start + page_size] = source[start : start + page_size]
+    return target

@@ -4,8 +4,11 @@ A real sender drives both channels; a :class:`~tests.proxy.TamperStream` rewrite
 handshake of channel 1, or one packet header of one channel, in flight. For each fault:
 the receiver raises the specific exception naming the channel, the sender fails with a
 :class:`MultiFDError` when it next uses a channel, both ends close every stream (on TCP:
-every socket's ``fileno()`` is -1), and no page of the target holds anything but the fill
-or the source's content (at most one page per channel partly written).
+every socket's ``fileno()`` is -1), and the target, pre-filled, shows that nothing of a
+rejected packet was written: each page the tampered packet names still holds the fill,
+and every other page holds the fill or exactly the source's page (but for at most one page
+per healthy channel whose payload the failure cut short: a prefix of the source's page,
+then the fill).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import attrs
 import pytest
 import trio
 
 import trio_multifd as m
 
-from .helpers import PAGE, block_pair
+from .helpers import PAGE, block_pair, page_states
 from .proxy import (
     TRANSFER_UUID,
     Link,
@@ -30,7 +34,6 @@ from .proxy import (
     RecordingListener,
     TamperStream,
     TcpLink,
-    damaged_pages,
     queue_everything,
     run_faulty_transfer,
 )
@@ -59,6 +62,19 @@ async def open_link(
             yield memory
 
 
+@attrs.frozen
+class Tampered:
+    """A transfer with one handshake or packet header patched in flight."""
+
+    outcome: Outcome
+    src: m.RAMBlock
+    dst: m.RAMBlock
+    channel: int | None
+    """The channel whose packet header was patched (``None``: a handshake was)."""
+    packet: m.PacketHeader | None
+    """That header as the sender meant it: the pages it names must stay untouched."""
+
+
 async def run_tampered(
     via: str,
     *,
@@ -66,19 +82,18 @@ async def run_tampered(
     header: HeaderPatch | None = None,
     compression: str = "none",
     receiver_compression: str | None = None,
-) -> tuple[Outcome, m.RAMBlock, m.RAMBlock, list[int]]:
+) -> Tampered:
     """A two-channel transfer of ``PAGES`` pages: ``handshake`` patches channel 1's
     handshake, ``header`` the first packet header it accepts, on whichever channel that
-    packet travels (which channel takes which batch is up to the sender). Returns the
-    outcome, both blocks, and the channel whose header was patched."""
+    packet travels (which channel takes which batch is up to the sender)."""
     src, dst = block_pair("mem", PAGES, seed=3)
-    patched: list[int] = []
+    patched: list[tuple[int, m.PacketHeader]] = []
 
     def wrap(channel: int, stream: trio.abc.Stream) -> trio.abc.Stream:
         def once(raw: bytearray, parsed: m.PacketHeader) -> bool:
             if header is None or patched or not header(raw, parsed):
                 return False
-            patched.append(channel)
+            patched.append((channel, parsed))
             return True
 
         return TamperStream(stream, handshake=handshake if channel == 1 else None, header=once)
@@ -93,25 +108,46 @@ async def run_tampered(
                 receiver_options={"compression": receiver_compression or compression},
             )
     assert len(patched) == (header is not None)  # the fault was injected, once
-    return outcome, src, dst, patched
+    channel, packet = patched[0] if patched else (None, None)
+    return Tampered(outcome, src, dst, channel, packet)
 
 
 def assert_failed_cleanly(
-    outcome: Outcome,
-    src: m.RAMBlock,
-    dst: m.RAMBlock,
-    expected: type[m.MultiFDError],
-    channel: int | None,
+    outcome: Outcome, expected: type[m.MultiFDError], channel: int | None
 ) -> m.MultiFDError:
     """The receiver raised exactly ``expected`` for ``channel``; the sender failed too;
-    every stream is closed; the target holds nothing it should not."""
+    every stream is closed."""
     error = outcome.receiver
     assert type(error) is expected, repr(error)
     assert error.channel == channel
     assert isinstance(outcome.sender, m.MultiFDError), repr(outcome.sender)
     assert outcome.sender_closed
     assert outcome.receiver_closed
-    assert len(damaged_pages(src.view, dst.view)) <= 2
+    return error
+
+
+def assert_nothing_of_the_packet_landed(
+    src: m.RAMBlock, dst: m.RAMBlock, packet: m.PacketHeader | None, *, healthy: int
+) -> None:
+    """Every page ``packet`` names (normal and zero) still holds the fill; every other
+    page holds the fill or exactly its source page, but for at most one page per
+    ``healthy`` channel that the failure cut inside a payload."""
+    states = page_states(src.view, dst.view)
+    rejected = {offset // PAGE for offset in packet.offsets} if packet else set()
+    assert [states[page] for page in sorted(rejected)] == ["fill"] * len(rejected)
+    others = {page: state for page, state in enumerate(states) if page not in rejected}
+    damaged = [page for page, state in others.items() if state == "damaged"]
+    assert not damaged
+    assert list(others.values()).count("partly") <= healthy
+
+
+def assert_tampered_run_failed_cleanly(
+    run: Tampered, expected: type[m.MultiFDError], channel: int | None
+) -> m.MultiFDError:
+    """:func:`assert_failed_cleanly`, and nothing of the tampered packet was written
+    (the other channel may have been cut inside a payload)."""
+    error = assert_failed_cleanly(run.outcome, expected, channel)
+    assert_nothing_of_the_packet_landed(run.src, run.dst, run.packet, healthy=1)
     return error
 
 
@@ -158,12 +194,12 @@ async def test_a_bad_handshake_fails_add_channel_and_the_transfer(
     channel: int,
     field: str,
 ) -> None:
-    outcome, src, dst, _ = await run_tampered(via, handshake=patch)
-    error = assert_failed_cleanly(outcome, src, dst, expected, channel)
+    run = await run_tampered(via, handshake=patch)
+    error = assert_tampered_run_failed_cleanly(run, expected, channel)
     assert isinstance(error, m.ProtocolError)
     assert error.field == field
     # add_channel raised it, and the transfer failed with that very exception.
-    assert outcome.added == [error]
+    assert run.outcome.added == [error]
 
 
 async def test_a_channel_beyond_the_configured_count_is_refused(via: str) -> None:
@@ -179,8 +215,10 @@ async def test_a_channel_beyond_the_configured_count_is_refused(via: str) -> Non
     with trio.fail_after(10):
         async with open_link(via) as link:
             outcome = await run_faulty_transfer(link, [src], [dst], accept=3, body=body)
-    error = assert_failed_cleanly(outcome, src, dst, m.TooManyChannelsError, 1)
+    error = assert_failed_cleanly(outcome, m.TooManyChannelsError, 1)
     assert outcome.added == [error]
+    # Both channels were healthy: either may have been cut inside a payload.
+    assert_nothing_of_the_packet_landed(src, dst, None, healthy=2)
 
 
 # -- packet headers --------------------------------------------------------------------------
@@ -299,23 +337,23 @@ HEADER_FAULTS = [
 async def test_a_bad_packet_header_fails_its_channel(
     via: str, patch: HeaderPatch, expected: type[m.ProtocolError], field: str
 ) -> None:
-    outcome, src, dst, patched = await run_tampered(via, header=patch)
-    error = assert_failed_cleanly(outcome, src, dst, expected, patched[0])
+    run = await run_tampered(via, header=patch)
+    error = assert_tampered_run_failed_cleanly(run, expected, run.channel)
     assert isinstance(error, m.ProtocolError)
     assert error.field == field
-    assert outcome.added == []
+    assert run.outcome.added == []
 
 
 async def test_an_unsupported_method_is_named_in_the_error() -> None:
-    outcome, src, dst, patched = await run_tampered("tcp", header=on_pages(set_flags(m.Flag.QPL)))
-    error = assert_failed_cleanly(outcome, src, dst, m.UnsupportedCompressionError, patched[0])
+    run = await run_tampered("tcp", header=on_pages(set_flags(m.Flag.QPL)))
+    error = assert_tampered_run_failed_cleanly(run, m.UnsupportedCompressionError, run.channel)
     assert "QPL" in str(error)
-    assert str(error).startswith(f"channel {patched[0]}")
+    assert str(error).startswith(f"channel {run.channel}")
 
 
 async def test_a_packet_of_another_method_names_both() -> None:
-    outcome, src, dst, patched = await run_tampered("tcp", header=on_pages(set_flags(m.Flag.ZSTD)))
-    error = assert_failed_cleanly(outcome, src, dst, m.CompressionMismatchError, patched[0])
+    run = await run_tampered("tcp", header=on_pages(set_flags(m.Flag.ZSTD)))
+    error = assert_tampered_run_failed_cleanly(run, m.CompressionMismatchError, run.channel)
     assert "'zstd'" in str(error) and "'none'" in str(error)
     assert error.packet_num is not None
 
@@ -337,8 +375,8 @@ async def test_a_packet_of_another_method_names_both() -> None:
 async def test_a_bad_header_on_a_zstd_channel_fails_it(
     patch: HeaderPatch, expected: type[m.ProtocolError]
 ) -> None:
-    outcome, src, dst, patched = await run_tampered("tcp", header=patch, compression="zstd")
-    assert_failed_cleanly(outcome, src, dst, expected, patched[0])
+    run = await run_tampered("tcp", header=patch, compression="zstd")
+    assert_tampered_run_failed_cleanly(run, expected, run.channel)
 
 
 async def test_a_compression_flag_on_a_packet_without_pages_is_accepted() -> None:

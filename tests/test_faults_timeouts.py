@@ -178,8 +178,12 @@ async def test_send_timeout_fails_a_channel_whose_peer_stops_reading_over_tcp() 
                         await link.accept()  # accepted, never read
                     await sender.queue_pages(src, range(0, src.size, PAGE))
                     await sender.sync()
-            assert 0.5 <= trio.current_time() - start < 3
+            assert trio.current_time() - start >= 0.5  # not before send_timeout
+            # Both channels stall: the error names the one whose wait ran out first.
             assert info.value.channel in (0, 1)
+            assert str(info.value) == (
+                f"channel {info.value.channel}: the peer accepted no byte for send_timeout=0.5s"
+            )
             assert link.all_closed("sender")
 
 
