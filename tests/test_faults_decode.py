@@ -172,7 +172,9 @@ def handshake_field(offset: int, fmt: str, value: int | bytes) -> HandshakePatch
 @pytest.mark.parametrize(
     ("patch", "expected", "channel", "field"),
     [
-        pytest.param(handshake_field(0, ">I", 0x11223345), m.MagicError, 1, "magic", id="magic"),
+        pytest.param(
+            handshake_field(0, ">I", 0x11223345), m.MagicError, None, "magic", id="magic"
+        ),
         pytest.param(handshake_field(4, ">I", 2), m.VersionError, 1, "version", id="version"),
         pytest.param(
             handshake_field(8, "16s", uuid.UUID(int=1).bytes),
@@ -191,7 +193,7 @@ async def test_a_bad_handshake_fails_add_channel_and_the_transfer(
     via: str,
     patch: HandshakePatch,
     expected: type[m.ProtocolError],
-    channel: int,
+    channel: int | None,
     field: str,
 ) -> None:
     run = await run_tampered(via, handshake=patch)

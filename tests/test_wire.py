@@ -189,6 +189,18 @@ def test_bad_handshake_field_raises_its_own_error(
     assert isinstance(info.value, m.ProtocolError)
 
 
+def test_a_handshake_error_names_the_id_byte_as_its_channel_unless_the_magic_is_wrong() -> None:
+    with pytest.raises(m.VersionError) as bad_version:
+        m.decode_handshake(handshake_bytes(version=2, id=3), channels=4, uuid=UUID)
+    assert bad_version.value.channel == 3
+    assert str(bad_version.value).startswith("channel 3: ")
+    # Not a multifd peer at all: its 25th byte is no channel id.
+    with pytest.raises(m.MagicError) as bad_magic:
+        m.decode_handshake(handshake_bytes(magic=0x47455420, id=3), channels=4, uuid=UUID)
+    assert bad_magic.value.channel is None
+    assert str(bad_magic.value) == "handshake magic is 0x47455420, expected 0x11223344"
+
+
 def test_channel_id_equal_to_channel_count_is_rejected() -> None:
     # QEMU checks `id > channels`; id == channels is out of range too.
     with pytest.raises(m.ChannelIdError, match="below the channel count 4"):

@@ -254,19 +254,21 @@ def decode_handshake(
         ChannelIdError: The id is not below ``channels``.
         ValueError: ``data`` is not 64 bytes long.
 
-    Each :class:`~trio_multifd.ProtocolError` has ``channel`` set to the id byte as
-    received.
+    Each :class:`~trio_multifd.ProtocolError` but :class:`~trio_multifd.MagicError` has
+    ``channel`` set to the id byte as received; a wrong magic means the bytes are not a
+    handshake, so ``channel`` is ``None``.
     """
     if len(data) != HANDSHAKE_SIZE:
         raise ValueError(f"a handshake is {HANDSHAKE_SIZE} bytes, got {len(data)}")
     magic, version, raw_uuid, channel_id, features, _, _, _ = _HANDSHAKE.unpack(data)
     if magic != MAGIC:
+        # Not a multifd handshake at all (a port scanner, an HTTP client): its 25th byte
+        # names no channel.
         raise MagicError(
             f"handshake magic is {magic:#010x}, expected {MAGIC:#010x}",
             field="magic",
             value=magic,
             limit=MAGIC,
-            channel=channel_id,
         )
     if version != VERSION:
         raise VersionError(
