@@ -9,6 +9,7 @@ subprocess.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import struct
@@ -147,12 +148,16 @@ def test_a_receiver_whose_sender_stalls_inside_a_packet_gives_up(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_stops_a_receiver_and_removes_its_partial_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+def test_sigterm_stops_a_receiver_and_removes_its_partial_file(
+    tmp_path: Path, signals: int
+) -> None:
     with receiving(tmp_path, "--json") as (proc, port):
         with open_control(port, json.dumps(manifest()).encode()) as sock:
             assert read_message(sock) == {"type": "go"}
             assert len(list(tmp_path.iterdir())) == 1  # the temporary file
-            proc.send_signal(signal.SIGTERM)
+            for _ in range(signals):  # a second one, while it stops, changes nothing
+                proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 143
     assert json.loads(out) == {"ok": False, "command": "recv", "error": "terminated"}
@@ -221,10 +226,15 @@ def test_json_names_a_tls_file_that_cannot_be_loaded(tmp_path: Path) -> None:
 
 
 async def copy_in_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, checking: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    checking: bool,
+    during_check: Callable[[Path], None] = lambda src: None,
 ) -> tuple[BaseException | fc.Summary, BaseException | fc.Summary]:
     """A copy whose receiver takes 3.5 s to check the file, with idle_timeout 1 s;
-    ``checking=False`` silences the receiver's "still checking" messages."""
+    ``checking=False`` silences the receiver's "still checking" messages;
+    ``during_check(source path)`` runs as the receiver's check begins."""
     src = tmp_path / "src"
     src.write_bytes(bytes(range(256)) * 64)
     real = fc.file_checksum
@@ -234,6 +244,7 @@ async def copy_in_process(
         nonlocal calls
         calls += 1
         if calls == 2:  # the receiver's, after the sender's own
+            during_check(src)
             time.sleep(3.5)
         return real(fd, size, between_chunks)
 
@@ -279,6 +290,34 @@ async def test_a_long_check_keeps_the_sender_waiting_for_its_verdict(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent, received = await copy_in_process(tmp_path, monkeypatch, checking=True)
+    assert isinstance(sent, fc.Summary) and isinstance(received, fc.Summary)
+    assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+
+
+async def test_the_sender_lets_its_file_go_once_its_pages_have_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[int] = []
+
+    def open_for_writing(src: Path) -> None:
+        # Non-blocking: while the sender holds its lease this fails with EAGAIN. The
+        # sender lets go as its block ends, which may be just after this check begins,
+        # but long before the check's 3.5 s are over and the verdict lets it go.
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(src, os.O_WRONLY | os.O_NONBLOCK)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            opened.append(fd)
+            os.close(fd)
+            return
+
+    sent, received = await copy_in_process(
+        tmp_path, monkeypatch, checking=True, during_check=open_for_writing
+    )
+    assert len(opened) == 1
     assert isinstance(sent, fc.Summary) and isinstance(received, fc.Summary)
     assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
 

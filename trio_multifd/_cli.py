@@ -505,6 +505,8 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             # Trio's nurseries wrap it in a group: main() reports a bare one.
             raise KeyboardInterrupt from None
         if isinstance(exc, _Terminated):
+            # Already stopping: another SIGTERM must not cut the report short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if args.json:
                 _json_failure(args.command, "terminated")
             err.write("trio-multifd: terminated\n")
@@ -542,16 +544,24 @@ async def _until_sigterm(work: Callable[[], Awaitable[_T]]) -> _T:
     import trio
 
     stop = trio.CancelScope()
+    finished = False
+    # Entered before work() runs its first synchronous steps, and kept to the end: a
+    # SIGTERM at any point of the run, a second one included, is noticed, never fatal.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
 
-    async def watch() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
+        async def watch() -> None:
+            # Once work() has ended, signals is closed and must not be read again; each
+            # check comes right before a read, with no checkpoint between them.
+            while not finished:
+                await signals.__anext__()
                 stop.cancel()
-                return
 
-    trio.lowlevel.spawn_system_task(watch)
-    with stop:
-        return await work()
+        trio.lowlevel.spawn_system_task(watch)
+        try:
+            with stop:
+                return await work()
+        finally:
+            finished = True
     raise _Terminated
 
 

@@ -151,11 +151,11 @@ class _SourceLease:
     """A read lease on the file being sent, so that nobody truncates it under the mapping.
 
     Pages are sent from a shared mapping of the file, where a page cut off by a
-    truncation is a SIGBUS that kills the process. With the lease, the kernel holds
-    back another process's truncation or open for writing (for up to
-    ``/proc/sys/fs/lease-break-time`` seconds) and tells us; the copy then stops with a
-    clear error (its content would no longer match the checksum anyway) before the
-    lease goes with the file descriptor. Without a lease (the file is already open for
+    truncation is a SIGBUS that kills the process. With the lease, held only while the
+    file is mapped, the kernel holds back another process's truncation or open for
+    writing (for up to ``/proc/sys/fs/lease-break-time`` seconds) and tells us; the copy
+    then stops with a clear error (its content would no longer match the checksum
+    anyway) and lets the file go. Without a lease (the file is already open for
     writing, belongs to another user, or its file system has no leases) the copy runs
     as before, unprotected.
     """
@@ -192,6 +192,12 @@ class _SourceLease:
             self.check()
             await trio.sleep(LEASE_POLL)
 
+    def release(self) -> None:
+        """Let a waiting writer go on; only once nothing touches the mapping."""
+        if self.held:
+            fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            self.held = False
+
 
 def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lambda: None) -> str:
     """xxh3_128 of the file's content, holes hashed as zeros without reading them (on
@@ -223,12 +229,8 @@ def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lam
     return digest.hexdigest()
 
 
-async def _checksum_in_thread(fd: int, size: int, check: Callable[[], None] = lambda: None) -> str:
-    def between_chunks() -> None:
-        trio.from_thread.check_cancelled()
-        check()
-
-    return await trio.to_thread.run_sync(file_checksum, fd, size, between_chunks)
+async def _checksum_in_thread(fd: int, size: int) -> str:
+    return await trio.to_thread.run_sync(file_checksum, fd, size, trio.from_thread.check_cancelled)
 
 
 def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -335,7 +337,6 @@ async def send_file(
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             raise CopyError(f"{path} is not a regular file")
-        lease = _SourceLease.take(fd, path)
         size = status.st_size
         whole = size // PAGE * PAGE
         ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
@@ -344,7 +345,7 @@ async def send_file(
         if tail_len:
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
-        checksum = await _checksum_in_thread(fd, size, lease.check)
+        checksum = await _checksum_in_thread(fd, size)
         if os.environ.get(_CORRUPT_ENV):
             checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
         transfer_uuid = uuid_mod.uuid4()
@@ -402,6 +403,10 @@ async def send_file(
                 raise CopyError(f"no go-ahead from the receiver within {idle_timeout}s") from None
             if reply["type"] != "go":
                 raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
+            lease = _SourceLease.take(fd, path)
+            now = os.fstat(fd)
+            if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
+                raise CopyError(f"{path} changed after its checksum, before the copy began")
             if whole:
                 mapping = mmap.mmap(fd, whole, prot=mmap.PROT_READ)
                 blocks.append(RAMBlock("data", mapping))
@@ -455,6 +460,11 @@ async def send_file(
                         if tail_len:
                             await sender.queue_page(tail_block, 0)
                     watching.cancel_scope.cancel()
+                if mapping is not None:
+                    _unmap(mapping, blocks)
+                    mapping = None
+                # A writer waits for the lease no longer than the pages take to leave.
+                lease.release()
                 seconds = trio.current_time() - start
                 waiting.deadline = trio.current_time() + idle_timeout
                 if progress is not None:
@@ -614,10 +624,14 @@ async def receive_file(
                 io_threads=io_threads,
             )
         finally:
-            await trio.aclose_forcefully(control)
+            # Shielded: once the copy has its name, a cancel must not turn the Summary
+            # into an error on the way out.
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(control)
     finally:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
 
 
 async def _refuse(control: trio.abc.Stream, error: str) -> None:
@@ -795,6 +809,9 @@ async def _receive_with(
             await send_message(control, {"type": "verdict", "ok": False, "error": error})
             raise CopyError(error)
         os.fsync(fd)
+        # A cancel (Ctrl-C, SIGTERM) noticed by now aborts before the copy gets its name;
+        # from the name on, the copy is done, and reported so even if a cancel comes.
+        await trio.lowlevel.checkpoint()
         try:
             if force:
                 os.replace(temp, final)
@@ -807,7 +824,8 @@ async def _receive_with(
             await send_message(control, {"type": "verdict", "ok": False, "error": error})
             raise CopyError(error) from None
         renamed = True
-        await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
+        with trio.move_on_after(idle_timeout, shield=True):
+            await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
         return Summary(
             path=final,
             size=size,
