@@ -283,6 +283,40 @@ async def test_a_second_migration_over_the_same_channels_ends_at_its_own_final_r
     assert first_source != bytes(source_bytes)
 
 
+async def test_a_follower_lagging_behind_two_migrations_finds_each_final_round() -> None:
+    source, target, _, _ = blocks(SMALL, seed=23)
+    tracker = DirtyTracker([source])
+    finals: list[tuple[int, bool]] = []
+    with trio.fail_after(30):
+        async with m.open_receiver([target], channels=2) as receiver:
+            async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+                await nursery.start(receiver.serve, listeners)
+                both_sent, looked = trio.Event(), trio.Event()
+
+                async def follow_late() -> None:
+                    # Only once the second migration's final round is known.
+                    await both_sent.wait()
+                    for _ in range(2):
+                        final = await receive_precopy(receiver)
+                        finals.append((final.number, final.final))
+                    looked.set()
+
+                nursery.start_soon(follow_late)
+                async with m.open_sender(connect, channels=2) as sender:
+                    await precopy(sender, tracker, on_stop=lambda: None, max_rounds=2)
+                    await precopy(sender, tracker, on_stop=lambda: None, max_rounds=1)
+                    await receiver_round(receiver, 3)
+                    both_sent.set()
+                    await looked.wait()
+    assert finals == [(2, True), (3, True)]
+    assert receiver.final_round == 3
+
+
+async def receiver_round(receiver: m.Receiver, number: int) -> None:
+    while receiver.rounds_completed < number:  # noqa: ASYNC110 - no event to wait on
+        await trio.sleep(0.01)
+
+
 async def test_a_moderately_lagging_receiving_application() -> None:
     source, target, source_bytes, target_bytes = blocks(SMALL, seed=18)
     tracker = DirtyTracker([source])

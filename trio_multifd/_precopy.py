@@ -564,9 +564,6 @@ async def receive_precopy(
             stats = receiver.stats
             last_pages, last_bytes = stats.pages, stats.page_bytes
             last_time = time.perf_counter()
-            # A final round before this call's first belongs to an earlier migration
-            # over the same channels.
-            first: int | None = None
             while True:
                 try:
                     number = await receiver.sync()
@@ -575,12 +572,10 @@ async def receive_precopy(
                     return
                 now = time.perf_counter()
                 pages, page_bytes = stats.pages, stats.page_bytes
-                first = number if first is None else first
-                final_round = receiver.final_round
-                is_final = final_round is not None and first <= final_round <= number
+                is_final = receiver._is_final_round(number)
                 send.send_nowait(
                     PrecopyRound(
-                        number=final_round if is_final and final_round else number,
+                        number=number,
                         pages=pages - last_pages,
                         bytes=page_bytes - last_bytes,
                         seconds=now - last_time,

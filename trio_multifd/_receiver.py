@@ -158,7 +158,9 @@ class Receiver:
         self._ended: dict[int, int] = {}
         self._completed = 0
         self._sync_calls = 0
-        self._final_round: int | None = None
+        # Every final round so far: several migrations may share the channels, and one
+        # lagging follower must still find its own after a later one is known.
+        self._final_rounds: set[int] = set()
         self._final_marks: dict[int, int] = {}
         # A known-zero block gets a zero page written only over a page written before.
         self._received = {b.name: bytearray(b.page_count) for b in blocks if b.zeroed}
@@ -186,13 +188,18 @@ class Receiver:
 
     @property
     def final_round(self) -> int | None:
-        """The number of the round whose SYNC packets carried ``FINAL_ROUND`` (the sender
-        called ``sync(final_round=True)``), once that round is complete; else ``None``.
+        """The number of the latest round whose SYNC packets carried ``FINAL_ROUND`` (the
+        sender called ``sync(final_round=True)``), once that round is complete; else
+        ``None``.
 
         Known as soon as the channel tasks complete the round, even when the application
         is still waiting for earlier rounds in :meth:`sync`.
         """
-        return self._final_round
+        return max(self._final_rounds, default=None)
+
+    def _is_final_round(self, number: int) -> bool:
+        """Whether round ``number`` is complete and was marked final."""
+        return number in self._final_rounds
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -640,7 +647,7 @@ class Receiver:
             self._final_marks[number] = self._final_marks.get(number, 0) + 1
         if arrived == self.channels:
             if self._final_marks.pop(number, 0) == self.channels:
-                self._final_round = number
+                self._final_rounds.add(number)
             with self._progress:
                 self._completed = number
                 self._progress.notify_all()
