@@ -180,6 +180,7 @@ def test_a_plain_sender_and_a_tls_receiver_each_hint_at_tls(tmp_path: Path) -> N
     assert sender.returncode == 1 and recv.returncode == 1
     assert err.splitlines()[-1].startswith("trio-multifd: error: control stream failed: [SSL")
     assert err.splitlines()[-1].endswith("(does the sender use TLS, with --tls-ca?)")
+    assert sender.stderr.splitlines()[-1].endswith("(does the receiver use TLS? give --tls-ca)")
 
 
 def test_a_tls_sender_and_a_plain_receiver_each_hint_at_tls(tmp_path: Path) -> None:
@@ -398,9 +399,11 @@ def test_connection_refused_json(tmp_path: Path) -> None:
     assert error.endswith("Connection refused")  # the reason, not "1 sub-exception"
 
 
-@pytest.mark.parametrize("source", ["a directory", "/dev/zero"])
+@pytest.mark.parametrize("source", ["a directory", "a fifo", "/dev/zero"])
 def test_only_a_regular_file_is_sent(tmp_path: Path, source: str) -> None:
-    path = str(tmp_path) if source == "a directory" else source
+    path = {"a directory": str(tmp_path), "a fifo": str(tmp_path / "fifo")}.get(source, source)
+    if source == "a fifo":
+        os.mkfifo(path)  # with no writer: opening it must not wait for one
     proc = subprocess.run(
         _command("send", path, "127.0.0.1:9"), capture_output=True, text=True, timeout=TIMEOUT
     )

@@ -84,6 +84,7 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(name="a\0b")).encode(), "field 'name'"),
         (json.dumps(manifest(name="a\ud800")).encode(), "field 'name'"),
         (json.dumps(manifest(name="a\nb")).encode(), "field 'name'"),
+        (json.dumps(manifest(name="n" * 256)).encode(), "is too long for the file system"),
         (
             json.dumps(
                 manifest(checksum={"algorithm": "xxh3_128", "value": "abc\ntrio-multifd: OK"})

@@ -249,12 +249,16 @@ def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 # -- framing ----------------------------------------------------------------------------------
 
 
+class _PeerClosed(CopyError):
+    """The control stream ended before a whole message."""
+
+
 async def _receive_exact(stream: trio.abc.Stream, count: int, what: str) -> bytes:
     data = bytearray()
     while len(data) < count:
         chunk = await stream.receive_some(count - len(data))
         if not chunk:
-            raise CopyError(f"the peer closed the control stream before {what}")
+            raise _PeerClosed(f"the peer closed the control stream before {what}")
         data += chunk
     return bytes(data)
 
@@ -328,7 +332,9 @@ async def send_file(
     ``idle_timeout`` bounds each wait for the receiver: its go-ahead, and after the last
     page its verdict (renewed by each message saying it is still checking)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Non-blocking: opening a FIFO would otherwise wait for a writer before the
+        # regular-file check below (regular files ignore the flag).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise CopyError(f"cannot open {path}: {exc.strerror}") from None
     mapping: mmap.mmap | None = None
@@ -401,6 +407,11 @@ async def send_file(
                     reply = await receive_message(control, "its go-ahead")
             except trio.TooSlowError:
                 raise CopyError(f"no go-ahead from the receiver within {idle_timeout}s") from None
+            except _PeerClosed as exc:
+                if tls is not None:
+                    raise
+                # What a receiver that uses TLS does with a plain handshake.
+                raise CopyError(f"{exc} (does the receiver use TLS? give --tls-ca)") from None
             if reply["type"] != "go":
                 raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
             lease = _SourceLease.take(fd, path)
@@ -715,11 +726,9 @@ async def _receive_with(
     except trio.TooSlowError:
         raise CopyError(f"no manifest within {handshake_timeout}s") from None
     except trio.BrokenResourceError as exc:
-        hint = (
-            " (does the sender use TLS, with --tls-ca?)"
-            if isinstance(exc.__cause__, ssl.SSLError)
-            else ""
-        )
+        # OpenSSL's name for first bytes that are not a TLS record: a plain sender.
+        plain = getattr(exc.__cause__, "reason", None) == "WRONG_VERSION_NUMBER"
+        hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
         raise CopyError(f"control stream failed: {exc.__cause__ or exc}{hint}") from None
     try:
         _check_manifest(manifest)
@@ -730,6 +739,12 @@ async def _receive_with(
     if exists and not force:
         await _refuse(control, f"{final} exists (use --force on the receiver)")
         raise CopyError(f"{final} exists: refusing to overwrite it without --force")
+    # Checked now: the temporary name is short enough anyway, and the final one would
+    # fail only after the whole copy.
+    too_long = _name_too_long(final)
+    if too_long:
+        await _refuse(control, too_long)
+        raise CopyError(too_long)
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
@@ -875,6 +890,14 @@ def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
     stem = os.fsencode(os.path.basename(final))[:200].decode("utf-8", "ignore")
     temp = os.path.join(directory, f".{stem}.{transfer[:8]}.part")
     return final, temp, os.path.lexists(final)
+
+
+def _name_too_long(final: str) -> str | None:
+    """Why ``final``'s name is too long for its file system, if it is."""
+    directory, base = os.path.split(os.path.abspath(final))
+    if len(os.fsencode(base)) > os.pathconf(directory, "PC_NAME_MAX"):
+        return f"the name {base!r} is too long for the file system of {directory}"
+    return None
 
 
 async def _watch_control(control: trio.abc.Stream) -> None:
