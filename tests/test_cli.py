@@ -319,16 +319,26 @@ def test_a_source_truncated_while_it_is_sent_stops_the_copy_with_a_clear_error(
     assert src.stat().st_size == PAGE
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@contextmanager
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (mounting one needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_a_destination_without_room_for_the_data_is_refused_before_any_page(
     tmp_path: Path,
 ) -> None:
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(4 << 20))
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path) as small:
         with receiving(small) as (recv, port):
             sender = send(src, port)
             _, err = recv.communicate(timeout=TIMEOUT)
@@ -338,8 +348,43 @@ def test_a_destination_without_room_for_the_data_is_refused_before_any_page(
         assert sender.returncode == 1
         assert "the receiver refused: not enough space" in sender.stderr
         assert list(small.iterdir()) == []
+
+
+def test_written_zero_pages_need_no_room_at_the_destination(tmp_path: Path) -> None:
+    src = tmp_path / "thick.img"  # 4 MiB allocated, all but one page zeros
+    src.write_bytes(bytes(2 << 20) + os.urandom(PAGE) + bytes((2 << 20) - PAGE))
+    with small_tmpfs(tmp_path) as small:
+        with receiving(small) as (recv, port):
+            sender = send(src, port)
+            recv.communicate(timeout=TIMEOUT)
+        assert sender.returncode == 0, sender.stderr
+        assert recv.returncode == 0
+        assert (small / "thick.img").read_bytes() == src.read_bytes()
+
+
+def test_the_scan_counts_each_page_that_is_not_all_zero_once(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    make_sparse(path)
+    content = path.read_bytes()
+    expected = sum(1 for p in range(0, len(content), PAGE) if any(content[p : p + PAGE]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        checksum, pages = fc._scan(fd, len(content), lambda: None, count_pages=True)
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        os.close(fd)
+    assert checksum == xxhash.xxh3_128(content).hexdigest()
+    assert pages == expected == 10 + 2 + 40 + 1  # random, the 17 bytes' page, tail
+
+
+def test_a_page_split_between_two_reads_is_counted_once() -> None:
+    data = bytearray(3 * PAGE)
+    # Read at offset 100: data[i] is the file's byte 100 + i.
+    data[PAGE - 100] = 1  # the file's page 1
+    data[2 * PAGE - 100 + 50] = 1  # its page 2
+    counted, last = fc._nonzero_pages(data, PAGE, 100, -1)  # pages 0 (zero) and 1
+    assert (counted, last) == (1, 1)
+    counted, last = fc._nonzero_pages(data, 2 * PAGE, 100, 1)  # page 1 again, and 2
+    assert (counted, last) == (1, 2)
 
 
 @pytest.mark.parametrize(

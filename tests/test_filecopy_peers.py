@@ -39,6 +39,7 @@ def manifest(**changes: Any) -> dict[str, Any]:
         "size": 8192,
         "page_size": 4096,
         "data_bytes": 8192,
+        "nonzero_bytes": 8192,
         "method": "none",
         "channels": 1,
         "uuid": str(uuid.UUID(int=7)),
@@ -85,6 +86,8 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(name="a\ud800")).encode(), "field 'name'"),
         (json.dumps(manifest(name="a\nb")).encode(), "field 'name'"),
         (json.dumps(manifest(name="n" * 256)).encode(), "is too long for the file system"),
+        (json.dumps(manifest(nonzero_bytes=8193)).encode(), "field 'nonzero_bytes'"),
+        (json.dumps(manifest(nonzero_bytes=None)).encode(), "field 'nonzero_bytes'"),
         (
             json.dumps(
                 manifest(checksum={"algorithm": "xxh3_128", "value": "abc\ntrio-multifd: OK"})
@@ -238,18 +241,20 @@ async def copy_in_process(
     ``during_check(source path)`` runs as the receiver's check begins."""
     src = tmp_path / "src"
     src.write_bytes(bytes(range(256)) * 64)
-    real = fc.file_checksum
+    real = fc._scan
     calls = 0
 
-    def slow_second_call(fd: int, size: int, between_chunks: Callable[[], object]) -> str:
+    def slow_second_call(
+        fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool
+    ) -> tuple[str, int]:
         nonlocal calls
         calls += 1
         if calls == 2:  # the receiver's, after the sender's own
             during_check(src)
             time.sleep(3.5)
-        return real(fd, size, between_chunks)
+        return real(fd, size, between_chunks, count_pages=count_pages)
 
-    monkeypatch.setattr(fc, "file_checksum", slow_second_call)
+    monkeypatch.setattr(fc, "_scan", slow_second_call)
     if not checking:
 
         async def silent(control: trio.abc.Stream, interval: float) -> None:

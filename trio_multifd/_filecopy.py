@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import math
 import mmap
@@ -206,12 +207,22 @@ def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lam
     ``between_chunks`` runs before each chunk of up to 4 MiB: run in a worker thread, pass
     ``trio.from_thread.check_cancelled`` so that a cancel (Ctrl-C) stops the checksum of a
     large file at once instead of when it ends."""
+    return _scan(fd, size, between_chunks, count_pages=False)[0]
+
+
+def _scan(
+    fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool
+) -> tuple[str, int]:
+    """:func:`file_checksum`, and with ``count_pages`` how many of the file's pages hold
+    a byte that is not zero: the pages a receiver writes (it skips zero pages)."""
     import xxhash
 
     digest = xxhash.xxh3_128()
     buffer = bytearray(4 * 1024 * 1024)
     view = memoryview(buffer)
     zeros = memoryview(bytes(len(buffer)))
+    pages = 0
+    last_page = -1  # a page split between two reads is counted once
     pos = 0
     # The sentinel extent at the end makes the trailing hole one more stretch of zeros.
     for start, end in [*data_extents(fd, size), (size, size)]:
@@ -225,12 +236,40 @@ def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lam
                 if not n:
                     raise CopyError(f"file shrank while reading it (at byte {pos})")
                 digest.update(view[:n])
+                if count_pages:
+                    counted, last_page = _nonzero_pages(buffer, n, pos, last_page)
+                    pages += counted
             pos += n
-    return digest.hexdigest()
+    return digest.hexdigest(), pages
 
 
-async def _checksum_in_thread(fd: int, size: int) -> str:
-    return await trio.to_thread.run_sync(file_checksum, fd, size, trio.from_thread.check_cancelled)
+_ZERO_PAGE = bytes(PAGE)
+
+
+def _nonzero_pages(data: bytearray, length: int, pos: int, last_page: int) -> tuple[int, int]:
+    """How many pages of the file hold a nonzero byte among ``data[:length]``, read at
+    offset ``pos``, page ``last_page`` not counted again; and the last page counted."""
+    counted = 0
+    offset = 0
+    while offset < length:
+        page = (pos + offset) // PAGE
+        stop = min(length, (page + 1) * PAGE - pos)
+        # The first byte alone settles most pages that are not zero.
+        if page != last_page and (
+            data[offset] or data[offset:stop] != _ZERO_PAGE[: stop - offset]
+        ):
+            counted += 1
+            last_page = page
+        offset = stop
+    return counted, last_page
+
+
+async def _scan_in_thread(fd: int, size: int, *, count_pages: bool) -> tuple[str, int]:
+    return await trio.to_thread.run_sync(
+        functools.partial(
+            _scan, fd, size, trio.from_thread.check_cancelled, count_pages=count_pages
+        )
+    )
 
 
 def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -351,7 +390,7 @@ async def send_file(
         if tail_len:
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
-        checksum = await _checksum_in_thread(fd, size)
+        checksum, nonzero_pages = await _scan_in_thread(fd, size, count_pages=True)
         if os.environ.get(_CORRUPT_ENV):
             checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
         transfer_uuid = uuid_mod.uuid4()
@@ -361,6 +400,7 @@ async def send_file(
             "size": size,
             "page_size": PAGE,
             "data_bytes": data_bytes,
+            "nonzero_bytes": nonzero_pages * PAGE,
             "method": compression,
             "channels": channels,
             "uuid": str(transfer_uuid),
@@ -548,10 +588,12 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
         os.fsencode(name)
     except UnicodeEncodeError:
         raise bad("name") from None
-    for field in ("size", "data_bytes"):
+    for field in ("size", "data_bytes", "nonzero_bytes"):
         # type() rather than isinstance(): JSON's true and false arrive as bool.
         if type(manifest.get(field)) is not int or not 0 <= manifest[field] <= MAX_SIZE:
             raise bad(field)
+    if manifest["nonzero_bytes"] > manifest["data_bytes"]:
+        raise bad("nonzero_bytes")
     if manifest.get("page_size") != PAGE:
         raise bad("page_size")
     channels = manifest.get("channels")
@@ -766,9 +808,9 @@ async def _receive_with(
         # Another writer can still fill the disk during the copy (see docs/cli.rst).
         vfs = os.fstatvfs(fd)
         free = vfs.f_bavail * vfs.f_frsize
-        if free < manifest["data_bytes"]:
+        if free < manifest["nonzero_bytes"]:
             error = (
-                f"not enough space for the copy: its data needs {manifest['data_bytes']}"
+                f"not enough space for the copy: its data needs {manifest['nonzero_bytes']}"
                 f" bytes, the file system has {free} free"
             )
             await _refuse(control, error)
@@ -816,7 +858,7 @@ async def _receive_with(
             os.pwrite(fd, tail[:tail_len], whole)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
-            checksum = await _checksum_in_thread(fd, size)
+            checksum, _ = await _scan_in_thread(fd, size, count_pages=False)
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
