@@ -27,7 +27,7 @@ import trio
 
 from trio_multifd import Handshake, _filecopy as fc, encode_handshake
 
-from .test_cli import TIMEOUT, _command, failed_json, receiving, send
+from .test_cli import TIMEOUT, _command, can_lease, failed_json, receiving, send
 
 GOOD_CHECKSUM = "0" * 32
 
@@ -174,9 +174,11 @@ def no_data_message(seconds: float) -> str:
 
 
 @contextmanager
-def fake_receiver(reply: dict[str, Any] | None) -> Iterator[int]:
-    """A listener that reads the manifest, then sends ``reply`` (or nothing) and keeps
-    the control stream open until the sender leaves."""
+def fake_receiver(
+    reply: dict[str, Any] | None, got_manifest: threading.Event | None = None
+) -> Iterator[int]:
+    """A listener that reads the manifest (then sets ``got_manifest``), sends ``reply``
+    (or nothing) and keeps the control stream open until the sender leaves."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -187,6 +189,8 @@ def fake_receiver(reply: dict[str, Any] | None) -> Iterator[int]:
             assert conn.recv(len(fc.CONTROL_MAGIC), socket.MSG_WAITALL) == fc.CONTROL_MAGIC
             (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
             conn.recv(length, socket.MSG_WAITALL)
+            if got_manifest is not None:
+                got_manifest.set()
             if reply is not None:
                 conn.sendall(frame(json.dumps(reply).encode()))
             conn.recv(1)  # until the sender closes
@@ -209,6 +213,39 @@ def test_a_sender_waits_for_the_go_ahead_no_longer_than_idle_timeout(tmp_path: P
     assert proc.stderr.splitlines() == [
         "trio-multifd: error: no go-ahead from the receiver within 1.0s"
     ]
+
+
+def test_a_writer_opening_the_file_while_the_sender_awaits_its_go_ahead_stops_it(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 4096))
+    if not can_lease(src):
+        pytest.skip("this file system has no file leases")
+    got_manifest = threading.Event()
+    with fake_receiver(None, got_manifest) as port:
+        sender = subprocess.Popen(
+            _command("send", str(src), f"127.0.0.1:{port}"),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert got_manifest.wait(TIMEOUT)
+            # Waits for the sender's lease; with the file open for writing the sender
+            # could not have taken one later, and a truncation would be a SIGBUS.
+            fd = os.open(src, os.O_WRONLY)
+            os.close(fd)
+            _, err = sender.communicate(timeout=TIMEOUT)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.communicate()
+    assert sender.returncode == 1
+    assert err.splitlines()[-1] == (
+        f"trio-multifd: error: {src} was opened for writing or truncated by another"
+        " process while it was being sent: the copy stopped (its content would no longer"
+        " match the checksum)"
+    )
 
 
 def test_a_refusal_with_control_characters_is_printed_on_one_line(tmp_path: Path) -> None:

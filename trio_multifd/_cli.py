@@ -446,10 +446,6 @@ class _Reporter:
 
 
 def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    import trio
-
-    from . import _filecopy as fc
-
     err = sys.stderr
     reporter = _Reporter(
         "sending" if args.command == "send" else "receiving",
@@ -462,12 +458,30 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         err.write(f"listening on {shown}:{port}\n")
         err.flush()
 
+    # Ctrl-C and SIGTERM cancel the copy (see _until_stopped) and are ignored outside the
+    # run: none can cut the final report short, or kill the process between the two.
+    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOPS}
+    try:
+        return _run_copy(args, reporter, announce)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _run_copy(
+    args: argparse.Namespace, reporter: _Reporter, announce: Callable[[str, int], None]
+) -> int:
+    import trio
+
+    from . import _filecopy as fc
+
+    err = sys.stderr
     try:
         tls = _tls_context(args)
         if args.command == "send":
             host, port = args.address
             summary = trio.run(
-                _until_sigterm,
+                _until_stopped,
                 lambda: fc.send_file(
                     args.path,
                     host,
@@ -484,7 +498,7 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else:
             host, port = args.listen
             summary = trio.run(
-                _until_sigterm,
+                _until_stopped,
                 lambda: fc.receive_file(
                     args.path,
                     host,
@@ -499,18 +513,11 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
     except BaseException as exc:
         reporter.stop()
-        if _interrupted(exc):
+        if isinstance(exc, _Stopped):
             if args.json:
-                _json_failure(args.command, "interrupted")
-            # Trio's nurseries wrap it in a group: main() reports a bare one.
-            raise KeyboardInterrupt from None
-        if isinstance(exc, _Terminated):
-            # Already stopping: another SIGTERM must not cut the report short.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if args.json:
-                _json_failure(args.command, "terminated")
-            err.write("trio-multifd: terminated\n")
-            return 143
+                _json_failure(args.command, str(exc))
+            err.write(f"trio-multifd: {exc}\n")
+            return 128 + exc.signum
         if args.debug or not isinstance(exc, Exception):
             raise
         message = fc.describe(exc)
@@ -533,36 +540,47 @@ def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(Exception):
-    """SIGTERM stopped the copy."""
+_STOPS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 
-async def _until_sigterm(work: Callable[[], Awaitable[_T]]) -> _T:
-    """``work()``, cancelled by SIGTERM as by Ctrl-C, so that the receiver still removes
-    its partial file: service managers stop a process with SIGTERM, and only SIGKILL
-    should leave a temporary file behind."""
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the copy; the message is the one word the CLI prints."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(_STOPS[signal.Signals(signum)])
+        self.signum = signum
+
+
+async def _until_stopped(work: Callable[[], Awaitable[_T]]) -> _T:
+    """``work()``, cancelled by Ctrl-C or SIGTERM rather than interrupted anywhere: the
+    receiver still removes its partial file (service managers stop a process with
+    SIGTERM, and only SIGKILL should leave a temporary file behind), and a copy already
+    checked and named when the signal comes is reported as done, never half one way."""
     import trio
 
-    stop = trio.CancelScope()
-    finished = False
-    # Entered before work() runs its first synchronous steps, and kept to the end: a
-    # SIGTERM at any point of the run, a second one included, is noticed, never fatal.
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-
-        async def watch() -> None:
-            # Once work() has ended, signals is closed and must not be read again; each
-            # check comes right before a read, with no checkpoint between them.
-            while not finished:
-                await signals.__anext__()
-                stop.cancel()
-
-        trio.lowlevel.spawn_system_task(watch)
+    stopped_by: int | None = None
+    done: list[_T] = []
+    # Entered before work() runs its first synchronous steps: no signal is missed.
+    with trio.open_signal_receiver(*_STOPS) as signals:
         try:
-            with stop:
-                return await work()
-        finally:
-            finished = True
-    raise _Terminated
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal stopped_by
+                    async for signum in signals:
+                        stopped_by = stopped_by or signum
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                done.append(await work())
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup:
+            if stopped_by is None:
+                raise
+    if done:
+        return done[0]
+    assert stopped_by is not None  # work() neither returned nor raised: it was cancelled
+    raise _Stopped(stopped_by)
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -583,10 +601,3 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 def _json_failure(command: str, message: str) -> None:
     sys.stdout.write(json.dumps({"ok": False, "command": command, "error": message}) + "\n")
     sys.stdout.flush()
-
-
-def _interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` is Ctrl-C, alone or inside exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_interrupted(inner) for inner in exc.exceptions)
-    return isinstance(exc, KeyboardInterrupt)

@@ -152,8 +152,8 @@ class _SourceLease:
     """A read lease on the file being sent, so that nobody truncates it under the mapping.
 
     Pages are sent from a shared mapping of the file, where a page cut off by a
-    truncation is a SIGBUS that kills the process. With the lease, held only while the
-    file is mapped, the kernel holds back another process's truncation or open for
+    truncation is a SIGBUS that kills the process. With the lease, held from the open to
+    the last page, the kernel holds back another process's truncation or open for
     writing (for up to ``/proc/sys/fs/lease-break-time`` seconds) and tells us; the copy
     then stops with a clear error (its content would no longer match the checksum
     anyway) and lets the file go. Without a lease (the file is already open for
@@ -264,11 +264,15 @@ def _nonzero_pages(data: bytearray, length: int, pos: int, last_page: int) -> tu
     return counted, last_page
 
 
-async def _scan_in_thread(fd: int, size: int, *, count_pages: bool) -> tuple[str, int]:
+async def _scan_in_thread(
+    fd: int, size: int, *, count_pages: bool, check: Callable[[], None] = lambda: None
+) -> tuple[str, int]:
+    def between_chunks() -> None:
+        trio.from_thread.check_cancelled()
+        check()
+
     return await trio.to_thread.run_sync(
-        functools.partial(
-            _scan, fd, size, trio.from_thread.check_cancelled, count_pages=count_pages
-        )
+        functools.partial(_scan, fd, size, between_chunks, count_pages=count_pages)
     )
 
 
@@ -371,9 +375,14 @@ async def send_file(
     ``idle_timeout`` bounds each wait for the receiver: its go-ahead, and after the last
     page its verdict (renewed by each message saying it is still checking)."""
     try:
-        # Non-blocking: opening a FIFO would otherwise wait for a writer before the
-        # regular-file check below (regular files ignore the flag).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            # Non-blocking: opening a FIFO would otherwise wait for a writer before the
+            # regular-file check below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except BlockingIOError:
+            # A regular file under another process's write lease (an SMB oplock, an NFS
+            # delegation): wait for its holder, as a plain open does.
+            fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise CopyError(f"cannot open {path}: {exc.strerror}") from None
     mapping: mmap.mmap | None = None
@@ -382,6 +391,7 @@ async def send_file(
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             raise CopyError(f"{path} is not a regular file")
+        lease = _SourceLease.take(fd, path)
         size = status.st_size
         whole = size // PAGE * PAGE
         ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
@@ -390,7 +400,9 @@ async def send_file(
         if tail_len:
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
-        checksum, nonzero_pages = await _scan_in_thread(fd, size, count_pages=True)
+        checksum, nonzero_pages = await _scan_in_thread(
+            fd, size, count_pages=True, check=lease.check
+        )
         if os.environ.get(_CORRUPT_ENV):
             checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
         transfer_uuid = uuid_mod.uuid4()
@@ -442,19 +454,11 @@ async def send_file(
         try:
             await control.send_all(CONTROL_MAGIC)
             await send_message(control, manifest)
-            try:
-                with trio.fail_after(idle_timeout):
-                    reply = await receive_message(control, "its go-ahead")
-            except trio.TooSlowError:
-                raise CopyError(f"no go-ahead from the receiver within {idle_timeout}s") from None
-            except _PeerClosed as exc:
-                if tls is not None:
-                    raise
-                # What a receiver that uses TLS does with a plain handshake.
-                raise CopyError(f"{exc} (does the receiver use TLS? give --tls-ca)") from None
+            reply = await _go_ahead(control, lease, idle_timeout, plain=tls is None)
             if reply["type"] != "go":
                 raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
-            lease = _SourceLease.take(fd, path)
+            # Without a lease (the file was already open for writing), a change since the
+            # checksum is still seen here when it moved the size or the time stamp.
             now = os.fstat(fd)
             if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
                 raise CopyError(f"{path} changed after its checksum, before the copy began")
@@ -545,6 +549,31 @@ async def send_file(
         if mapping is not None:
             _unmap(mapping, blocks)
         os.close(fd)
+
+
+async def _go_ahead(
+    control: trio.abc.Stream, lease: _SourceLease, idle_timeout: float, *, plain: bool
+) -> dict[str, Any]:
+    """The receiver's reply to the manifest, read while the lease is watched: a writer
+    waits for the file no longer than a poll, however long the receiver takes."""
+    reply: dict[str, Any] | CopyError
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lease.watch)
+        try:
+            with trio.fail_after(idle_timeout):
+                reply = await receive_message(control, "its go-ahead")
+        except trio.TooSlowError:
+            reply = CopyError(f"no go-ahead from the receiver within {idle_timeout}s")
+        except _PeerClosed as exc:
+            # A receiver that uses TLS closes a plain sender's connection so, too.
+            hint = " (it failed, was stopped, or uses TLS: then give --tls-ca)" if plain else ""
+            reply = CopyError(f"{exc}{hint}")
+        except CopyError as exc:
+            reply = exc
+        nursery.cancel_scope.cancel()
+    if isinstance(reply, CopyError):
+        raise reply
+    return reply
 
 
 async def _queue(sender: Any, block: RAMBlock | None, ranges: list[tuple[int, int]]) -> None:
@@ -768,8 +797,10 @@ async def _receive_with(
     except trio.TooSlowError:
         raise CopyError(f"no manifest within {handshake_timeout}s") from None
     except trio.BrokenResourceError as exc:
-        # OpenSSL's name for first bytes that are not a TLS record: a plain sender.
-        plain = getattr(exc.__cause__, "reason", None) == "WRONG_VERSION_NUMBER"
+        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
+        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
+        reason = getattr(exc.__cause__, "reason", None)
+        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
         hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
         raise CopyError(f"control stream failed: {exc.__cause__ or exc}{hint}") from None
     try:
@@ -882,7 +913,11 @@ async def _receive_with(
             raise CopyError(error) from None
         renamed = True
         with trio.move_on_after(idle_timeout, shield=True):
-            await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
+            try:
+                await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the sender is gone; the copy is whole and named all the same
+
         return Summary(
             path=final,
             size=size,
@@ -937,7 +972,11 @@ def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
 def _name_too_long(final: str) -> str | None:
     """Why ``final``'s name is too long for its file system, if it is."""
     directory, base = os.path.split(os.path.abspath(final))
-    if len(os.fsencode(base)) > os.pathconf(directory, "PC_NAME_MAX"):
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except OSError:
+        return None  # creating the file will say what is wrong with the directory
+    if len(os.fsencode(base)) > limit:
         return f"the name {base!r} is too long for the file system of {directory}"
     return None
 
