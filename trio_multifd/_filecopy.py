@@ -44,6 +44,7 @@ import trio
 
 from ._block import RAMBlock
 from ._errors import MultiFDError
+from ._pages import ZEROS, split_zero_runs
 from ._receiver import open_receiver
 from ._sender import open_sender
 
@@ -243,24 +244,37 @@ def _scan(
     return digest.hexdigest(), pages
 
 
-_ZERO_PAGE = bytes(PAGE)
-
-
 def _nonzero_pages(data: bytearray, length: int, pos: int, last_page: int) -> tuple[int, int]:
     """How many pages of the file hold a nonzero byte among ``data[:length]``, read at
-    offset ``pos``, page ``last_page`` not counted again; and the last page counted."""
+    offset ``pos``, page ``last_page`` not counted again; and the last page counted.
+
+    Whole pages are judged by the sender's own zero-page test (:func:`split_zero_runs`),
+    so the count is what the sender will send as normal pages; a page cut by the start
+    or end of the read (an extent not aligned to pages) counts if its part here is not
+    all zero."""
+    view = memoryview(data)[:length]
+    head = min(length, -pos % PAGE)  # the part of a page begun before this read
+    body_end = head + (length - head) // PAGE * PAGE
     counted = 0
-    offset = 0
-    while offset < length:
-        page = (pos + offset) // PAGE
-        stop = min(length, (page + 1) * PAGE - pos)
-        # The first byte alone settles most pages that are not zero.
-        if page != last_page and (
-            data[offset] or data[offset:stop] != _ZERO_PAGE[: stop - offset]
-        ):
+
+    def count_part(start: int, stop: int) -> None:
+        nonlocal counted, last_page
+        page = (pos + start) // PAGE
+        if start < stop and page != last_page and not ZEROS.startswith(view[start:stop]):
             counted += 1
             last_page = page
-        offset = stop
+
+    count_part(0, head)
+    if body_end > head:
+        body = body_end - head
+        # Runs of a packet at most, as the sender's: each is compared with ZEROS at once.
+        runs = [(run, min(len(ZEROS), body - run)) for run in range(0, body, len(ZEROS))]
+        normal, _ = split_zero_runs(view[head:body_end], runs, PAGE)
+        for run_start, size in normal:
+            first = (pos + head + run_start) // PAGE
+            counted += size // PAGE - (first == last_page)
+            last_page = first + size // PAGE - 1
+    count_part(body_end, length)
     return counted, last_page
 
 
