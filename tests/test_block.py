@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import array
 import mmap
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import trio_multifd as m
-from trio_multifd._block import BlockTable
+from trio_multifd import _block
+from trio_multifd._block import BlockTable, make_present
 
 
 def header(name: str = "a", offsets: tuple[int, ...] = (0,)) -> m.PacketHeader:
@@ -162,3 +165,52 @@ def test_table_returns_runs_of_normal_and_zero_pages() -> None:
     _, normal, zero = table.resolve(packet)
     assert normal == [(0, 8192), (5 * 4096, 4096)]
     assert zero == [(2 * 4096, 8192)]
+
+
+@pytest.fixture
+def cut_mapping(tmp_path: Path) -> Iterator[mmap.mmap]:
+    """A shared mapping of a 4-page file, cut to 1 page after it was mapped."""
+    with open(tmp_path / "f", "w+b") as file:
+        file.write(bytes(range(256)) * 64)
+        file.flush()
+        mapping = mmap.mmap(file.fileno(), 4 * 4096)
+        file.truncate(4096)
+        # Not closed here: a test's exception info may still pin the block's view.
+        yield mapping
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_pages_past_the_end_of_a_mapped_file_are_an_error_not_a_sigbus(
+    cut_mapping: mmap.mmap, write: bool
+) -> None:
+    block = m.RAMBlock("a", cut_mapping)
+    make_present(block, [(0, 4096)], write=write)  # still in the file
+    with pytest.raises(m.MappingError) as caught:
+        make_present(block, [(0, 4096), (8192, 8192)], write=write)
+    assert str(caught.value) == (
+        f"block 'a': cannot {'write' if write else 'read'} pages 0x2000..0x4000 of its"
+        " mapped file: " + ("its file system is full or " if write else "") + "the file was"
+        " truncated"
+    )
+    assert block.view[:4096] == bytes(range(256)) * 16
+
+
+def test_pages_smaller_than_the_systems_are_faulted_in_by_whole_system_pages(
+    cut_mapping: mmap.mmap,
+) -> None:
+    block = m.RAMBlock("a", cut_mapping, page_size=512)
+    make_present(block, [(3584, 512)], write=False)  # the first system page's last
+    with pytest.raises(m.MappingError, match=r"pages 0x1200\.\.0x1400 "):
+        make_present(block, [(4608, 512)], write=False)  # inside the second, cut off
+
+
+def test_a_kernel_without_populate_leaves_the_plain_mapping(
+    cut_mapping: mmap.mmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An advice the kernel does not know is refused with EINVAL, as 22 and 23 are before
+    # Linux 5.14.
+    monkeypatch.setattr(_block, "_MADV_POPULATE_READ", 0x7FFF)
+    block = m.RAMBlock("a", cut_mapping)
+    make_present(block, [(8192, 4096)], write=False)
+    assert block._mapped_at is None
+    make_present(block, [(8192, 4096)], write=True)  # no longer tried at all

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -243,16 +244,19 @@ def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
 
 
 @contextmanager
-def stalled_sender(src: Path, port: int, out_dir: Path) -> Iterator[subprocess.Popen[str]]:
+def stalled_sender(
+    src: Path, port: int, out_dir: Path, *extra: str, stall: float = 3600
+) -> Iterator[subprocess.Popen[str]]:
     """A ``send`` that pauses halfway (after a SYNC: half the pages are in place, its file
-    mapped) for far longer than TIMEOUT, yielded once the receiver has made its
-    temporary file: a test ends in time only if the sender stops for another reason."""
+    mapped) for ``stall`` seconds, by default far longer than TIMEOUT (a test then ends
+    in time only if the sender stops for another reason), yielded once the receiver has
+    made its temporary file."""
     sender = subprocess.Popen(
-        _command("send", str(src), f"127.0.0.1:{port}"),
+        _command("send", str(src), f"127.0.0.1:{port}", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env({"TRIO_MULTIFD_TEST_STALL": "3600"}),
+        env=_env({"TRIO_MULTIFD_TEST_STALL": str(stall)}),
     )
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -333,6 +337,73 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield small
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def half_received(recv: subprocess.Popen[str]) -> None:
+    """Return once ``recv`` reports half the pages in place: a stalled sender has then
+    begun its pause, and sends no page before it ends."""
+    assert recv.stderr is not None
+    for line in recv.stderr:
+        if line.startswith("receiving: 50%"):
+            return
+    raise AssertionError("the receiver ended before half the pages arrived")
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_destination_filled_during_the_copy_is_a_clear_error_not_a_crash(
+    tmp_path: Path, compression: str
+) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(192 * PAGE))  # 768 KiB: passes the free-space check
+    with small_tmpfs(tmp_path) as small:
+        with (
+            receiving(small) as (recv, port),
+            stalled_sender(src, port, small, "--compression", compression, stall=3) as sender,
+        ):
+            half_received(recv)
+            with pytest.raises(OSError, match="No space left") as filled:  # another writer
+                (small / "filler").write_bytes(bytes(1 << 20))
+            assert filled.value.errno == errno.ENOSPC
+            _, err = recv.communicate(timeout=TIMEOUT)
+            sender.communicate(timeout=TIMEOUT)
+        # Exit status 1, not -SIGBUS: the decoder (zstd) or the socket (none) would
+        # have written to pages the file system has no room for.
+        assert recv.returncode == 1, err
+        assert re.fullmatch(
+            r"trio-multifd: error: transfer failed: channel \d, packet \d+: block 'data':"
+            r" cannot write pages 0x[0-9a-f]+\.\.0x[0-9a-f]+ of its mapped file: its file"
+            r" system is full or the file was truncated",
+            err.splitlines()[-1],
+        ), err
+        assert sender.returncode == 1
+        assert [p.name for p in small.iterdir()] == ["filler"]
+
+
+def test_a_source_truncated_without_a_lease_is_a_clear_error_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(1024 * PAGE))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    # Open for writing here: the sender can take no lease and runs unprotected.
+    with open(src, "r+b") as writer:
+        with (
+            receiving(out_dir) as (recv, port),
+            stalled_sender(src, port, out_dir, stall=3) as sender,
+        ):
+            half_received(recv)
+            writer.truncate(PAGE)
+            _, err = sender.communicate(timeout=TIMEOUT)
+            recv.communicate(timeout=TIMEOUT)
+    assert sender.returncode == 1, err  # not -SIGBUS
+    assert re.fullmatch(
+        r"trio-multifd: error: transfer failed: channel \d: block 'data': cannot read"
+        r" pages 0x[0-9a-f]+\.\.0x[0-9a-f]+ of its mapped file: the file was truncated",
+        err.splitlines()[-1],
+    ), err
+    assert recv.returncode == 1
+    assert list(out_dir.iterdir()) == []
 
 
 def test_a_destination_without_room_for_the_data_is_refused_before_any_page(

@@ -2,7 +2,8 @@
 
 Misuse by the caller (a bad argument, a block that does not fit) raises the built-in
 :class:`ValueError` / :class:`TypeError` instead, so that code which catches
-:class:`MultiFDError` only ever sees what the peer or the network did.
+:class:`MultiFDError` only ever sees what the peer, the network or the file behind a
+mapped block did.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "HandshakeTimeoutError",
     "IntegrityError",
     "MagicError",
+    "MappingError",
     "MultiFDError",
     "OffsetError",
     "PageCountError",
@@ -196,6 +198,12 @@ class TransferIncompleteError(MultiFDError):
     Raised by ``Receiver.sync()`` for a round that can never complete because every
     channel has ended, and when a channel ends while a round is still open.
     """
+
+
+class MappingError(MultiFDError):
+    """Pages of a block backed by an ``mmap.mmap`` could not be made present: the
+    file behind the mapping is shorter than the block (truncated), or its file system is
+    full. Raised instead of the ``SIGBUS`` that touching such a page would be."""
 
 
 class DeliveryError(MultiFDError):

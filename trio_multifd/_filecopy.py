@@ -158,8 +158,9 @@ class _SourceLease:
     writing (for up to ``/proc/sys/fs/lease-break-time`` seconds) and tells us; the copy
     then stops with a clear error (its content would no longer match the checksum
     anyway) and lets the file go. Without a lease (the file is already open for
-    writing, belongs to another user, or its file system has no leases) the copy runs
-    as before, unprotected.
+    writing, belongs to another user, or its file system has no leases) only the
+    engine's faulting-in of each packet's pages guards the copy: a truncation is then a
+    MappingError, unless it falls between a packet's faulting-in and its reading.
     """
 
     fd: int
@@ -848,9 +849,9 @@ async def _receive_with(
             error = f"cannot make a file of {size} bytes: {exc.strerror}"
             await _refuse(control, error)
             raise CopyError(error) from None
-        # Pages land through a shared mapping, where a full file system is a SIGBUS
-        # that kills the process (and leaves the temporary file): refuse up front.
-        # Another writer can still fill the disk during the copy (see docs/cli.rst).
+        # Refused up front rather than found out mid-copy (a MappingError when the
+        # engine faults pages in that the file system has no room for): another writer
+        # can still fill the disk during the copy (see docs/cli.rst).
         vfs = os.fstatvfs(fd)
         free = vfs.f_bavail * vfs.f_frsize
         if free < manifest["nonzero_bytes"]:

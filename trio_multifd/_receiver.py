@@ -22,7 +22,7 @@ from typing import final
 import attrs
 import trio
 
-from ._block import BlockTable, RAMBlock
+from ._block import BlockTable, RAMBlock, make_present
 from ._errors import (
     CompressionMismatchError,
     DuplicateChannelError,
@@ -30,6 +30,7 @@ from ._errors import (
     FlagsError,
     HandshakeTimeoutError,
     IntegrityError,
+    MappingError,
     MultiFDError,
     PayloadSizeError,
     ProtocolError,
@@ -519,7 +520,7 @@ class Receiver:
             self._check_checksum_flag(header)
             if header.carries_pages:
                 self._receive_pages(link, header)
-        except ProtocolError as exc:
+        except (ProtocolError, MappingError) as exc:
             exc.channel = channel
             if exc.packet_num is None:
                 exc.packet_num = header.packet_num
@@ -586,6 +587,7 @@ class Receiver:
                     value=payload,
                     limit=bound,
                 )
+            make_present(block, normal_runs, write=True)
             runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
                 transport.receive_into_sync(runs, "a payload")
@@ -624,6 +626,7 @@ class Receiver:
                         received, start // page_size, (start + length) // page_size
                     )
                 ]
+            make_present(block, zero_runs, write=True)
             for start, length in zero_runs:
                 view[start : start + length] = _ZERO_VIEW[:length]
             self._open_pages[channel] += header.zero_pages

@@ -34,8 +34,8 @@ from typing import SupportsIndex, final
 import attrs
 import trio
 
-from ._block import RAMBlock, index_of
-from ._errors import MultiFDError, TransportError
+from ._block import RAMBlock, index_of, make_present
+from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
@@ -545,12 +545,17 @@ class Sender:
         return seal_header(data) if self._integrity else data
 
     def _prepare(
-        self, block: RAMBlock, offsets: Sequence[int], encoder: Encoder | None
+        self, link: _Link, block: RAMBlock, offsets: Sequence[int]
     ) -> tuple[list[Run], list[Run], list[Buffer], int]:
         """Split off zero pages, build the payload and its checksum (in a worker
         thread)."""
-        view, size = block.view, self.page_size
+        view, size, encoder = block.view, self.page_size, link.encoder
         runs = page_runs(offsets, size)
+        try:
+            make_present(block, runs, write=False)
+        except MappingError as exc:
+            exc.channel = link.channel
+            raise
         normal, zero = split_zero_runs(view, runs, size) if self._detect_zero else (runs, [])
         pages = [view[start : start + n] for start, n in normal]
         payload: list[Buffer]
@@ -606,7 +611,7 @@ class Sender:
     def _send_batch(self, link: _Link, batch: PageBatch) -> None:
         block = batch.block
         page_size = self.page_size
-        normal, zero, payload, checksum = self._prepare(block, batch.offsets, link.encoder)
+        normal, zero, payload, checksum = self._prepare(link, block, batch.offsets)
         normal_offsets = run_offsets(normal, page_size)
         zero_offsets = run_offsets(zero, page_size)
         size = sum(len(p) for p in payload)
