@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import random
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -585,6 +588,23 @@ async def test_hash_detection_reports_changed_pages_only() -> None:
     tracker.mark(block, 900 * PAGE)
     assert await tracker.collect() == {block: [3 * PAGE, 700 * PAGE, 900 * PAGE]}
     assert await tracker.collect() == {block: []}
+
+
+async def test_hash_detection_over_a_mapped_file_cut_short_is_a_mapping_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ram"
+    path.write_bytes(pattern(64 * PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    block = m.RAMBlock("ram", mmap.mmap(fd, 64 * PAGE, prot=mmap.PROT_READ))
+    os.close(fd)
+    tracker = DirtyTracker([block], detect="hash")
+    assert await tracker.collect() == {block: list(range(0, block.size, PAGE))}
+    os.truncate(path, 10 * PAGE)
+    with pytest.raises(
+        m.MappingError, match=r"cannot read pages 0x0\.\.0x40000 .*: the file was truncated$"
+    ):
+        await tracker.collect()
 
 
 async def test_hash_scan_keeps_the_trio_thread_responsive() -> None:

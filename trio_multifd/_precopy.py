@@ -33,7 +33,7 @@ import attrs
 import trio
 import xxhash
 
-from ._block import RAMBlock
+from ._block import RAMBlock, make_present
 from ._errors import PrecopyAbortedError, TransferIncompleteError
 from ._receiver import Receiver
 from ._sender import Sender
@@ -321,6 +321,8 @@ def _scan_chunk(
     while group < len(groups):
         start = group * per_group
         stop = min(start + per_group, page_count)
+        # A block over a file that was cut short: an error, not a SIGBUS.
+        make_present(block, [(start * size, (stop - start) * size)], write=False)
         value = digest(view[start * size : stop * size])
         if first or value != groups[group]:
             groups[group] = value
