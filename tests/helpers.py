@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -26,6 +28,17 @@ def random_pages(pages: int, *, zero_every: int = 0, seed: int = 0) -> bytearray
 def pattern(size: int) -> bytearray:
     """A non-zero fill for targets, so zero pages and untouched pages both show."""
     return bytearray(b"\xa5" * size)
+
+
+def mapped_file(path: Path, data: bytes | bytearray) -> mmap.mmap:
+    """A read-only shared mapping of a new file at ``path`` holding ``data``: cut the
+    file short (``os.truncate``) to take pages away from under it."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, len(data), prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 class TrackedStream(trio.abc.HalfCloseableStream):

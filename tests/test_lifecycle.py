@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ import trio
 import trio_multifd as m
 
 from . import captures
-from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern
+from .helpers import PAGE, TrackedStream, block_pair, mapped_file, memory_channels, pattern
 from .transfer import listening
 
 
@@ -324,11 +323,7 @@ async def test_a_mapped_source_cut_short_is_a_mapping_error_after_the_pages_befo
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "source"
-    path.write_bytes(pattern(8 * PAGE))
-    fd = os.open(path, os.O_RDONLY)
-    mapping = mmap.mmap(fd, 8 * PAGE, prot=mmap.PROT_READ)
-    os.close(fd)
-    src = m.RAMBlock("mem", mapping)
+    src = m.RAMBlock("mem", mapped_file(path, pattern(8 * PAGE)))
     dst = m.RAMBlock("mem", bytearray(8 * PAGE))
     sender_error: m.MultiFDError | None = None
     receiver_error: m.MultiFDError | None = None

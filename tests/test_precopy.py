@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import threading
@@ -22,7 +21,7 @@ from trio_multifd._precopy import (
     receive_precopy,
 )
 
-from .helpers import PAGE, pattern, random_pages
+from .helpers import PAGE, mapped_file, pattern, random_pages
 from .transfer import listening
 
 # 64 MiB, as the issue asks: four channels over loopback move it in well under a second.
@@ -594,10 +593,7 @@ async def test_hash_detection_over_a_mapped_file_cut_short_is_a_mapping_error(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "ram"
-    path.write_bytes(pattern(64 * PAGE))
-    fd = os.open(path, os.O_RDONLY)
-    block = m.RAMBlock("ram", mmap.mmap(fd, 64 * PAGE, prot=mmap.PROT_READ))
-    os.close(fd)
+    block = m.RAMBlock("ram", mapped_file(path, pattern(64 * PAGE)))
     tracker = DirtyTracker([block], detect="hash")
     assert await tracker.collect() == {block: list(range(0, block.size, PAGE))}
     os.truncate(path, 10 * PAGE)
