@@ -14,6 +14,8 @@ import trio_multifd as m
 from trio_multifd import _block
 from trio_multifd._block import BlockTable, make_present
 
+from .helpers import system_4k_pages
+
 
 def header(name: str = "a", offsets: tuple[int, ...] = (0,)) -> m.PacketHeader:
     return m.PacketHeader(
@@ -179,6 +181,7 @@ def cut_mapping(tmp_path: Path) -> Iterator[mmap.mmap]:
         yield mapping
 
 
+@system_4k_pages
 @pytest.mark.parametrize("write", [False, True])
 def test_pages_past_the_end_of_a_mapped_file_are_an_error_not_a_sigbus(
     cut_mapping: mmap.mmap, write: bool
@@ -195,6 +198,7 @@ def test_pages_past_the_end_of_a_mapped_file_are_an_error_not_a_sigbus(
     assert block.view[:4096] == bytes(range(256)) * 16
 
 
+@system_4k_pages
 def test_pages_smaller_than_the_systems_are_faulted_in_by_whole_system_pages(
     cut_mapping: mmap.mmap,
 ) -> None:
@@ -204,6 +208,7 @@ def test_pages_smaller_than_the_systems_are_faulted_in_by_whole_system_pages(
         make_present(block, [(4608, 512)], write=False)  # inside the second, cut off
 
 
+@system_4k_pages
 def test_a_kernel_without_populate_leaves_the_plain_mapping(
     cut_mapping: mmap.mmap, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,3 +219,11 @@ def test_a_kernel_without_populate_leaves_the_plain_mapping(
     make_present(block, [(8192, 4096)], write=False)
     assert block._mapped_at is None
     make_present(block, [(8192, 4096)], write=True)  # no longer tried at all
+
+
+def test_a_block_whose_view_was_released_is_not_faulted_in(cut_mapping: mmap.mmap) -> None:
+    # Its mapping may be gone and the address another mapping's by now.
+    block = m.RAMBlock("a", cut_mapping)
+    block.view.release()
+    with pytest.raises(ValueError, match="released"):
+        make_present(block, [(0, 4096)], write=True)

@@ -12,7 +12,15 @@ import trio
 import trio_multifd as m
 
 from . import captures
-from .helpers import PAGE, TrackedStream, block_pair, mapped_file, memory_channels, pattern
+from .helpers import (
+    PAGE,
+    TrackedStream,
+    block_pair,
+    mapped_file,
+    memory_channels,
+    pattern,
+    system_4k_pages,
+)
 from .transfer import listening
 
 
@@ -319,6 +327,7 @@ async def test_a_receiver_leaving_on_an_exception_after_a_complete_transfer_conf
     assert dst.view == src.view
 
 
+@system_4k_pages
 async def test_a_mapped_source_cut_short_is_a_mapping_error_after_the_pages_before_it(
     tmp_path: Path,
 ) -> None:

@@ -21,7 +21,7 @@ from trio_multifd._precopy import (
     receive_precopy,
 )
 
-from .helpers import PAGE, mapped_file, pattern, random_pages
+from .helpers import PAGE, mapped_file, pattern, random_pages, system_4k_pages
 from .transfer import listening
 
 # 64 MiB, as the issue asks: four channels over loopback move it in well under a second.
@@ -589,6 +589,7 @@ async def test_hash_detection_reports_changed_pages_only() -> None:
     assert await tracker.collect() == {block: []}
 
 
+@system_4k_pages
 async def test_hash_detection_over_a_mapped_file_cut_short_is_a_mapping_error(
     tmp_path: Path,
 ) -> None:

@@ -9,7 +9,7 @@ import operator
 import os
 import sys
 from collections.abc import Iterable
-from typing import SupportsIndex, final
+from typing import Any, SupportsIndex, final
 
 import attrs
 import cffi  # type: ignore[import-untyped]
@@ -30,7 +30,8 @@ _MADV_POPULATE_WRITE = 23
 # stalls every other thread of the transfer (the other decoding thread included).
 _ffi = cffi.FFI()
 _ffi.cdef("int madvise(void *addr, size_t length, int advice);")
-_madvise = _ffi.dlopen(None).madvise
+# Linux only (see RAMBlock): dlopen(None) is the process's own symbols there.
+_madvise: Any = _ffi.dlopen(None).madvise if sys.platform == "linux" else None
 
 
 def index_of(offset: object) -> int:
@@ -77,8 +78,10 @@ class RAMBlock:
     A buffer that is an ``mmap.mmap`` itself (not a slice of one) has its pages of
     each packet faulted in before they are read or written (``MADV_POPULATE_READ`` /
     ``MADV_POPULATE_WRITE``, Linux 5.14 and later), so that a file truncated under the
-    mapping, or a full file system, is a :class:`~trio_multifd.MappingError` rather than
-    a ``SIGBUS`` that kills the process. A kernel without them gets the plain mapping.
+    mapping, or a full file system, is found there and raised as a
+    :class:`~trio_multifd.MappingError` rather than a ``SIGBUS`` that kills the process.
+    A truncation between that and the access itself is not covered (see
+    :doc:`failure-modes`). A kernel without them gets the plain mapping.
 
     Raises:
         TypeError: ``buffer`` does not support the buffer protocol.
@@ -162,6 +165,10 @@ def make_present(block: RAMBlock, runs: Iterable[tuple[int, int]], *, write: boo
     mapped_at = block._mapped_at
     if mapped_at is None:
         return
+    # The view pins the mapping: while it lives the address is the mapping's. Once
+    # released (ValueError here, as any use of the block would raise), the address may
+    # belong to another mapping, which madvise must not touch.
+    block.view.nbytes  # noqa: B018
     advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
     mask = mmap.PAGESIZE - 1
     for start, length in runs:

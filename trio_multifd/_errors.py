@@ -203,7 +203,8 @@ class TransferIncompleteError(MultiFDError):
 class MappingError(MultiFDError):
     """Pages of a block backed by an ``mmap.mmap`` could not be made present: the
     file behind the mapping is shorter than the block (truncated), or its file system is
-    full. Raised instead of the ``SIGBUS`` that touching such a page would be."""
+    full. Raised when the engine faults a packet's pages in, before it touches them,
+    instead of the ``SIGBUS`` that touching them would be."""
 
 
 class DeliveryError(MultiFDError):

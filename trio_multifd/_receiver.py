@@ -587,9 +587,9 @@ class Receiver:
                     value=payload,
                     limit=bound,
                 )
-            make_present(block, normal_runs, write=True)
             runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
+                make_present(block, normal_runs, write=True)
                 transport.receive_into_sync(runs, "a payload")
             else:
                 data = payload_buffer[:payload]
@@ -604,6 +604,8 @@ class Receiver:
                             value=actual,
                             limit=header.payload_checksum,
                         )
+                # Faulted in once the payload is here: the pages are written right after.
+                make_present(block, normal_runs, write=True)
                 if decoder is None:
                     scatter(data, runs)
                 else:
