@@ -8,17 +8,17 @@ import mmap
 import operator
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex, final
 
 import attrs
 import cffi  # type: ignore[import-untyped]
 
-from ._errors import MappingError, OffsetError, UnknownBlockError
+from ._errors import MappingError, OffsetError, TransportError, UnknownBlockError
 from ._pages import page_runs
 from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
 
-__all__ = ["BlockTable", "RAMBlock", "index_of", "make_present"]
+__all__ = ["BlockTable", "RAMBlock", "index_of", "make_present", "mapping_fault"]
 
 # Linux 5.14's madvise advice (Python 3.11's mmap module does not name them): fault the
 # range in now, and report with an error what touching it would have made a SIGBUS.
@@ -184,6 +184,22 @@ def make_present(block: RAMBlock, runs: Iterable[tuple[int, int]], *, write: boo
                 block._mapped_at = None
                 return
             raise _mapping_error(block, start, length, write, error)
+
+
+def mapping_fault(
+    block: RAMBlock, runs: Sequence[tuple[int, int]], *, write: bool, exc: TransportError
+) -> MappingError | None:
+    """The :class:`MappingError` that ``exc``, from moving ``runs`` of ``block`` straight
+    between its pages and a socket, stands for; ``None`` if it is a network failure.
+
+    A page cut from a mapped file after :func:`make_present` is not a SIGBUS inside a
+    system call: the kernel's copy fails, and the call with EFAULT.
+    """
+    cause = exc.__cause__
+    if block._mapped_at is None or not isinstance(cause, OSError) or cause.errno != errno.EFAULT:
+        return None
+    start = runs[0][0]
+    return _mapping_error(block, start, runs[-1][0] + runs[-1][1] - start, write, errno.EFAULT)
 
 
 def _mapping_error(

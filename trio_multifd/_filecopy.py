@@ -160,7 +160,7 @@ class _SourceLease:
     anyway) and lets the file go. Without a lease (the file is already open for
     writing, belongs to another user, or its file system has no leases) only the
     engine's faulting-in of each packet's pages guards the copy: a truncation is then a
-    MappingError, unless it falls between a packet's faulting-in and its reading.
+    MappingError, unless it falls between a packet's faulting-in and its compression.
     """
 
     fd: int

@@ -22,7 +22,7 @@ from typing import final
 import attrs
 import trio
 
-from ._block import BlockTable, RAMBlock, make_present
+from ._block import BlockTable, RAMBlock, make_present, mapping_fault
 from ._errors import (
     CompressionMismatchError,
     DuplicateChannelError,
@@ -590,7 +590,13 @@ class Receiver:
             runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
                 make_present(block, normal_runs, write=True)
-                transport.receive_into_sync(runs, "a payload")
+                try:
+                    transport.receive_into_sync(runs, "a payload")
+                except TransportError as exc:
+                    fault = mapping_fault(block, normal_runs, write=True, exc=exc)
+                    if fault is None:
+                        raise
+                    raise fault from exc
             else:
                 data = payload_buffer[:payload]
                 transport.receive_into_sync([data], "a payload")

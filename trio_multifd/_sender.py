@@ -34,7 +34,7 @@ from typing import SupportsIndex, final
 import attrs
 import trio
 
-from ._block import RAMBlock, index_of, make_present
+from ._block import RAMBlock, index_of, make_present, mapping_fault
 from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
@@ -618,7 +618,14 @@ class Sender:
         header = self._header(
             self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
         )
-        link.transport.send_parts_sync([header, *payload])
+        try:
+            link.transport.send_parts_sync([header, *payload])
+        except TransportError as exc:
+            fault = mapping_fault(block, normal, write=False, exc=exc) if normal else None
+            if fault is None:
+                raise
+            fault.channel = link.channel
+            raise fault from exc
         stats = self.stats.channels[link.channel]
         stats.packets += 1
         stats.normal_pages += len(normal_offsets)

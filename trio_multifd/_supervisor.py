@@ -77,7 +77,9 @@ class Supervisor:
                     return rest
             return body_exc
         if self.error is not None:
-            if exc is not self.error:
+            # The group is chained for debugging, but never over the error's own cause
+            # (a TransportError's OSError, say), which says more.
+            if exc is not self.error and self.error.__cause__ is None:
                 self.error.__cause__ = exc
             return self.error
         return exc
