@@ -227,3 +227,8 @@ def test_a_block_whose_view_was_released_is_not_faulted_in(cut_mapping: mmap.mma
     block.view.release()
     with pytest.raises(ValueError, match="released"):
         make_present(block, [(0, 4096)], write=True)
+
+
+def test_anonymous_mappings_are_not_faulted_in() -> None:
+    # Nothing can cut them short; faulting them in would only cost time.
+    assert m.RAMBlock("a", mmap.mmap(-1, 8192))._mapped_at is None
