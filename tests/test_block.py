@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,6 +230,21 @@ def test_a_block_whose_view_was_released_is_not_faulted_in(cut_mapping: mmap.mma
         make_present(block, [(0, 4096)], write=True)
 
 
-def test_anonymous_mappings_are_not_faulted_in() -> None:
+@pytest.mark.parametrize("flags", [mmap.MAP_PRIVATE, mmap.MAP_SHARED])
+def test_anonymous_mappings_are_not_faulted_in(flags: int) -> None:
     # Nothing can cut them short; faulting them in would only cost time.
-    assert m.RAMBlock("a", mmap.mmap(-1, 8192))._mapped_at is None
+    assert m.RAMBlock("a", mmap.mmap(-1, 8192, flags=flags))._mapped_at is None
+
+
+def test_a_memfd_mapping_is_guarded_as_a_file() -> None:
+    # Anonymous to the eye, but a file that can be cut short (ftruncate) like any other.
+    fd = os.memfd_create("block")
+    try:
+        os.ftruncate(fd, 2 * 4096)
+        block = m.RAMBlock("a", mmap.mmap(fd, 2 * 4096))
+        os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+    make_present(block, [(0, 4096)], write=True)
+    with pytest.raises(m.MappingError, match=r"the file was truncated$"):
+        make_present(block, [(4096, 4096)], write=True)

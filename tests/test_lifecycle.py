@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
 import trio_multifd as m
+from trio_multifd import _transport
 
 from . import captures
 from .helpers import (
@@ -70,6 +73,19 @@ async def test_qemu_capture_replays_into_a_receiver_then_reports_the_cut() -> No
     assert receiver.stats.normal_pages == 896
 
 
+async def _send_all_then_sync(
+    connect: Callable[[int], Awaitable[trio.abc.Stream]], block: m.RAMBlock
+) -> m.MultiFDError | None:
+    """Send every page of ``block`` and a SYNC over 2 channels; the sender's error."""
+    try:
+        async with m.open_sender(connect, channels=2) as sender:
+            await sender.queue_pages(block, range(0, block.size, PAGE))
+            await sender.sync()
+    except m.MultiFDError as exc:
+        return exc
+    return None
+
+
 async def _sender_with_broken_channel(
     via_memory: bool,
 ) -> tuple[list[TrackedStream], BaseException, BaseException]:
@@ -104,12 +120,7 @@ async def _sender_with_broken_channel(
     connect, ends = memory_channels(2, wrap=wrap)
     async with trio.open_nursery() as nursery:
         await nursery.start(run_receiver, ends)
-        try:
-            async with m.open_sender(connect, channels=2) as sender:
-                await sender.queue_pages(src.__class__("mem", src.view), range(0, src.size, PAGE))
-                await sender.sync()
-        except m.MultiFDError as exc:
-            sender_error = exc
+        sender_error = await _send_all_then_sync(connect, m.RAMBlock("mem", src.view))
     assert sender_error is not None and receiver_error is not None
     return tracked, sender_error, receiver_error
 
@@ -267,12 +278,7 @@ async def test_receiver_failure_reaches_the_sender_as_a_multifd_error_over_tcp()
                 await nursery.start(
                     _receive_until_it_ends, nursery, listeners, wrong, rounds, errors
                 )
-                try:
-                    async with m.open_sender(connect, channels=2) as sender:
-                        await sender.queue_pages(src, range(0, src.size, PAGE))
-                        await sender.sync()
-                except m.MultiFDError as exc:
-                    sender_error = exc
+                sender_error = await _send_all_then_sync(connect, src)
     assert rounds == []
     [error] = errors
     assert isinstance(error, m.UnknownBlockError)
@@ -323,3 +329,43 @@ async def test_a_receiver_leaving_on_an_exception_after_a_complete_transfer_conf
                     await sender.sync()
     assert rounds == [1, 2]
     assert dst.view == src.view
+
+
+async def test_a_bug_in_another_task_stays_visible_behind_the_transfers_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reset = _transport.Transport.reset
+
+    async def buggy_reset(self: _transport.Transport) -> None:
+        if self.channel == 0:
+            raise ZeroDivisionError("a bug in channel 0's teardown")
+        await reset(self)
+
+    monkeypatch.setattr(_transport.Transport, "reset", buggy_reset)
+    src, dst = block_pair("mem", 256, seed=3)
+    # Channel 1 breaks inside its first packet (every channel sends at least its SYNC).
+    cut = m.HANDSHAKE_SIZE + m.header_size(128) // 2
+    connect, ends = memory_channels(
+        2, wrap=lambda i, s: TrackedStream(s, break_after=cut if i == 1 else None)
+    )
+    sender_error: BaseException | None = None
+
+    async def run_receiver() -> None:
+        with contextlib.suppress(m.MultiFDError):
+            async with m.open_receiver([dst], channels=2) as receiver:
+                for end in ends:
+                    await receiver.add_channel(end)
+                await receiver.wait_closed()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_receiver)
+            sender_error = await _send_all_then_sync(connect, src)
+    assert isinstance(sender_error, m.TransportError)
+    assert sender_error.channel == 1
+    # The transfer's nursery group is chained, over the error's own cause, because it
+    # holds the other task's bug, which must not vanish.
+    group = sender_error.__cause__
+    assert isinstance(group, BaseExceptionGroup)
+    bugs, _ = group.split(ZeroDivisionError)
+    assert bugs is not None

@@ -14,6 +14,7 @@ import trio
 import trio_multifd as m
 
 from .helpers import PAGE, mapped_file, memory_channels, pattern, system_4k_pages
+from .proxy import unread_bytes
 
 pytestmark = system_4k_pages
 
@@ -82,7 +83,11 @@ async def test_a_mapped_source_cut_while_its_pages_wait_in_sendmsg_is_a_mapping_
 
     async def peer() -> None:
         async with await listeners[0].accept() as stream:
-            await trio.sleep(0.5)  # the sender fills the buffers and waits for room
+            # Until the sender has filled the buffers and waits for room in sendmsg.
+            before, queued = -1, unread_bytes(stream)
+            while not queued or queued != before:
+                await trio.sleep(0.05)
+                before, queued = queued, unread_bytes(stream)
             os.truncate(path, PAGE)
             try:
                 while await stream.receive_some(1 << 20):

@@ -117,10 +117,12 @@ class RAMBlock:
             )
         mapped_at = None
         # The advice is Linux's: elsewhere 22 and 23 mean something else or nothing.
-        if isinstance(buffer, mmap.mmap) and sys.platform == "linux" and _maps_a_file(buffer):
+        if isinstance(buffer, mmap.mmap) and sys.platform == "linux":
             # Only the address is kept: the view pins the mapping while the block is used.
             with _ffi.from_buffer(view) as data:
-                mapped_at = int(_ffi.cast("uintptr_t", data))
+                address = int(_ffi.cast("uintptr_t", data))
+            if _maps_a_file(address):
+                mapped_at = address
         self.__attrs_init__(
             name=name, view=view, page_size=page_size, zeroed=zeroed, mapped_at=mapped_at
         )
@@ -156,14 +158,25 @@ class RAMBlock:
             )
 
 
-def _maps_a_file(mapping: mmap.mmap) -> bool:
-    # An anonymous mapping has no file to be cut short nor file system to fill, and
-    # faulting its pages in costs ~10-25 us per packet once they are there: skipped.
-    # Its size() fails, with no file to stat.
+def _maps_a_file(address: int) -> bool:
+    """Whether the mapping at ``address`` may lose pages: anything but anonymous memory.
+
+    Anonymous memory has no file to be cut short nor file system to fill, and faulting
+    its pages in costs ~10-25 us per packet once they are there. It is told apart by the
+    kernel's own list (inode 0, or shared anonymous memory's "/dev/zero (deleted)"), not
+    by ``mmap.size()``, which also fails for a file mapped with ``trackfd=False``
+    (Python 3.13). When the list cannot say, the pages are faulted in.
+    """
     try:
-        mapping.size()
-    except OSError:
-        return False
+        with open("/proc/self/maps", "rb") as maps:
+            for line in maps:
+                span, _perms, _offset, _device, inode, *path = line.split(maxsplit=5)
+                start, end = (int(bound, 16) for bound in span.split(b"-"))
+                if start <= address < end:
+                    name = path[0].strip() if path else b""
+                    return inode != b"0" and name != b"/dev/zero (deleted)"
+    except (OSError, ValueError):
+        pass
     return True
 
 

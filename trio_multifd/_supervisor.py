@@ -77,9 +77,10 @@ class Supervisor:
                     return rest
             return body_exc
         if self.error is not None:
-            # The group is chained for debugging, but never over the error's own cause
-            # (a TransportError's OSError, say), which says more.
-            if exc is not self.error and self.error.__cause__ is None:
+            # The group is chained for debugging, but not over the error's own cause (a
+            # TransportError's OSError, say), which says more, unless the group holds
+            # something else too (a bug in another task), which must not vanish.
+            if exc is not self.error and (self.error.__cause__ is None or not self._is_ours(exc)):
                 self.error.__cause__ = exc
             return self.error
         return exc
