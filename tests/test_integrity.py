@@ -55,14 +55,23 @@ async def test_transfer_with_integrity_lands_every_page(compression: str, via: s
     assert received.zero_pages == sent.zero_pages > 0
 
 
-@pytest.mark.parametrize(("sender_on", "receiver_on"), [(True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("features", "receiver_on"),
+    [
+        (1, False),
+        (0, True),
+        (1 | 2, False),  # the in-band end changes nothing of the settings to agree on
+        (2, True),
+        (2 | 4, False),  # a bit nobody knows, next to a known one
+    ],
+)
 async def test_integrity_setting_mismatch_fails_at_the_handshake(
-    sender_on: bool, receiver_on: bool
+    features: int, receiver_on: bool
 ) -> None:
     _, dst = block_pair("mem", 4)
     transfer_uuid = uuid.uuid4()
     handshake = m.encode_handshake(
-        m.Handshake(uuid=transfer_uuid, channel_id=1, features=int(sender_on))
+        m.Handshake(uuid=transfer_uuid, channel_id=1, features=features)
     )
     connect, ends = memory_channels(2)
     await (await connect(1)).send_all(handshake)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 import trio_multifd as m
 from trio_multifd import _transport
@@ -369,3 +370,86 @@ async def test_a_bug_in_another_task_stays_visible_behind_the_transfers_error(
     assert isinstance(group, BaseExceptionGroup)
     bugs, _ = group.split(ZeroDivisionError)
     assert bugs is not None
+
+
+class _SlowSendStream(TrackedStream):
+    """A stream whose send_all waits before it writes a byte (a rate limiter, a lock
+    around a shared transport): a cancel lands there with nothing of the packet sent."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(0.05)
+        await super().send_all(data)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+async def test_a_sender_cancelled_inside_send_all_is_never_taken_for_a_finished_transfer(
+    channels: int,
+) -> None:
+    # Cut before any byte of a packet, on streams without a reset: no failure byte can
+    # follow, and every channel ends right after a SYNC. Only the in-band end of the
+    # final SYNC tells a finished transfer from this one.
+    pairs = [trio.testing.memory_stream_pair() for _ in range(channels)]
+    sending = [_SlowSendStream(a) for a, _ in pairs]
+    src, dst = block_pair("mem", 256, seed=5)
+    receiver_errors: list[m.MultiFDError] = []
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        return sending[channel]
+
+    async def run_receiver() -> None:
+        try:
+            async with m.open_receiver([dst], channels=channels) as receiver:
+                for _, end in pairs:
+                    await receiver.add_channel(end)
+                await receiver.wait_closed()
+        except m.MultiFDError as exc:
+            receiver_errors.append(exc)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_receiver)
+            with trio.CancelScope() as scope:
+                async with m.open_sender(connect, channels=channels) as sender:
+                    await sender.queue_pages(src, range(0, 128 * PAGE, PAGE))
+                    await sender.sync()
+                    await sender.queue_pages(src, range(128 * PAGE, src.size, PAGE))
+                    await trio.sleep(0.02)  # the threads wait inside send_all
+                    scope.cancel()
+                    await trio.sleep_forever()
+    [error] = receiver_errors
+    assert isinstance(error, m.TransportError)
+    assert error.message == (
+        "the stream ended before the sender's final SYNC (its stream has no reset, so the"
+        " end comes in band): the sender failed or was cancelled"
+    )
+
+
+async def test_a_slow_handshake_is_bounded_by_handshake_timeout_not_receive_timeout() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+
+    async def hello_later() -> None:
+        await trio.sleep(0.5)
+        await ours.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hello_later)
+            async with m.open_receiver(
+                [m.RAMBlock("mem", bytearray(PAGE))],
+                channels=1,
+                receive_timeout=0.1,
+                handshake_timeout=5,
+            ) as receiver:
+                assert await receiver.add_channel(theirs) == 0
+                # Leaving early: the channel is reset, the sender would see its failure.
+
+
+async def test_add_channel_after_the_receivers_block_refuses_and_closes_the_stream() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))], channels=1) as receiver:
+        pass
+    with pytest.raises(RuntimeError, match="the receiver's block is over"):
+        await receiver.add_channel(theirs)
+    # Closed as a failure: the failure byte, then the end.
+    assert await ours.receive_some() == b"!"
+    assert await ours.receive_some() == b""

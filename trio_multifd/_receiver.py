@@ -154,6 +154,10 @@ class Receiver:
         self._supervisor = Supervisor("receiver")
         self._changed = trio.lowlevel.ParkingLot()
         self._connected: set[int] = set()
+        # Channels whose sender announced Feature.IN_BAND_END: a bare end is its failure.
+        self._in_band_end: set[int] = set()
+        # Set once the receiver's async with block is over.
+        self._closed = False
         self._syncs = [0] * channels
         self._open_pages = [0] * channels
         self._ended: dict[int, int] = {}
@@ -260,7 +264,12 @@ class Receiver:
         Raises:
             ProtocolError: A subclass naming what was wrong with the handshake.
             HandshakeTimeoutError: No complete handshake within ``handshake_timeout``.
+            RuntimeError: The receiver's ``async with`` block is over (``stream`` is
+                closed, as a failure, without being read).
         """
+        if self._closed:
+            await open_transport(stream, channel=None).reset()
+            raise RuntimeError("the receiver's block is over: no channel can be added")
         try:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
@@ -270,7 +279,8 @@ class Receiver:
         return channel
 
     async def _handshake(self, stream: trio.abc.Stream) -> tuple[Transport, int]:
-        transport = open_transport(stream, channel=None, receive_timeout=self._receive_timeout)
+        # handshake_timeout alone bounds the handshake; receive_timeout applies from then on.
+        transport = open_transport(stream, channel=None)
         try:
             buffer = bytearray(HANDSHAKE_SIZE)
             timeout = self._handshake_timeout
@@ -299,7 +309,8 @@ class Receiver:
                     channel=channel,
                 )
             wanted = Feature.CHECKSUMS if self._integrity else 0
-            if handshake.features != wanted:
+            # IN_BAND_END says what kind of stream the sender has, not a setting to agree on.
+            if handshake.features & ~int(Feature.IN_BAND_END) != wanted:
                 raise FeatureError(
                     f"the sender announces features {handshake.features:#x}, this receiver"
                     f" was opened for {wanted:#x} (integrity={self._integrity})",
@@ -314,7 +325,10 @@ class Receiver:
         if self.uuid is None:
             self.uuid = handshake.uuid
         self._connected.add(channel)
+        if handshake.features & Feature.IN_BAND_END:
+            self._in_band_end.add(channel)
         transport.channel = channel
+        transport.receive_timeout = self._receive_timeout
         self.stats.channels[channel].bytes += HANDSHAKE_SIZE
         logger.info("receiver: channel %d connected (uuid %s)", channel, handshake.uuid)
         return transport, channel
@@ -507,6 +521,12 @@ class Receiver:
                 ) from exc
             raise
         if not more:
+            if channel in self._in_band_end:
+                raise TransportError(
+                    "the stream ended before the sender's final SYNC (its stream has no"
+                    " reset, so the end comes in band): the sender failed or was cancelled",
+                    channel=channel,
+                )
             trio.from_thread.run_sync(self._end_channel, channel)
             link.ended = True
             return
@@ -770,5 +790,8 @@ async def open_receiver(
         # Leaving never waits for peers: cancelling the channel tasks closes them all.
         receiver._supervisor.nursery.cancel_scope.cancel()
 
-    async with receiver._supervisor.run(start, finish):
-        yield receiver
+    try:
+        async with receiver._supervisor.run(start, finish):
+            yield receiver
+    finally:
+        receiver._closed = True

@@ -470,6 +470,10 @@ class Sender:
                 )
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
             features = Feature.CHECKSUMS if self._integrity else 0
+            if not isinstance(transport, SocketTransport):
+                # No reset, and no failure byte after a send_all cut short: the receiver
+                # takes only the flagged final SYNC for the end.
+                features |= Feature.IN_BAND_END
             handshake = Handshake(uuid=self.uuid, channel_id=channel, features=features)
             await transport.send_parts([encode_handshake(handshake)])
             self.stats.channels[channel].bytes += 64
@@ -637,8 +641,8 @@ class Sender:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
-        if job.final and not link.transport.can_half_close:
-            # No half-close (TLS): the receiver learns the stream's end in band.
+        if job.final and not isinstance(link.transport, SocketTransport):
+            # Announced in the handshake (Feature.IN_BAND_END): the end, in band.
             flags |= Flag.END_OF_STREAM
         header = self._header(int(flags), b"", [], [], 0, self._empty_checksum)
         link.transport.send_parts_sync([header])

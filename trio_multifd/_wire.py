@@ -86,7 +86,7 @@ class Flag(enum.IntFlag):
     DEVICE_STATE = 0x40
     """QEMU 10's device-state packets, not supported here and always rejected."""
     END_OF_STREAM = 0x20000000
-    """This SYNC is the sender's last, for streams that cannot half-close (trio_multifd)."""
+    """This SYNC is the sender's last, on streams that are not sockets (trio_multifd)."""
     FINAL_ROUND = 0x40000000
     """This SYNC closes the final pre-copy round (trio_multifd)."""
     CHECKSUMS = 0x80000000
@@ -109,6 +109,10 @@ class Feature(enum.IntFlag):
 
     CHECKSUMS = 0x1
     """Every packet of the channel carries header and payload checksums."""
+    IN_BAND_END = 0x2
+    """The channel's final SYNC carries ``END_OF_STREAM``, and an end of stream before it
+    is the sender's failure: for streams without a reset (TLS, memory, custom streams),
+    where a sender cancelled inside ``send_all`` cannot even write its failure byte."""
 
 
 # Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
