@@ -453,3 +453,19 @@ async def test_add_channel_after_the_receivers_block_refuses_and_closes_the_stre
     # Closed as a failure: the failure byte, then the end.
     assert await ours.receive_some() == b"!"
     assert await ours.receive_some() == b""
+
+
+async def test_a_stream_added_twice_is_refused_at_once_and_left_to_its_channel() -> None:
+    src, dst = block_pair("mem", 8, seed=6)
+    connect, ends = memory_channels(2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with m.open_receiver([dst], channels=2) as receiver:
+                nursery.start_soon(receiver.add_channel, ends[0])
+                await trio.testing.wait_all_tasks_blocked()  # reading its handshake
+                with pytest.raises(ValueError, match="this stream was added before"):
+                    await receiver.add_channel(ends[0])
+                nursery.start_soon(receiver.add_channel, ends[1])
+                assert await _send_all_then_sync(connect, src) is None
+                await receiver.wait_closed()
+    assert dst.view == src.view

@@ -158,6 +158,8 @@ class Receiver:
         self._in_band_end: set[int] = set()
         # Set once the receiver's async with block is over.
         self._closed = False
+        # Every stream handed to add_channel, to refuse one handed over twice.
+        self._streams: list[trio.abc.Stream] = []
         self._syncs = [0] * channels
         self._open_pages = [0] * channels
         self._ended: dict[int, int] = {}
@@ -266,10 +268,14 @@ class Receiver:
             HandshakeTimeoutError: No complete handshake within ``handshake_timeout``.
             RuntimeError: The receiver's ``async with`` block is over (``stream`` is
                 closed, as a failure, without being read).
+            ValueError: ``stream`` was added before (it is left to its first channel).
         """
+        if any(stream is added for added in self._streams):
+            raise ValueError("this stream was added before: each channel needs its own")
         if self._closed:
             await open_transport(stream, channel=None).reset()
             raise RuntimeError("the receiver's block is over: no channel can be added")
+        self._streams.append(stream)
         try:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
