@@ -22,7 +22,7 @@ from typing import final
 import attrs
 import trio
 
-from ._block import BlockTable, RAMBlock, make_present, mapping_fault
+from ._block import BlockTable, RAMBlock, make_present, mapping_faults
 from ._errors import (
     CompressionMismatchError,
     DuplicateChannelError,
@@ -616,13 +616,8 @@ class Receiver:
             runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
                 make_present(block, normal_runs, write=True)
-                try:
+                with mapping_faults(block, normal_runs, write=True):
                     transport.receive_into_sync(runs, "a payload")
-                except TransportError as exc:
-                    fault = mapping_fault(block, normal_runs, write=True, exc=exc)
-                    if fault is None:
-                        raise
-                    raise fault from exc
             else:
                 data = payload_buffer[:payload]
                 transport.receive_into_sync([data], "a payload")

@@ -34,7 +34,7 @@ from typing import SupportsIndex, final
 import attrs
 import trio
 
-from ._block import RAMBlock, index_of, make_present, mapping_fault
+from ._block import RAMBlock, index_of, make_present, mapping_faults
 from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
@@ -470,9 +470,7 @@ class Sender:
                 )
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
             features = Feature.CHECKSUMS if self._integrity else 0
-            if not isinstance(transport, SocketTransport):
-                # No reset, and no failure byte after a send_all cut short: the receiver
-                # takes only the flagged final SYNC for the end.
+            if transport.ends_in_band:
                 features |= Feature.IN_BAND_END
             handshake = Handshake(uuid=self.uuid, channel_id=channel, features=features)
             await transport.send_parts([encode_handshake(handshake)])
@@ -622,14 +620,8 @@ class Sender:
         header = self._header(
             self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
         )
-        try:
+        with mapping_faults(block, normal, write=False):
             link.transport.send_parts_sync([header, *payload])
-        except TransportError as exc:
-            fault = mapping_fault(block, normal, write=False, exc=exc) if normal else None
-            if fault is None:
-                raise
-            fault.channel = link.channel
-            raise fault from exc
         stats = self.stats.channels[link.channel]
         stats.packets += 1
         stats.normal_pages += len(normal_offsets)
@@ -641,8 +633,7 @@ class Sender:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
-        if job.final and not isinstance(link.transport, SocketTransport):
-            # Announced in the handshake (Feature.IN_BAND_END): the end, in band.
+        if job.final and link.transport.ends_in_band:
             flags |= Flag.END_OF_STREAM
         header = self._header(int(flags), b"", [], [], 0, self._empty_checksum)
         link.transport.send_parts_sync([header])

@@ -171,6 +171,13 @@ class Transport:
         # contract): reset() must not write to it again.
         self._send_interrupted = False
 
+    ends_in_band: bool = True
+    """Whether the sender announces and flags its stream's end in band
+    (``Feature.IN_BAND_END``): a stream with no reset, whose ``send_all`` cut short by a
+    cancel cannot be followed by the failure byte, so a bare end of stream must not pass
+    for the end of the transfer. Not so for sockets (a reset, or a thread's send that a
+    cancel does not cut), nor for QEMU, which knows nothing of it."""
+
     @property
     def can_half_close(self) -> bool:
         """Whether the stream can signal EOF and still receive (not so for TLS)."""
@@ -372,6 +379,8 @@ class SocketTransport(Transport):
     (0.38 against 0.57 CPU seconds per GB in the sender), ~10% less at four. Trio does
     no I/O on the socket while the thread owns it.
     """
+
+    ends_in_band = False
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
         super().__init__(stream, **kw)
