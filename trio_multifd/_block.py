@@ -8,9 +8,8 @@ import mmap
 import operator
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, SupportsIndex, final
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn, SupportsIndex, final
 
 import attrs
 import cffi  # type: ignore[import-untyped]
@@ -19,7 +18,7 @@ from ._errors import MappingError, OffsetError, TransportError, UnknownBlockErro
 from ._pages import page_runs
 from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
 
-__all__ = ["BlockTable", "RAMBlock", "index_of", "make_present", "mapping_faults"]
+__all__ = ["BlockTable", "RAMBlock", "index_of", "make_present", "raise_mapping_fault"]
 
 # Linux 5.14's madvise advice (Python 3.11's mmap module does not name them): fault the
 # range in now, and report with an error what touching it would have made a SIGBUS.
@@ -213,33 +212,30 @@ def make_present(block: RAMBlock, runs: Iterable[tuple[int, int]], *, write: boo
             raise _mapping_error(block, start, length, write, error)
 
 
-@contextmanager
-def mapping_faults(
-    block: RAMBlock, runs: Sequence[tuple[int, int]], *, write: bool
-) -> Iterator[None]:
-    """Around a socket call that moves ``runs`` of ``block`` straight between its pages
-    and the kernel: a :class:`TransportError` whose cause is EFAULT is re-raised as the
-    :class:`MappingError` it stands for (same channel), with it as its cause.
+def raise_mapping_fault(
+    block: RAMBlock, runs: Sequence[tuple[int, int]], *, write: bool, exc: TransportError
+) -> NoReturn:
+    """Re-raise ``exc``, from a socket call that moved ``runs`` of ``block`` straight
+    between its pages and the kernel, as the :class:`MappingError` it stands for when its
+    cause is EFAULT (same channel, ``exc`` as its cause); else as it is.
 
     A page cut from a mapped file after :func:`make_present` is not a SIGBUS inside a
-    system call: the kernel's copy fails, and the call with EFAULT.
+    system call: the kernel's copy fails, and the call with EFAULT. Called from an
+    ``except`` clause, so the packets that fail nothing pay nothing.
     """
-    try:
-        yield
-    except TransportError as exc:
-        cause = exc.__cause__
-        if (
-            not runs
-            or block._mapped_at is None
-            or not isinstance(cause, OSError)
-            or cause.errno != errno.EFAULT
-        ):
-            raise
-        start = runs[0][0]
-        length = runs[-1][0] + runs[-1][1] - start
-        fault = _mapping_error(block, start, length, write, errno.EFAULT)
-        fault.channel = exc.channel
-        raise fault from exc
+    cause = exc.__cause__
+    if (
+        not runs
+        or block._mapped_at is None
+        or not isinstance(cause, OSError)
+        or cause.errno != errno.EFAULT
+    ):
+        raise exc
+    start = runs[0][0]
+    length = runs[-1][0] + runs[-1][1] - start
+    fault = _mapping_error(block, start, length, write, errno.EFAULT)
+    fault.channel = exc.channel
+    raise fault from exc
 
 
 def _mapping_error(

@@ -22,7 +22,7 @@ from typing import final
 import attrs
 import trio
 
-from ._block import BlockTable, RAMBlock, make_present, mapping_faults
+from ._block import BlockTable, RAMBlock, make_present, raise_mapping_fault
 from ._errors import (
     CompressionMismatchError,
     DuplicateChannelError,
@@ -616,8 +616,10 @@ class Receiver:
             runs = [view[start : start + length] for start, length in normal_runs]
             if payload_buffer is None:
                 make_present(block, normal_runs, write=True)
-                with mapping_faults(block, normal_runs, write=True):
+                try:
                     transport.receive_into_sync(runs, "a payload")
+                except TransportError as exc:
+                    raise_mapping_fault(block, normal_runs, write=True, exc=exc)
             else:
                 data = payload_buffer[:payload]
                 transport.receive_into_sync([data], "a payload")

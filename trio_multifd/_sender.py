@@ -34,7 +34,7 @@ from typing import SupportsIndex, final
 import attrs
 import trio
 
-from ._block import RAMBlock, index_of, make_present, mapping_faults
+from ._block import RAMBlock, index_of, make_present, raise_mapping_fault
 from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
@@ -620,8 +620,10 @@ class Sender:
         header = self._header(
             self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
         )
-        with mapping_faults(block, normal, write=False):
+        try:
             link.transport.send_parts_sync([header, *payload])
+        except TransportError as exc:
+            raise_mapping_fault(block, normal, write=False, exc=exc)
         stats = self.stats.channels[link.channel]
         stats.packets += 1
         stats.normal_pages += len(normal_offsets)
