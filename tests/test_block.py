@@ -230,6 +230,24 @@ def test_a_block_whose_view_was_released_is_not_faulted_in(cut_mapping: mmap.mma
         make_present(block, [(0, 4096)], write=True)
 
 
+@system_4k_pages
+def test_a_slice_of_a_mapped_file_is_guarded_at_its_own_offsets(
+    cut_mapping: mmap.mmap,
+) -> None:
+    # A memoryview slice starting half-way into the file's first page: its offset 2560
+    # is byte 3072 of the file, the first page's last 1 KiB; its offset 3584 is inside
+    # the second, cut off.
+    block = m.RAMBlock("a", memoryview(cut_mapping)[512 : 512 + 3 * 4096], page_size=512)
+    make_present(block, [(2560, 1024)], write=True)
+    with pytest.raises(m.MappingError, match=r"pages 0xe00\.\.0x1000 "):
+        make_present(block, [(3584, 512)], write=True)
+
+
+@pytest.mark.parametrize("buffer", [bytearray(8192), bytes(8192)], ids=["bytearray", "bytes"])
+def test_heap_buffers_are_not_faulted_in(buffer: bytes | bytearray) -> None:
+    assert m.RAMBlock("a", buffer)._mapped_at is None
+
+
 @pytest.mark.parametrize("flags", [mmap.MAP_PRIVATE, mmap.MAP_SHARED])
 def test_anonymous_mappings_are_not_faulted_in(flags: int) -> None:
     # Nothing can cut them short; faulting them in would only cost time.

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 import trio_multifd as m
@@ -27,11 +28,13 @@ async def record(failures: list[m.MultiFDError], run: Callable[[], Awaitable[Non
         failures.append(exc)
 
 
+@pytest.mark.parametrize("skip", [0, PAGE], ids=["the-mapping", "a-slice-of-it"])
 async def test_a_mapped_source_cut_short_is_a_mapping_error_after_the_pages_before_it(
-    tmp_path: Path,
+    tmp_path: Path, skip: int
 ) -> None:
     path = tmp_path / "source"
-    src = m.RAMBlock("mem", mapped_file(path, pattern(8 * PAGE)))
+    mapping = mapped_file(path, bytes(skip) + pattern(8 * PAGE))
+    src = m.RAMBlock("mem", mapping if not skip else memoryview(mapping)[skip:])
     dst = m.RAMBlock("mem", bytearray(8 * PAGE))
     sender_error: m.MultiFDError | None = None
     receiver_error: m.MultiFDError | None = None
@@ -54,7 +57,7 @@ async def test_a_mapped_source_cut_short_is_a_mapping_error_after_the_pages_befo
                 async with m.open_sender(connect, channels=2) as sender:
                     await sender.queue_pages(src, range(0, 4 * PAGE, PAGE))
                     await sender.sync()
-                    os.truncate(path, 4 * PAGE)  # pages 4..7 are gone from the file
+                    os.truncate(path, skip + 4 * PAGE)  # pages 4..7 are gone from the file
                     await sender.queue_pages(src, range(4 * PAGE, 8 * PAGE, PAGE))
             except m.MultiFDError as exc:
                 sender_error = exc

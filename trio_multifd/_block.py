@@ -75,13 +75,15 @@ class RAMBlock:
             sparse file), so a zero page is written only if the page was written before
             in this transfer. Keeps sparse files sparse and all-zero images cheap.
 
-    A buffer that is an ``mmap.mmap`` of a file itself (not a slice of one, not an
-    anonymous mapping) has its pages of each packet faulted in before they are read or
-    written (``MADV_POPULATE_READ`` / ``MADV_POPULATE_WRITE``, Linux 5.14 and later), so
-    that a file truncated under the mapping, or a full file system, is found there and
-    raised as a :class:`~trio_multifd.MappingError` rather than a ``SIGBUS`` that kills
-    the process. That costs ~10-25 us per packet when its pages are already mapped, and
-    saves a fault per page when they are not.
+    A buffer whose memory is a mapped file (an ``mmap`` of a file, a ``memoryview`` or
+    slice of one, a numpy ``memmap``: whatever the kernel's list of the process's
+    mappings shows as a file's; not anonymous memory) has its pages of each packet
+    faulted in before they are read or written (``MADV_POPULATE_READ`` /
+    ``MADV_POPULATE_WRITE``, Linux 5.14 and later), so that a file truncated under the
+    mapping, or a full file system, is found there and raised as a
+    :class:`~trio_multifd.MappingError` rather than a ``SIGBUS`` that kills the process.
+    That costs ~10-25 us per packet when its pages are already mapped, and saves a fault
+    per page when they are not.
     A truncation between that and the access itself is not covered (see
     :doc:`failure-modes`). A kernel without them gets the plain mapping.
 
@@ -98,7 +100,7 @@ class RAMBlock:
     """Bytes per page."""
     zeroed: bool
     """Whether the receiver may assume the buffer starts all zero."""
-    # Where an mmap buffer starts in memory; None for any other buffer.
+    # Where a buffer over a mapped file starts in memory; None for any other buffer.
     _mapped_at: int | None = attrs.field(repr=False)
 
     def __init__(
@@ -117,7 +119,7 @@ class RAMBlock:
             )
         mapped_at = None
         # The advice is Linux's: elsewhere 22 and 23 mean something else or nothing.
-        if isinstance(buffer, mmap.mmap) and sys.platform == "linux":
+        if sys.platform == "linux" and len(view):
             # Only the address is kept: the view pins the mapping while the block is used.
             with _ffi.from_buffer(view) as data:
                 address = int(_ffi.cast("uintptr_t", data))
@@ -181,7 +183,7 @@ def _maps_a_file(address: int) -> bool:
 
 
 def make_present(block: RAMBlock, runs: Iterable[tuple[int, int]], *, write: bool) -> None:
-    """Fault in ``runs`` (``(start, length)`` in bytes) of a block backed by an mmap,
+    """Fault in ``runs`` (``(start, length)`` in bytes) of a block over a mapped file,
     for reading or for writing, before the engine touches them; nothing for other blocks.
 
     Raises:
@@ -198,10 +200,11 @@ def make_present(block: RAMBlock, runs: Iterable[tuple[int, int]], *, write: boo
     advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
     mask = mmap.PAGESIZE - 1
     for start, length in runs:
-        # Pages smaller than the system's: the range grows to whole system pages.
-        aligned = start & ~mask
-        address = _ffi.cast("void *", mapped_at + aligned)
-        while _madvise(address, start + length - aligned, advice):
+        # A buffer need not start on a system page, nor its pages be as large: the
+        # range grows to whole system pages.
+        address = mapped_at + start
+        aligned = address & ~mask
+        while _madvise(_ffi.cast("void *", aligned), address + length - aligned, advice):
             error = _ffi.errno
             if error in (errno.EAGAIN, errno.EINTR):
                 continue
