@@ -427,3 +427,56 @@ async def test_a_range_of_many_packets_lands_whole() -> None:
         sent, received, _ = await transfer([src], [dst], body, channels=4)
     assert dst.view == src.view
     assert sent.pages == received.pages == 128 * 40
+
+
+async def test_a_cancelled_receiver_sync_gives_its_round_to_the_next_call() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    await s0.send_all(handshake(0))
+    with trio.fail_after(10):
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ends[0])
+            with trio.CancelScope() as before_waiting:
+                before_waiting.cancel()
+                await receiver.sync()
+            with trio.move_on_after(0.05) as while_waiting:
+                await receiver.sync()
+            assert before_waiting.cancelled_caught and while_waiting.cancelled_caught
+            await s0.send_all(sync_packet(0) + sync_packet(1))
+            assert await receiver.sync() == 1
+            assert await receiver.sync() == 2
+            await s0.send_eof()  # type: ignore[attr-defined]
+            await receiver.wait_closed()
+
+
+async def test_concurrent_receiver_syncs_keep_their_rounds_when_one_is_cancelled() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    await s0.send_all(handshake(0))
+    rounds: list[int] = []
+
+    async def wait_for_a_round() -> None:
+        rounds.append(await receiver.sync())
+
+    with trio.fail_after(10):
+        async with m.open_receiver([target], channels=1) as receiver, trio.open_nursery() as waits:
+            await receiver.add_channel(ends[0])
+            with trio.CancelScope() as first:
+
+                async def cancel_first() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    first.cancel()
+
+                waits.start_soon(wait_for_a_round)  # round 2: taken while round 1 waits
+                waits.start_soon(cancel_first)
+                await receiver.sync()  # round 1, until cancelled
+            assert rounds == []
+            await s0.send_all(sync_packet(0))
+            # Round 1 again, given back by the cancelled call.
+            assert await receiver.sync() == 1
+            await s0.send_all(sync_packet(1))
+            await s0.send_eof()  # type: ignore[attr-defined]
+            await receiver.wait_closed()
+    assert rounds == [2]

@@ -469,3 +469,85 @@ async def test_a_stream_added_twice_is_refused_at_once_and_left_to_its_channel()
                 assert await _send_all_then_sync(connect, src) is None
                 await receiver.wait_closed()
     assert dst.view == src.view
+
+
+@pytest.mark.parametrize("call", ["sync", "wait_closed"])
+@pytest.mark.parametrize("ending", ["exit", "failure", "before-the-call"])
+async def test_a_task_outside_the_receivers_block_waiting_for_it_is_woken_when_it_ends(
+    call: str, ending: str
+) -> None:
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+    woken: list[RuntimeError] = []
+
+    async def wait_outside(receiver: m.Receiver) -> None:
+        with pytest.raises(RuntimeError, match="the receiver's block is over") as info:
+            await getattr(receiver, call)()
+        woken.append(info.value)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outside:
+            with contextlib.suppress(m.MagicError):
+                async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+                    await receiver.add_channel(ends[0])
+                    if ending != "before-the-call":
+                        outside.start_soon(wait_outside, receiver)
+                        await trio.testing.wait_all_tasks_blocked()
+                    if ending == "failure":
+                        await feed.send_all(bytes(m.header_size(128)))  # no magic
+                        await trio.sleep_forever()
+            if ending == "before-the-call":
+                await wait_outside(receiver)
+    [error] = woken
+    assert isinstance(error.__cause__, m.MagicError) == (ending == "failure")
+
+
+async def test_a_handshake_that_ends_after_the_receivers_block_resets_its_connection() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outside:
+            async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+
+                async def add() -> None:
+                    with pytest.raises(RuntimeError, match="channel 0 connected too late"):
+                        await receiver.add_channel(theirs)
+
+                outside.start_soon(add)
+                await trio.testing.wait_all_tasks_blocked()  # reading the handshake
+            await ours.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+    # Closed as a failure: the failure byte, then the end.
+    assert await ours.receive_some() == b"!"
+    assert await ours.receive_some() == b""
+
+
+async def test_serve_stops_when_the_receivers_block_ends_and_resets_late_handshakes() -> None:
+    async with listening("tcp") as (listeners, connect):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as outside:
+                async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+                    await outside.start(receiver.serve, listeners)
+                    late = await connect(0)
+                    await trio.testing.wait_all_tasks_blocked()  # reading the handshake
+                await late.send_all(
+                    m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0))
+                )
+                # The outside nursery exits only once serve() has returned.
+            with pytest.raises(trio.BrokenResourceError):
+                await late.receive_some()
+            await late.aclose()
+
+
+async def test_serve_returns_at_once_when_every_channel_is_set_up() -> None:
+    src, dst = block_pair("mem", 8, seed=8)
+    connect, ends = memory_channels(1)
+    async with listening("tcp") as (listeners, _):
+        with trio.fail_after(10):
+            async with m.open_receiver([dst], channels=1) as receiver:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(receiver.add_channel, ends[0])
+                    async with m.open_sender(connect, channels=1) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                await receiver.serve(listeners)
+                await receiver.wait_closed()
+    assert dst.view == src.view

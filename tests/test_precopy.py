@@ -705,3 +705,28 @@ async def test_the_bench_runs_small_cases(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "s/GiB" in out
     assert out.count("identical=True") == 4
+
+
+async def test_receive_precopy_called_again_after_being_given_up_finds_the_final_round() -> None:
+    # The first call's sync() was cancelled: its round goes to the second call's.
+    source, target, source_bytes, target_bytes = blocks(SMALL, seed=21)
+    tracker = DirtyTracker([source])
+    stopping = trio.Event()
+    with trio.fail_after(20):
+        async with m.open_receiver([target], channels=2) as receiver:
+            async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+                await nursery.start(receiver.serve, listeners)
+
+                async def send() -> None:
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await precopy(sender, tracker, on_stop=stopping.wait, max_rounds=1)
+
+                nursery.start_soon(send)
+                with trio.move_on_after(0.2) as given_up:  # round 1 waits for on_stop
+                    await receive_precopy(receiver)
+                assert given_up.cancelled_caught
+                stopping.set()
+                final = await receive_precopy(receiver)
+                await receiver.wait_closed()
+    assert (final.number, final.final) == (1, True)
+    assert target_bytes == source_bytes

@@ -12,6 +12,7 @@ one parking lot (tasks) and one condition (threads), which re-check their own co
 from __future__ import annotations
 
 import functools
+import heapq
 import re
 import threading
 import uuid as uuid_mod
@@ -165,6 +166,8 @@ class Receiver:
         self._ended: dict[int, int] = {}
         self._completed = 0
         self._sync_calls = 0
+        # Round numbers of sync() calls that were cancelled, for the next calls to take.
+        self._given_back: list[int] = []
         # Every final round so far: several migrations may share the channels, and one
         # lagging follower must still find its own after a later one is known.
         self._final_rounds: set[int] = set()
@@ -220,36 +223,65 @@ class Receiver:
     def _all_ended(self) -> bool:
         return len(self._ended) == self.channels
 
+    def _over(self, waiting_for: str) -> RuntimeError:
+        error = RuntimeError(f"the receiver's block is over: {waiting_for}")
+        error.__cause__ = self._supervisor.error
+        return error
+
     async def sync(self) -> int:
         """Wait for the next SYNC round: the n-th call returns n once round n is complete
         on every channel (at once if it already is).
+
+        A call that is cancelled gives its round back: the next call waits for it. So
+        each call waits for the lowest round that no other call has returned or waits
+        for.
 
         Returns:
             The round number.
 
         Raises:
             TransferIncompleteError: Every channel has ended and round n never completed.
+            RuntimeError: The receiver's ``async with`` block is over (or ends while the
+                call waits) and round n did not complete, with the transfer's error,
+                when it failed, as the ``__cause__``.
         """
-        self._sync_calls += 1
-        number = self._sync_calls
-        await trio.lowlevel.checkpoint()
+        if self._given_back:
+            number = heapq.heappop(self._given_back)
+        else:
+            self._sync_calls += 1
+            number = self._sync_calls
+        try:
+            await trio.lowlevel.checkpoint()
 
-        def ready() -> bool:
-            return self._completed >= number or self._all_ended()
+            def ready() -> bool:
+                return self._completed >= number or self._all_ended() or self._closed
 
-        await self._wait_until(ready)
-        if self._completed < number:
+            await self._wait_until(ready)
+        except BaseException:
+            heapq.heappush(self._given_back, number)
+            raise
+        if self._completed >= number:
+            return number
+        if self._all_ended():
             raise TransferIncompleteError(
                 f"round {number} cannot complete: every channel has ended after round"
                 f" {self._completed}"
             )
-        return number
+        raise self._over(f"round {number} did not complete")
 
     async def wait_closed(self) -> None:
         """Wait until the sender has finished: every channel at a clean end of stream
-        after its last SYNC, every round complete."""
+        after its last SYNC, every round complete.
+
+        Raises:
+            RuntimeError: The receiver's ``async with`` block is over (or ends while the
+                call waits) before the sender finished, with the transfer's error, when
+                it failed, as the ``__cause__``.
+        """
         await trio.lowlevel.checkpoint()
-        await self._wait_until(self._all_ended)
+        await self._wait_until(lambda: self._all_ended() or self._closed)
+        if not self._all_ended():
+            raise self._over("the sender did not finish")
 
     # -- channels -----------------------------------------------------------------------------
 
@@ -274,14 +306,14 @@ class Receiver:
             raise ValueError("this stream was added before: each channel needs its own")
         if self._closed:
             await open_transport(stream, channel=None).reset()
-            raise RuntimeError("the receiver's block is over: no channel can be added")
+            raise self._over("no channel can be added")
         self._streams.append(stream)
         try:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
             self._supervisor.fail(exc)
             raise
-        self._start_channel(transport, channel)
+        await self._start_channel(transport, channel)
         return channel
 
     async def _handshake(self, stream: trio.abc.Stream) -> tuple[Transport, int]:
@@ -331,6 +363,7 @@ class Receiver:
         if self.uuid is None:
             self.uuid = handshake.uuid
         self._connected.add(channel)
+        self._notify()
         if handshake.features & Feature.IN_BAND_END:
             self._in_band_end.add(channel)
         transport.channel = channel
@@ -339,10 +372,15 @@ class Receiver:
         logger.info("receiver: channel %d connected (uuid %s)", channel, handshake.uuid)
         return transport, channel
 
-    def _start_channel(self, transport: Transport, channel: int) -> None:
-        self._supervisor.nursery.start_soon(
-            self._run_channel, transport, channel, name=f"multifd receive {channel}"
-        )
+    async def _start_channel(self, transport: Transport, channel: int) -> None:
+        try:
+            self._supervisor.nursery.start_soon(
+                self._run_channel, transport, channel, name=f"multifd receive {channel}"
+            )
+        except RuntimeError:
+            # The handshake ended after the receiver's block: its nursery takes no task.
+            await transport.reset()
+            raise self._over(f"channel {channel} connected too late") from None
 
     async def serve(
         self,
@@ -350,11 +388,13 @@ class Receiver:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept channels from ``listeners`` until ``channels`` handshakes are done.
+        """Accept channels from ``listeners`` until ``channels`` handshakes are done (at
+        once if they are) or the receiver's block is over.
 
         A connection whose handshake fails or times out is logged and closed, and
         accepting goes on (a listening port meets scanners): only good channels count.
-        Stopping the accept loop does not cancel handshakes already under way. Use with
+        Stopping the accept loop does not cancel handshakes already under way; one that
+        ends after the receiver's block is logged and its connection reset. Use with
         ``nursery.start`` to know when it accepts.
 
         Args:
@@ -363,16 +403,25 @@ class Receiver:
                 caller's business.
             task_status: For ``nursery.start``; started once accepting has begun.
         """
+
+        def done() -> bool:
+            return len(self._connected) == self.channels or self._closed
+
         async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
-            for listener in listeners:
-                accepting.start_soon(self._accept, listener, handshakes, accepting)
+            if not done():
+                for listener in listeners:
+                    accepting.start_soon(self._accept, listener, handshakes)
+                accepting.start_soon(self._wait_then_cancel, done, accepting.cancel_scope)
             task_status.started()
 
+    async def _wait_then_cancel(
+        self, condition: Callable[[], bool], scope: trio.CancelScope
+    ) -> None:
+        await self._wait_until(condition)
+        scope.cancel()
+
     async def _accept(
-        self,
-        listener: trio.abc.Listener[trio.abc.Stream],
-        handshakes: trio.Nursery,
-        accepting: trio.Nursery,
+        self, listener: trio.abc.Listener[trio.abc.Stream], handshakes: trio.Nursery
     ) -> None:
         async def handshake(stream: trio.abc.Stream) -> None:
             try:
@@ -380,9 +429,10 @@ class Receiver:
             except MultiFDError as exc:
                 logger.warning("receiver: refused a connection: %s", exc)
                 return
-            self._start_channel(transport, channel)
-            if len(self._connected) == self.channels:
-                accepting.cancel_scope.cancel()
+            try:
+                await self._start_channel(transport, channel)
+            except RuntimeError as exc:
+                logger.warning("receiver: %s", exc)
 
         while True:
             stream = await listener.accept()
@@ -798,3 +848,5 @@ async def open_receiver(
             yield receiver
     finally:
         receiver._closed = True
+        # Tasks outside the block may wait in sync(), wait_closed() or serve().
+        receiver._notify()
