@@ -476,6 +476,8 @@ def test_a_page_split_between_two_reads_is_counted_once() -> None:
         ["send", "x", "localhost:1", "--io-threads", "0"],
         ["recv", "x", "--listen", "127.0.0.1:0", "--io-threads", "256"],
         ["recv", "x"],
+        ["recv", "", "--listen", "127.0.0.1:0"],
+        ["send", "", "127.0.0.1:1"],
         ["recv", "x", "--listen", "127.0.0.1:99999"],
         ["recv", "x", "--listen", "127.0.0.1:0", "--tls-cert", "c.pem"],
         ["bench", "--size", "1000"],
@@ -505,6 +507,18 @@ def test_runtime_error_is_one_line_exit_1(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"trio-multifd: error: cannot open {missing}: No such file or directory"
     ]
+
+
+def test_json_with_debug_prints_the_object_and_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    proc = subprocess.run(
+        _command("send", str(missing), "127.0.0.1:9", "--json", "--debug"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert failed_json(proc) == f"cannot open {missing}: No such file or directory"
+    assert "Traceback (most recent call last):" in proc.stderr
 
 
 def test_connection_refused_json(tmp_path: Path) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -88,6 +91,7 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(name="n" * 256)).encode(), "is too long for the file system"),
         (json.dumps(manifest(nonzero_bytes=8193)).encode(), "field 'nonzero_bytes'"),
         (json.dumps(manifest(nonzero_bytes=None)).encode(), "field 'nonzero_bytes'"),
+        (json.dumps(manifest(method="lz4")).encode(), "unknown compression method 'lz4'"),
         (
             json.dumps(
                 manifest(checksum={"algorithm": "xxh3_128", "value": "abc\ntrio-multifd: OK"})
@@ -430,3 +434,118 @@ def test_a_sender_gone_before_the_refusal_still_gets_the_receivers_own_error(
     assert code == 1
     assert len(lines) == 1 and "exists: refusing to overwrite it" in lines[0], lines
     assert (tmp_path / "f.bin").read_bytes() == b"old"
+
+
+def test_a_sender_whose_receiver_stops_reading_gives_up_after_idle_timeout(
+    tmp_path: Path,
+) -> None:
+    # The go-ahead comes, then no channel is ever accepted: the sender's sockets fill.
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(16 << 20))
+    started = time.monotonic()
+    with fake_receiver({"type": "go"}) as port:
+        proc = send(src, port, "--idle-timeout", "1")
+    assert time.monotonic() - started < TIMEOUT / 2
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert re.fullmatch(
+        r"trio-multifd: error: transfer failed: channel \d: the peer accepted no byte for"
+        r" send_timeout=1\.0s",
+        line,
+    ), line
+
+
+def test_a_tls_file_that_never_opens_does_not_deafen_the_sender_to_sigterm(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)  # no writer: opening it waits forever
+    proc = subprocess.Popen(
+        _command("send", str(src), "127.0.0.1:9", "--tls-ca", str(fifo), "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # inside the TLS context's load by now, or about to be
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143
+    assert json.loads(out) == {"ok": False, "command": "send", "error": "terminated"}
+
+
+def test_a_directory_under_the_final_name_is_refused_before_any_page_even_with_force(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "f.bin").mkdir()
+    with receiving(tmp_path, "--force") as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            reply = read_message(sock)
+        code, lines = finished(proc)
+    assert reply is not None and reply["type"] == "refuse"
+    assert (
+        reply["error"] == f"{tmp_path / 'f.bin'} is a directory: it cannot be replaced by the copy"
+    )
+    assert code == 1
+    assert lines == ["trio-multifd: error: " + reply["error"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+def test_a_size_the_file_system_takes_but_memory_cannot_map_is_refused() -> None:
+    # tmpfs grows a file to 4 PiB on ftruncate; no address space maps that much.
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        with receiving(folder) as (proc, port):
+            body = json.dumps(manifest(size=2**52, data_bytes=0, nonzero_bytes=0)).encode()
+            with open_control(port, body) as sock:
+                reply = read_message(sock)
+            code, lines = finished(proc)
+        assert reply is not None and reply["type"] == "refuse"
+        assert reply["error"] == (f"cannot map a file of {2**52} bytes: Cannot allocate memory")
+        assert code == 1
+        assert lines == ["trio-multifd: error: " + reply["error"]]
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_huge_sparse_file_costs_the_receiver_no_memory_per_page_up_front(
+    tmp_path: Path,
+) -> None:
+    # 1 TiB of holes: 256 Mi pages, whose known-zero bitmap (a byte per page) is backed
+    # only where pages arrive.
+    with receiving(tmp_path) as (proc, port):
+        body = json.dumps(manifest(size=1 << 40, data_bytes=0, nonzero_bytes=0)).encode()
+        with open_control(port, body) as sock:
+            assert read_message(sock) == {"type": "go"}
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        finished(proc)  # fails: the sender went away
+    [rss_kib] = re.findall(r"VmRSS:\s+(\d+) kB", status)
+    assert int(rss_kib) < 200 * 1024, status
+
+
+def test_a_source_whose_name_is_not_utf8_arrives_under_a_printable_name(tmp_path: Path) -> None:
+    source_dir, dest = tmp_path / "src", tmp_path / "dest"
+    source_dir.mkdir()
+    dest.mkdir()
+    src = os.path.join(os.fsencode(source_dir), b"caf\xe9\x07.bin")
+    with open(src, "wb") as file:
+        file.write(b"data" * 3000)
+    with receiving(dest) as (recv, port):
+        proc = subprocess.run(
+            [*_command("send"), os.fsdecode(src), f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert finished(recv)[0] == 0
+    assert [p.name for p in dest.iterdir()] == ["caf\ufffd\ufffd.bin"]
+    assert (dest / "caf\ufffd\ufffd.bin").read_bytes() == b"data" * 3000

@@ -50,6 +50,12 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _path_arg(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("PATH must not be empty")
+    return text
+
+
 def _list_of(
     kind: Callable[[str], Any], choices: Sequence[Any] | None = None
 ) -> Callable[[str], list[Any]]:
@@ -162,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Send the file PATH to a `trio-multifd recv` at"
         " HOST:PORT through N parallel channels.",
     )
-    send.add_argument("path", metavar="PATH")
+    send.add_argument("path", metavar="PATH", type=_path_arg)
     send.add_argument("address", metavar="HOST:PORT", type=parse_hostport)
     send.add_argument("--channels", type=_channels_arg, default=4, help="default 4")
     send.add_argument("--compression", choices=_METHODS, default="none", help="default none")
@@ -183,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Listen at HOST:PORT, receive one file into PATH (a"
         " file name, or a directory for the sender's file name), exit.",
     )
-    recv.add_argument("path", metavar="PATH")
+    recv.add_argument("path", metavar="PATH", type=_path_arg)
     recv.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -476,41 +482,40 @@ def _run_copy(
     from . import _filecopy as fc
 
     err = sys.stderr
-    try:
-        tls = _tls_context(args)
+
+    async def copy() -> fc.Summary:
+        # Loaded in a thread the copy's cancellation abandons: a FIFO or a hung mount
+        # given as a TLS file must not make the process deaf to Ctrl-C and SIGTERM.
+        tls = await trio.to_thread.run_sync(_tls_context, args, abandon_on_cancel=True)
         if args.command == "send":
             host, port = args.address
-            summary = trio.run(
-                _until_stopped,
-                lambda: fc.send_file(
-                    args.path,
-                    host,
-                    port,
-                    channels=args.channels,
-                    compression=args.compression,
-                    level=args.level,
-                    tls=tls,
-                    progress=reporter,
-                    idle_timeout=args.idle_timeout,
-                    io_threads=args.io_threads,
-                ),
+            return await fc.send_file(
+                args.path,
+                host,
+                port,
+                channels=args.channels,
+                compression=args.compression,
+                level=args.level,
+                tls=tls,
+                progress=reporter,
+                idle_timeout=args.idle_timeout,
+                io_threads=args.io_threads,
             )
-        else:
-            host, port = args.listen
-            summary = trio.run(
-                _until_stopped,
-                lambda: fc.receive_file(
-                    args.path,
-                    host,
-                    port,
-                    force=args.force,
-                    tls=tls,
-                    progress=reporter,
-                    announce=announce,
-                    idle_timeout=args.idle_timeout,
-                    io_threads=args.io_threads,
-                ),
-            )
+        host, port = args.listen
+        return await fc.receive_file(
+            args.path,
+            host,
+            port,
+            force=args.force,
+            tls=tls,
+            progress=reporter,
+            announce=announce,
+            idle_timeout=args.idle_timeout,
+            io_threads=args.io_threads,
+        )
+
+    try:
+        summary = trio.run(_until_stopped, copy)
     except BaseException as exc:
         reporter.stop()
         if isinstance(exc, _Stopped):
@@ -518,11 +523,13 @@ def _run_copy(
                 _json_failure(args.command, str(exc))
             err.write(f"trio-multifd: {exc}\n")
             return 128 + exc.signum
-        if args.debug or not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):
             raise
         message = fc.describe(exc)
         if args.json:
             _json_failure(args.command, message)
+        if args.debug:
+            raise
         err.write(f"trio-multifd: error: {message}\n")
         return 1
     reporter.stop()

@@ -44,6 +44,7 @@ import trio
 
 from ._block import RAMBlock
 from ._errors import MultiFDError
+from ._methods import get_method
 from ._pages import ZEROS, split_zero_runs
 from ._receiver import open_receiver
 from ._sender import open_sender
@@ -423,7 +424,7 @@ async def send_file(
         transfer_uuid = uuid_mod.uuid4()
         manifest = {
             "type": "manifest",
-            "name": os.path.basename(path),
+            "name": _manifest_name(path),
             "size": size,
             "page_size": PAGE,
             "data_bytes": data_bytes,
@@ -520,6 +521,8 @@ async def send_file(
                         uuid=transfer_uuid,
                         compression=compression,
                         compression_level=level,
+                        # A receiver that stops reading is a peer that makes no progress.
+                        send_timeout=idle_timeout,
                         io_threads=io_threads,
                     ) as sender:
                         watching.start_soon(lease.watch)
@@ -610,6 +613,14 @@ async def _queue(sender: Any, block: RAMBlock | None, ranges: list[tuple[int, in
 
 
 # -- the receiver -----------------------------------------------------------------------------
+
+
+def _manifest_name(path: str) -> str:
+    """The source's name as the manifest carries it: printable UTF-8. A file system takes
+    any bytes but NUL and ``/``; each that is not UTF-8, and each character that is not
+    printable, becomes U+FFFD (the receiver uses the name only for a directory PATH)."""
+    name = os.fsencode(os.path.basename(path)).decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "\ufffd" for c in name)
 
 
 def _check_manifest(manifest: dict[str, Any]) -> None:
@@ -823,10 +834,20 @@ async def _receive_with(
     except CopyError as exc:
         await _refuse(control, str(exc))
         raise
+    try:
+        get_method(manifest["method"])
+    except ValueError as exc:
+        await _refuse(control, str(exc))
+        raise CopyError(f"cannot receive: {exc}") from None
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
         await _refuse(control, f"{final} exists (use --force on the receiver)")
         raise CopyError(f"{final} exists: refusing to overwrite it without --force")
+    if _isdir(final, follow=False):
+        # Found now rather than by the rename after the whole copy.
+        error = f"{final} is a directory: it cannot be replaced by the copy"
+        await _refuse(control, error)
+        raise CopyError(error)
     # Checked now: the temporary name is short enough anyway, and the final one would
     # fail only after the whole copy.
     too_long = _name_too_long(final)
@@ -865,24 +886,25 @@ async def _receive_with(
         tail_len = size - whole
         blocks: list[RAMBlock] = []
         if whole:
-            mapping = mmap.mmap(fd, whole)
+            try:
+                mapping = mmap.mmap(fd, whole)
+            except OSError as exc:
+                # A file system may take a size that the address space cannot map.
+                error = f"cannot map a file of {size} bytes: {exc.strerror}"
+                await _refuse(control, error)
+                raise CopyError(error) from None
             blocks.append(RAMBlock("data", mapping, zeroed=True))
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))
-        try:
-            receiver_cm = open_receiver(
-                blocks,
-                channels=channels,
-                uuid=uuid_mod.UUID(manifest["uuid"]),
-                compression=manifest["method"],
-                handshake_timeout=handshake_timeout,
-                io_threads=io_threads,
-            )
-        except ValueError as exc:
-            await _refuse(control, str(exc))
-            raise CopyError(f"cannot receive: {exc}") from None
         start = trio.current_time()
-        async with receiver_cm as receiver:
+        async with open_receiver(
+            blocks,
+            channels=channels,
+            uuid=uuid_mod.UUID(manifest["uuid"]),
+            compression=manifest["method"],
+            handshake_timeout=handshake_timeout,
+            io_threads=io_threads,
+        ) as receiver:
             await send_message(control, {"type": "go"})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
@@ -970,8 +992,9 @@ def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
         pass
 
 
-def _isdir(path: str) -> bool:
-    return os.path.isdir(path)
+def _isdir(path: str, *, follow: bool = True) -> bool:
+    """Whether ``path`` is a directory (``follow=False``: itself, not a link to one)."""
+    return os.path.isdir(path) and (follow or not os.path.islink(path))
 
 
 def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
