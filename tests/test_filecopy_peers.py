@@ -8,6 +8,7 @@ subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -549,3 +550,32 @@ def test_a_source_whose_name_is_not_utf8_arrives_under_a_printable_name(tmp_path
         assert finished(recv)[0] == 0
     assert [p.name for p in dest.iterdir()] == ["caf\ufffd\ufffd.bin"]
     assert (dest / "caf\ufffd\ufffd.bin").read_bytes() == b"data" * 3000
+
+
+def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_http() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            conn.recv(65536)  # the control magic and the manifest
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):  # the sender leaves
+                while conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=answer_http, daemon=True)
+    thread.start()
+    try:
+        proc = send(src, listener.getsockname()[1])
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "trio-multifd: error: control message of 1213486160 bytes (limit 65536): it began"
+        " with b'HTTP', the peer does not speak trio-multifd's framing"
+    ]

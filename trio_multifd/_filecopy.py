@@ -330,9 +330,16 @@ async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None
 
 async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
     """Receive one length-prefixed JSON message (an object)."""
-    (length,) = struct.unpack(">I", await _receive_exact(stream, 4, what))
+    prefix = await _receive_exact(stream, 4, what)
+    (length,) = struct.unpack(">I", prefix)
     if length > MAX_MESSAGE:
-        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE})")
+        # Four letters where a length belongs: most likely another protocol ("HTTP").
+        hint = (
+            f": it began with {prefix!r}, the peer does not speak trio-multifd's framing"
+            if prefix.isascii() and prefix.isalpha()
+            else ""
+        )
+        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE}){hint}")
     body = await _receive_exact(stream, length, what)
     try:
         message = json.loads(body.decode("utf-8"))
