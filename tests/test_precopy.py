@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -707,26 +709,137 @@ async def test_the_bench_runs_small_cases(capsys: pytest.CaptureFixture[str]) ->
     assert out.count("identical=True") == 4
 
 
+@asynccontextmanager
+async def migrating(
+    tracker: DirtyTracker,
+    target: m.RAMBlock,
+    *,
+    on_stop: Callable[[], Awaitable[None] | None],
+    sent: trio.Event | None = None,
+    **options: Any,
+) -> AsyncIterator[m.Receiver]:
+    """A receiver serving on TCP and a task running precopy() into it over 2 channels
+    (``sent`` is set once the sender's block has exited); the body follows the rounds."""
+    async with m.open_receiver([target], channels=2) as receiver:
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve, listeners)
+
+            async def send() -> None:
+                async with m.open_sender(connect, channels=2) as sender:
+                    await precopy(sender, tracker, on_stop=on_stop, **options)
+                if sent is not None:
+                    sent.set()
+
+            nursery.start_soon(send)
+            yield receiver
+
+
 async def test_receive_precopy_called_again_after_being_given_up_finds_the_final_round() -> None:
     # The first call's sync() was cancelled: its round goes to the second call's.
     source, target, source_bytes, target_bytes = blocks(SMALL, seed=21)
     tracker = DirtyTracker([source])
     stopping = trio.Event()
     with trio.fail_after(20):
+        async with migrating(tracker, target, on_stop=stopping.wait, max_rounds=1) as receiver:
+            with trio.move_on_after(0.2) as given_up:  # round 1 waits for on_stop
+                await receive_precopy(receiver)
+            assert given_up.cancelled_caught
+            stopping.set()
+            final = await receive_precopy(receiver)
+            await receiver.wait_closed()
+    assert (final.number, final.final) == (1, True)
+    assert target_bytes == source_bytes
+
+
+async def test_pages_queued_without_a_sync_before_precopy_get_a_round_of_their_own() -> None:
+    # A page queued earlier and sent again in round 1 would share its round, whose
+    # packets land in any order on other channels: the older copy could land last.
+    source, target, source_bytes, target_bytes = blocks(SMALL, seed=22)
+    tracker = DirtyTracker([source])
+    seen: list[int] = []
+    with trio.fail_after(20):
         async with m.open_receiver([target], channels=2) as receiver:
             async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
                 await nursery.start(receiver.serve, listeners)
 
-                async def send() -> None:
-                    async with m.open_sender(connect, channels=2) as sender:
-                        await precopy(sender, tracker, on_stop=stopping.wait, max_rounds=1)
+                async def receive() -> None:
+                    await receive_precopy(receiver, on_round=lambda r: seen.append(r.number))
+                    await receiver.wait_closed()
 
-                nursery.start_soon(send)
-                with trio.move_on_after(0.2) as given_up:  # round 1 waits for on_stop
-                    await receive_precopy(receiver)
-                assert given_up.cancelled_caught
-                stopping.set()
-                final = await receive_precopy(receiver)
-                await receiver.wait_closed()
-    assert (final.number, final.final) == (1, True)
+                nursery.start_soon(receive)
+                async with m.open_sender(connect, channels=2) as sender:
+                    await sender.queue_pages(source, range(0, 8 * PAGE, PAGE))
+                    report = await precopy(sender, tracker, on_stop=lambda: None, max_rounds=1)
+    assert [r.number for r in report.rounds] == [2]
+    assert seen == [1, 2]
     assert target_bytes == source_bytes
+
+
+async def test_a_receive_precopy_cancelled_in_its_callback_loses_no_round() -> None:
+    source, target, source_bytes, target_bytes = blocks(SMALL, seed=23)
+    tracker = DirtyTracker([source])
+    sent = trio.Event()
+    delivered: list[tuple[str, int]] = []
+
+    def on_round(call: str) -> Callable[[PrecopyRound], Awaitable[None]]:
+        async def record(round: PrecopyRound) -> None:
+            if call == "first":
+                await trio.sleep_forever()  # until cancelled, both rounds recorded
+            delivered.append((call, round.number))
+
+        return record
+
+    with trio.fail_after(20):
+        async with (
+            migrating(tracker, target, on_stop=lambda: None, sent=sent, max_rounds=2) as receiver,
+            trio.open_nursery() as nursery,
+        ):
+            with trio.CancelScope() as first:
+                nursery.start_soon(_cancel_when, sent, first)
+                await receive_precopy(receiver, on_round=on_round("first"))
+            final = await receive_precopy(receiver, on_round=on_round("again"))
+            await receiver.wait_closed()
+    assert delivered == [("again", 1), ("again", 2)]
+    assert (final.number, final.final) == (2, True)
+    assert target_bytes == source_bytes
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def test_receive_precopy_outside_the_receivers_block_raises_its_plain_error() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outside:
+            async with m.open_receiver([m.RAMBlock("ram", bytearray(PAGE))]) as receiver:
+
+                async def follow() -> None:
+                    with pytest.raises(RuntimeError, match="the receiver's block is over"):
+                        await receive_precopy(receiver)
+
+                outside.start_soon(follow)
+                await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_base_exception_from_the_receiving_callback_passes_through_unwrapped() -> None:
+    source, target, _, _ = blocks(SMALL, seed=24)
+    tracker = DirtyTracker([source])
+
+    def stop(round: PrecopyRound) -> None:
+        raise SystemExit(3)
+
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                with contextlib.suppress(m.MultiFDError):  # the receiver leaves
+                    async with m.open_sender(connect, channels=1) as sender:
+                        await precopy(sender, tracker, on_stop=lambda: None, max_rounds=1)
+
+            with pytest.raises(SystemExit) as info:
+                async with m.open_receiver([target], channels=1) as receiver:
+                    await nursery.start(receiver.serve, listeners)
+                    nursery.start_soon(send)
+                    await receive_precopy(receiver, on_round=stop)
+    assert info.value.code == 3

@@ -25,7 +25,9 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from array import array
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import final
 
@@ -430,6 +432,12 @@ async def precopy(
             f" {sender.page_size}"
         )
     started = time.perf_counter()
+    if sender._unsynced:
+        # Pages queued with no SYNC after them (by an earlier call that was cancelled, or
+        # by the application) would share round 1, whose packets on other channels land
+        # in any order: such a page's older copy could land last, and no later round
+        # would send it again. Their own round first.
+        await sender.sync()
     # Marks made before round 1 are covered by it; with hashes, this is the baseline.
     await tracker._collect_maps()
     pending: list[bytearray] | None = None  # None: every page (round 1)
@@ -533,9 +541,12 @@ async def receive_precopy(
     figures as soon as the round completes, so a slow ``on_round`` delays only the
     callbacks. The final round is known from its SYNC packets' ``FINAL_ROUND`` flag,
     which the channel tasks record even while this side lags behind. Do not call
-    ``receiver.sync()`` concurrently. After it returns, the target holds every page as
-    it was when the sender's ``on_stop`` returned; ``await receiver.wait_closed()`` before
-    leaving the receiver, so the sender's exit gets its delivery confirmation.
+    ``receiver.sync()`` concurrently, nor two of these. A call that is cancelled, or whose
+    ``on_round`` raises, loses no round: the next call delivers first what it did not
+    (the round whose callback raised, again). After it returns, the target holds every
+    page as it was when the sender's ``on_stop`` returned; ``await
+    receiver.wait_closed()`` before leaving the receiver, so the sender's exit gets its
+    delivery confirmation.
 
     The receiver's figures are approximate: the channel tasks may already be writing
     pages of the next round when a round's completion is recorded.
@@ -554,28 +565,50 @@ async def receive_precopy(
         TypeError: ``receiver`` is not a :class:`~trio_multifd.Receiver`.
         PrecopyAbortedError: Every channel ended without a final round: the sender gave
             up (``force_stop=False``) or closed without running :func:`precopy` to its end.
+        RuntimeError: The receiver's ``async with`` block is over (see
+            :meth:`~trio_multifd.Receiver.sync`).
     """
     if not isinstance(receiver, Receiver):
         raise TypeError(f"receiver must be a Receiver, got {type(receiver).__name__}")
-    send, receive = trio.open_memory_channel[PrecopyRound | TransferIncompleteError](math.inf)
+    follower = _FOLLOWERS.get(receiver)
+    if follower is None:
+        follower = _FOLLOWERS[receiver] = _Follower(receiver)
+    return await follower.follow(on_round)
 
-    async def follow() -> None:
-        # Only as many sync() calls as there are rounds up to the final one, so the
-        # receiver's round counter is not consumed beyond it.
-        with send:
-            stats = receiver.stats
-            last_pages, last_bytes = stats.pages, stats.page_bytes
-            last_time = time.perf_counter()
-            while True:
+
+@attrs.define(eq=False)
+class _Follower:
+    """What :func:`receive_precopy` knows of a receiver's rounds between its calls: the
+    rounds recorded and not yet delivered (their ``on_round`` has not returned), and the
+    figures at the last one. A call that is cancelled or whose callback raises leaves
+    them here for the next call, which delivers them before it waits for more."""
+
+    receiver: Receiver
+    backlog: deque[PrecopyRound] = attrs.Factory(deque)
+    last: tuple[int, int, float] | None = None
+
+    async def follow(self, on_round: RoundCallback | None) -> PrecopyRound:
+        backlog = self.backlog
+        changed = trio.lowlevel.ParkingLot()
+        ended: list[Exception] = []
+
+        async def record() -> None:
+            # Rounds are recorded as soon as they complete, so a slow on_round delays only
+            # the callbacks; no sync() beyond the final round, so the receiver's round
+            # counter is not consumed beyond it.
+            receiver, stats = self.receiver, self.receiver.stats
+            if self.last is None:
+                self.last = stats.pages, stats.page_bytes, time.perf_counter()
+            while not (backlog and backlog[-1].final):
                 try:
                     number = await receiver.sync()
-                except TransferIncompleteError as exc:
-                    send.send_nowait(exc)
+                except Exception as exc:  # TransferIncompleteError, or the block is over
+                    ended.append(exc)
+                    changed.unpark_all()
                     return
-                now = time.perf_counter()
-                pages, page_bytes = stats.pages, stats.page_bytes
-                is_final = receiver._is_final_round(number)
-                send.send_nowait(
+                last_pages, last_bytes, last_time = self.last
+                now, pages, page_bytes = time.perf_counter(), stats.pages, stats.page_bytes
+                backlog.append(
                     PrecopyRound(
                         number=number,
                         pages=pages - last_pages,
@@ -583,35 +616,44 @@ async def receive_precopy(
                         seconds=now - last_time,
                         dirty_after=None,
                         expected_downtime=None,
-                        final=is_final,
+                        final=receiver._is_final_round(number),
                     )
                 )
-                if is_final:
-                    return
-                last_pages, last_bytes, last_time = pages, page_bytes, now
+                self.last = pages, page_bytes, now
+                changed.unpark_all()
 
-    outcome: PrecopyRound | TransferIncompleteError | None = None
-    error: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(follow)
-        try:
-            async with receive:
-                async for item in receive:
-                    if isinstance(item, PrecopyRound):
-                        await _call(on_round, item)
-                        if not item.final:
-                            continue
-                    outcome = item
-                    break
-        except Exception as exc:
-            # The callback's own exception, raised as it is, not inside a group.
-            error = exc
-        nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if isinstance(outcome, PrecopyRound):
-        return outcome
-    raise PrecopyAbortedError(
-        "every channel ended without a final pre-copy round: the sender gave up"
-        f" after round {receiver.rounds_completed}"
-    ) from outcome
+        outcome: PrecopyRound | None = None
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
+            try:
+                while outcome is None:
+                    while not backlog and not ended:
+                        await changed.park()
+                    if not backlog:
+                        break
+                    await _call(on_round, backlog[0])
+                    item = backlog.popleft()
+                    if item.final:
+                        outcome = item
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:
+                # The callback's own exception (KeyboardInterrupt included), raised as it
+                # is, not inside a group.
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if outcome is not None:
+            return outcome
+        [cause] = ended
+        if not isinstance(cause, TransferIncompleteError):
+            raise cause
+        raise PrecopyAbortedError(
+            "every channel ended without a final pre-copy round: the sender gave up"
+            f" after round {self.receiver.rounds_completed}"
+        ) from cause
+
+
+_FOLLOWERS: weakref.WeakKeyDictionary[Receiver, _Follower] = weakref.WeakKeyDictionary()

@@ -261,6 +261,8 @@ class Sender:
         self._pending: list[int] = []
         self._packet_num = itertools.count()
         self._rounds = 0
+        # Whether pages were queued since the last SYNC round was queued.
+        self._unsynced = False
         self._connected = 0
         self._all_connected = trio.Event()
         self._closing = False
@@ -359,6 +361,8 @@ class Sender:
             block.check_offset(bad)
 
     async def _add(self, block: RAMBlock, offsets: Sequence[int]) -> None:
+        if offsets:
+            self._unsynced = True
         if self._pending_block is not block:
             self._flush()
             self._pending_block = block
@@ -412,6 +416,7 @@ class Sender:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open("no SYNC round can be started")
         self._flush()
+        self._unsynced = False
         self._rounds += 1
         sync_round = _SyncRound(self._rounds, final, self.channels, final_round, self.channels)
         self._jobs.put(sync_round)
