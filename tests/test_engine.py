@@ -158,10 +158,10 @@ def make_packet(name: str, pages: dict[int, bytes], *, flags: int = 0, num: int 
     return m.encode_packet_header(header) + b"".join(pages.values())
 
 
-def sync_packet(num: int = 0) -> bytes:
+def sync_packet(num: int = 0, flags: int = m.Flag.SYNC) -> bytes:
     return m.encode_packet_header(
         m.PacketHeader(
-            flags=m.Flag.SYNC, pages_alloc=128, normal_pages=0, next_packet_size=0, packet_num=num
+            flags=flags, pages_alloc=128, normal_pages=0, next_packet_size=0, packet_num=num
         )
     )
 
@@ -480,3 +480,17 @@ async def test_concurrent_receiver_syncs_keep_their_rounds_when_one_is_cancelled
             await s0.send_eof()  # type: ignore[attr-defined]
             await receiver.wait_closed()
     assert rounds == [2]
+
+
+async def test_an_end_of_stream_flag_is_refused_on_a_channel_that_did_not_announce_it() -> None:
+    # QEMU's channels end with the stream itself; bytes after the flag would go unread.
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    await s0.send_all(handshake(0) + sync_packet(0, m.Flag.SYNC | m.Flag.END_OF_STREAM))
+    with trio.fail_after(10), pytest.raises(m.FlagsError) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.wait_closed()
+    assert info.value.channel == 0
+    assert "did not announce it" in str(info.value)

@@ -156,7 +156,7 @@ async def test_checksum_flag_must_match_the_channel_agreement(
     data = m.encode_handshake(
         m.Handshake(uuid=uuid.UUID(int=1), channel_id=0, features=int(integrity))
     )
-    packet = m.seal_header(_packet(flags)) if integrity else _packet(flags)
+    packet = _chained(data, [_packet(flags)])[0] if integrity else _packet(flags)
     connect, ends = memory_channels(1)
     await (await connect(0)).send_all(data + packet)
     with trio.fail_after(10), pytest.raises(error) as info:
@@ -173,3 +173,69 @@ def test_sealed_header_checksum_covers_the_header_with_its_field_zeroed() -> Non
     tampered = bytearray(sealed)
     tampered[100] ^= 1
     assert m.header_checksum(tampered) != stored
+
+
+def _chained(handshake: bytes, packets: list[bytes]) -> list[bytes]:
+    """Seal each header in order, each checksum seeded with the one before (the first
+    with the channel's handshake), as a checksumming sender does."""
+    seed = m.chain_start(handshake)
+    sealed = []
+    for packet in packets:
+        sealed.append(m.seal_header(packet, seed))
+        seed = struct.unpack_from(">Q", sealed[-1], 40)[0]
+    return sealed
+
+
+def _checksummed_handshake(channel: int) -> bytes:
+    return m.encode_handshake(
+        m.Handshake(uuid=uuid.UUID(int=1), channel_id=channel, features=m.Feature.CHECKSUMS)
+    )
+
+
+@pytest.mark.parametrize(
+    ("order", "rounds"),
+    [([0, 1, 2], 3), ([0, 2], 1), ([0, 1, 1, 2], 2), ([1, 0, 2], 0)],
+    ids=["intact", "lost", "repeated", "swapped"],
+)
+async def test_a_checksummed_channel_finds_a_packet_lost_repeated_or_moved(
+    order: list[int], rounds: int
+) -> None:
+    handshake = _checksummed_handshake(0)
+    syncs = _chained(handshake, [_packet(m.Flag.SYNC | m.Flag.CHECKSUMS)] * 3)
+    _, dst = block_pair("mem", 4)
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(handshake + b"".join(syncs[i] for i in order))
+    await feed.send_eof()  # type: ignore[attr-defined]
+    completed = 0
+    errors: list[m.IntegrityError] = []
+    with trio.fail_after(10):
+        try:
+            async with m.open_receiver([dst], channels=1, integrity=True) as receiver:
+                await receiver.add_channel(ends[0])
+                for _ in range(3):
+                    completed = await receiver.sync()
+                await receiver.wait_closed()
+        except m.IntegrityError as exc:
+            errors.append(exc)
+    assert completed == rounds
+    assert [(e.channel, e.field) for e in errors] == (
+        [] if rounds == 3 else [(0, "header_checksum")]
+    )
+    assert all("a packet of this channel was lost, repeated or moved" in str(e) for e in errors)
+
+
+async def test_a_checksummed_channels_packets_replayed_on_another_channel_fail() -> None:
+    # The chain starts from each channel's own handshake: its id and the transfer's uuid.
+    first, second = _checksummed_handshake(0), _checksummed_handshake(1)
+    [sync] = _chained(first, [_packet(m.Flag.SYNC | m.Flag.CHECKSUMS)])
+    _, dst = block_pair("mem", 4)
+    connect, ends = memory_channels(2)
+    await (await connect(0)).send_all(first + sync)
+    await (await connect(1)).send_all(second + sync)
+    with trio.fail_after(10), pytest.raises(m.IntegrityError) as info:
+        async with m.open_receiver([dst], channels=2, integrity=True) as receiver:
+            for end in ends:
+                await receiver.add_channel(end)
+            await receiver.sync()
+    assert info.value.channel == 1

@@ -60,6 +60,7 @@ from ._wire import (
     Feature,
     Flag,
     PacketHeader,
+    chain_start,
     decode_handshake,
     decode_packet_header,
     header_checksum,
@@ -93,6 +94,8 @@ class _Link:
     header: memoryview
     # The bounded buffer that compressed or checksummed payloads are read into.
     payload: memoryview | None
+    # With integrity: the last header checksum, the seed of the next.
+    chain: int = 0
     # The round this channel waits for at its SYNC (0: it reads packets).
     parked: int = 0
     ended: bool = False
@@ -156,6 +159,8 @@ class Receiver:
         self._supervisor = Supervisor("receiver")
         self._changed = trio.lowlevel.ParkingLot()
         self._connected: set[int] = set()
+        # Each channel's first header checksum seed (integrity), from its handshake.
+        self._chains: dict[int, int] = {}
         # Channels whose sender announced Feature.IN_BAND_END: a bare end is its failure.
         self._in_band_end: set[int] = set()
         # Set once the receiver's async with block is over.
@@ -366,6 +371,7 @@ class Receiver:
         if self.uuid is None:
             self.uuid = handshake.uuid
         self._connected.add(channel)
+        self._chains[channel] = chain_start(buffer)
         self._notify()
         if handshake.features & Feature.IN_BAND_END:
             self._in_band_end.add(channel)
@@ -492,6 +498,7 @@ class Receiver:
             self.stats.channels[channel],
             memoryview(bytearray(header_size(self._page_count))),
             payload,
+            chain=self._chains[channel],
         )
 
     def _join(self, link: _Link) -> tuple[_Crew, bool]:
@@ -590,13 +597,21 @@ class Receiver:
             link.ended = True
             return
         if self._integrity:
-            _check_header_checksum(buffer)
+            link.chain = _check_header_checksum(buffer, link.chain)
         header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
         stats = link.stats
         stats.packets += 1
         stats.bytes += len(buffer)
         try:
             self._check_checksum_flag(header)
+            if header.flags & _END_OF_STREAM and channel not in self._in_band_end:
+                # Past it the channel is not read: honoured only where it was announced.
+                raise FlagsError(
+                    "packet flags the end of the stream (0x20000000) on a channel whose"
+                    " handshake did not announce it (features bit 1)",
+                    field="flags",
+                    value=header.flags,
+                )
             if header.carries_pages:
                 self._receive_pages(link, header)
         except (ProtocolError, MappingError) as exc:
@@ -761,18 +776,21 @@ class Receiver:
         self._notify()
 
 
-def _check_header_checksum(buffer: memoryview) -> None:
+def _check_header_checksum(buffer: memoryview, seed: int) -> int:
+    """Check a header's checksum, chained to the channel's previous one; return it."""
     # Before any other check or write: a header with a flipped bit must not be trusted
     # for anything, not even to name its own fields.
     stored = int.from_bytes(buffer[40:48], "big")
-    actual = header_checksum(buffer)
+    actual = header_checksum(buffer, seed)
     if actual != stored:
         raise IntegrityError(
-            f"header checksum is {actual:#018x}, the header says {stored:#018x}",
+            f"header checksum is {actual:#018x}, the header says {stored:#018x}: the"
+            " header was changed, or a packet of this channel was lost, repeated or moved",
             field="header_checksum",
             value=actual,
             limit=stored,
         )
+    return actual
 
 
 async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:

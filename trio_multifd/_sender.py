@@ -46,6 +46,7 @@ from ._wire import (
     Feature,
     Flag,
     Handshake,
+    chain_start,
     encode_handshake,
     pack_packet_header,
     page_count_for,
@@ -87,6 +88,8 @@ class _Link:
     channel: int
     transport: Transport
     encoder: Encoder | None
+    # With integrity: the last header checksum, the seed of the next.
+    chain: int = 0
 
 
 @attrs.define(eq=False)
@@ -477,15 +480,17 @@ class Sender:
             features = Feature.CHECKSUMS if self._integrity else 0
             if transport.ends_in_band:
                 features |= Feature.IN_BAND_END
-            handshake = Handshake(uuid=self.uuid, channel_id=channel, features=features)
-            await transport.send_parts([encode_handshake(handshake)])
+            handshake = encode_handshake(
+                Handshake(uuid=self.uuid, channel_id=channel, features=features)
+            )
+            await transport.send_parts([handshake])
             self.stats.channels[channel].bytes += 64
             if self._method.compresses:
                 encoder = self._method.new_encoder(self._level)
                 if isinstance(transport, SocketTransport):
                     transport.lift_send_cap()
             logger.info("sender: channel %d connected", channel)
-            crew = self._join(_Link(channel, transport, encoder))
+            crew = self._join(_Link(channel, transport, encoder, chain_start(handshake)))
             await self._all_connected.wait()
             if crew.links[0].channel == channel:
                 crew.watch()
@@ -531,6 +536,7 @@ class Sender:
 
     def _header(
         self,
+        link: _Link,
         flags: int,
         raw_name: bytes,
         normal: Sequence[int],
@@ -549,7 +555,11 @@ class Sender:
             offsets=[*normal, *zero] if normal and zero else normal or zero,
             payload_checksum=checksum,
         )
-        return seal_header(data) if self._integrity else data
+        if not self._integrity:
+            return data
+        sealed = seal_header(data, link.chain)
+        link.chain = int.from_bytes(sealed[40:48], "big")
+        return sealed
 
     def _prepare(
         self, link: _Link, block: RAMBlock, offsets: Sequence[int]
@@ -623,7 +633,13 @@ class Sender:
         zero_offsets = run_offsets(zero, page_size)
         size = sum(len(p) for p in payload)
         header = self._header(
-            self._method.flag, block.name.encode(), normal_offsets, zero_offsets, size, checksum
+            link,
+            self._method.flag,
+            block.name.encode(),
+            normal_offsets,
+            zero_offsets,
+            size,
+            checksum,
         )
         try:
             link.transport.send_parts_sync([header, *payload])
@@ -642,7 +658,7 @@ class Sender:
             flags |= Flag.FINAL_ROUND
         if job.final and link.transport.ends_in_band:
             flags |= Flag.END_OF_STREAM
-        header = self._header(int(flags), b"", [], [], 0, self._empty_checksum)
+        header = self._header(link, int(flags), b"", [], [], 0, self._empty_checksum)
         link.transport.send_parts_sync([header])
         stats = self.stats.channels[link.channel]
         stats.packets += 1

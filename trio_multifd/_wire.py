@@ -41,6 +41,7 @@ __all__ = [
     "Flag",
     "Handshake",
     "PacketHeader",
+    "chain_start",
     "decode_handshake",
     "decode_packet_header",
     "encode_handshake",
@@ -531,10 +532,18 @@ def decode_packet_header(
     )
 
 
-def header_checksum(data: bytes | bytearray | memoryview) -> int:
+def chain_start(handshake: bytes | bytearray | memoryview) -> int:
+    """Return the seed of a channel's first header checksum: the xxh3-64 of its 64-byte
+    handshake (so the chain is bound to the transfer's uuid and the channel's id)."""
+    return xxhash.xxh3_64_intdigest(handshake)
+
+
+def header_checksum(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
     """Return the xxh3-64 of a packet header as trio_multifd's integrity mode defines it:
-    the whole header with its own checksum field (offset 40, 8 bytes) read as zero."""
-    digest = xxhash.xxh3_64(data[:_CHECKSUM_AT])
+    the whole header with its own checksum field (offset 40, 8 bytes) read as zero,
+    seeded with the channel's previous header checksum (:func:`chain_start` for the
+    first packet), so that a packet lost, repeated or moved breaks the chain."""
+    digest = xxhash.xxh3_64(data[:_CHECKSUM_AT], seed=seed)
     digest.update(_ZERO_CHECKSUM)
     digest.update(data[_CHECKSUM_AT + 8 :])
     return digest.intdigest()
@@ -548,7 +557,8 @@ def payload_checksum(parts: Iterable[bytes | bytearray | memoryview]) -> int:
     return digest.intdigest()
 
 
-def seal_header(data: bytes) -> bytes:
-    """Return an encoded header with its header checksum written at offset 40."""
-    checksum = header_checksum(data)
+def seal_header(data: bytes, seed: int = 0) -> bytes:
+    """Return an encoded header with its header checksum (seeded with ``seed``, see
+    :func:`header_checksum`) written at offset 40."""
+    checksum = header_checksum(data, seed)
     return data[:_CHECKSUM_AT] + checksum.to_bytes(8, "big") + data[_CHECKSUM_AT + 8 :]
