@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -843,3 +845,14 @@ async def test_a_base_exception_from_the_receiving_callback_passes_through_unwra
                     nursery.start_soon(send)
                     await receive_precopy(receiver, on_round=stop)
     assert info.value.code == 3
+
+
+async def test_receive_precopy_keeps_no_receiver_alive_after_its_block() -> None:
+    # Its undelivered rounds are kept per receiver, but not the receiver (nor its buffers).
+    async with m.open_receiver([m.RAMBlock("ram", bytearray(PAGE))]) as receiver:
+        with trio.move_on_after(0.05):
+            await receive_precopy(receiver)
+    gone = weakref.ref(receiver)
+    del receiver
+    gc.collect()
+    assert gone() is None

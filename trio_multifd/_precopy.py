@@ -74,8 +74,9 @@ class PrecopyRound:
         bytes: Page bytes of the round: ``pages x page_size`` (zero pages count in full,
             as in QEMU's accounting; the wire bytes are in the transfer's stats).
         seconds: Sender: from queueing the round's first page to its ``sync()``
-            returning. Receiver: from the previous round's completion (for the first
-            round, from the call of :func:`receive_precopy`) to this one's.
+            returning. Receiver: from the previous round's completion to this one's (for
+            the first round the receiving side sees, from the first call of
+            :func:`receive_precopy` on that receiver).
         dirty_after: Sender: pages found dirty when the round ended (``0`` for the final
             round, whose writers are stopped). ``None`` on the receiver.
         expected_downtime: Sender: the seconds a stop-and-copy right after this round
@@ -381,7 +382,10 @@ async def precopy(
     """Migrate ``tracker.blocks`` while the application keeps writing to them.
 
     Round 1 sends every page (all-zero pages as zero pages); each later round sends the
-    pages dirtied since the round before; a SYNC follows every round. After each round
+    pages dirtied since the round before; a SYNC follows every round. Pages left queued
+    with no SYNC after them (by an earlier call that was cancelled, or by the
+    application) get a SYNC round of their own first, which is not in the report but
+    which :func:`receive_precopy` reports as an ordinary round. After each round
     the expected downtime is ``dirty pages x page_size / rate``, the rate being the
     round's page bytes over its seconds (its ``sync()`` included). Once it is within
     ``downtime_limit`` (converged), ``await on_stop()``, collect once more, send the union
@@ -572,8 +576,8 @@ async def receive_precopy(
         raise TypeError(f"receiver must be a Receiver, got {type(receiver).__name__}")
     follower = _FOLLOWERS.get(receiver)
     if follower is None:
-        follower = _FOLLOWERS[receiver] = _Follower(receiver)
-    return await follower.follow(on_round)
+        follower = _FOLLOWERS[receiver] = _Follower()
+    return await follower.follow(receiver, on_round)
 
 
 @attrs.define(eq=False)
@@ -583,11 +587,11 @@ class _Follower:
     figures at the last one. A call that is cancelled or whose callback raises leaves
     them here for the next call, which delivers them before it waits for more."""
 
-    receiver: Receiver
+    # Not the receiver itself: a value that refers to its weak key keeps it alive.
     backlog: deque[PrecopyRound] = attrs.Factory(deque)
     last: tuple[int, int, float] | None = None
 
-    async def follow(self, on_round: RoundCallback | None) -> PrecopyRound:
+    async def follow(self, receiver: Receiver, on_round: RoundCallback | None) -> PrecopyRound:
         backlog = self.backlog
         changed = trio.lowlevel.ParkingLot()
         ended: list[Exception] = []
@@ -596,7 +600,7 @@ class _Follower:
             # Rounds are recorded as soon as they complete, so a slow on_round delays only
             # the callbacks; no sync() beyond the final round, so the receiver's round
             # counter is not consumed beyond it.
-            receiver, stats = self.receiver, self.receiver.stats
+            stats = receiver.stats
             if self.last is None:
                 self.last = stats.pages, stats.page_bytes, time.perf_counter()
             while not (backlog and backlog[-1].final):
@@ -652,7 +656,7 @@ class _Follower:
             raise cause
         raise PrecopyAbortedError(
             "every channel ended without a final pre-copy round: the sender gave up"
-            f" after round {self.receiver.rounds_completed}"
+            f" after round {receiver.rounds_completed}"
         ) from cause
 
 

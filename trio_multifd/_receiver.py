@@ -181,7 +181,12 @@ class Receiver:
         # A known-zero block gets a zero page written only over a page written before.
         # A byte per page, in anonymous memory that the kernel backs only where pages
         # were written: a sparse 1 TiB file would otherwise cost 256 MiB up front.
-        self._received = {b.name: mmap.mmap(-1, max(b.page_count, 1)) for b in blocks if b.zeroed}
+        # Private: reading untouched shared memory would allocate it.
+        self._received = {
+            b.name: mmap.mmap(-1, max(b.page_count, 1), flags=mmap.MAP_PRIVATE)
+            for b in blocks
+            if b.zeroed
+        }
         # Worker threads read the packets, each for a crew of channels; they wait on
         # this condition for a round to complete or a channel to join.
         self._io_threads = io_thread_count(
@@ -234,23 +239,23 @@ class Receiver:
     def _over(self, waiting_for: str) -> RuntimeError:
         error = RuntimeError(f"the receiver's block is over: {waiting_for}")
         error.__cause__ = self._supervisor.error
+        error.__suppress_context__ = True
         return error
 
     async def sync(self) -> int:
-        """Wait for the next SYNC round: the n-th call returns n once round n is complete
-        on every channel (at once if it already is).
+        """Wait for the next SYNC round: the lowest round that no other call has returned
+        or waits for, once it is complete on every channel (at once if it already is).
+        Without cancellations, the n-th call returns n.
 
-        A call that is cancelled gives its round back: the next call waits for it. So
-        each call waits for the lowest round that no other call has returned or waits
-        for.
+        A call that is cancelled gives its round back: the next call waits for it.
 
         Returns:
             The round number.
 
         Raises:
-            TransferIncompleteError: Every channel has ended and round n never completed.
+            TransferIncompleteError: Every channel has ended and the round never completed.
             RuntimeError: The receiver's ``async with`` block is over (or ends while the
-                call waits) and round n did not complete, with the transfer's error,
+                call waits) and the round did not complete, with the transfer's error,
                 when it failed, as the ``__cause__``.
         """
         if self._given_back:
@@ -306,8 +311,9 @@ class Receiver:
         Raises:
             ProtocolError: A subclass naming what was wrong with the handshake.
             HandshakeTimeoutError: No complete handshake within ``handshake_timeout``.
-            RuntimeError: The receiver's ``async with`` block is over (``stream`` is
-                closed, as a failure, without being read).
+            RuntimeError: The receiver's ``async with`` block is over: ``stream`` is closed,
+                as a failure, without being read, or after its handshake when that ended
+                after the block.
             ValueError: ``stream`` was added before (it is left to its first channel).
         """
         if any(stream is added for added in self._streams):
@@ -389,7 +395,7 @@ class Receiver:
         except RuntimeError:
             # The handshake ended after the receiver's block: its nursery takes no task.
             await transport.reset()
-            raise self._over(f"channel {channel} connected too late") from None
+            raise self._over(f"channel {channel} connected too late") from self._supervisor.error
 
     async def serve(
         self,
