@@ -51,6 +51,7 @@ from .proxy import (
     queue_everything,
     run_faulty_transfer,
 )
+from .transfer import listening
 
 PAGES = 512  # four packets of 128 pages: channel 1 carries at least one of them
 
@@ -243,3 +244,34 @@ async def test_a_stream_that_ends_before_the_cut_point_passes_through_whole() ->
                 assert not proxy.reached.is_set()
             assert link.all_closed("sender") and link.all_closed("receiver")
     assert dst.view == src.view
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_a_receiver_that_closed_before_the_final_sync_is_no_delivery(kind: str) -> None:
+    # A FIN with nothing unread, as a crashed receiver's, must not pass for the clean
+    # close that confirms delivery, even when the sender is never idle long enough for
+    # its idle check to see it (it then finds it before writing the final SYNC).
+    src, _ = block_pair("mem", 16)
+    closed = trio.Event()
+    streams: list[trio.SocketStream] = []
+    async with listening(kind) as (listeners, connect):
+
+        async def closing_receiver() -> None:
+            for _ in range(2):
+                stream = await listeners[0].accept()
+                await stream.receive_some(m.HANDSHAKE_SIZE)  # the handshake only
+                await stream.send_eof()
+                streams.append(stream)
+            closed.set()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closing_receiver)
+                with pytest.raises(m.TransportError) as info:
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await closed.wait()
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+            for stream in streams:
+                await stream.aclose()
+    assert info.value.channel in (0, 1)
+    assert "the receiver closed the channel while" in str(info.value)

@@ -656,8 +656,13 @@ class Sender:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
-        if job.final and link.transport.ends_in_band:
-            flags |= Flag.END_OF_STREAM
+        if job.final:
+            # The receiver's close after this SYNC confirms delivery; one already here
+            # (say, a crashed receiver with nothing unread: a FIN, not a reset) would pass
+            # for it. Only sockets can tell without reading.
+            link.transport.check_peer_sync("the sender was about to write its final SYNC")
+            if link.transport.ends_in_band:
+                flags |= Flag.END_OF_STREAM
         header = self._header(link, int(flags), b"", [], [], 0, self._empty_checksum)
         link.transport.send_parts_sync([header])
         stats = self.stats.channels[link.channel]

@@ -275,9 +275,10 @@ class Transport:
     def close_sync_side(self) -> None:
         """Release what the thread side holds (nothing for generic streams)."""
 
-    def check_peer_sync(self) -> None:
-        """Raise if the peer has already failed the channel (an idle sender's check);
-        only sockets can tell without reading."""
+    def check_peer_sync(self, doing: str = "the channel was idle") -> None:
+        """Raise if the peer has already failed or closed the channel (a sender's check
+        while idle and before its final SYNC; ``doing`` says when); only sockets can
+        tell without reading."""
 
     def _truncated(self, what: str, got: int, total: int) -> None:
         raise TruncatedError(
