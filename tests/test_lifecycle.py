@@ -551,3 +551,17 @@ async def test_serve_returns_at_once_when_every_channel_is_set_up() -> None:
                 await receiver.serve(listeners)
                 await receiver.wait_closed()
     assert dst.view == src.view
+
+
+async def test_a_connect_that_returns_one_stream_for_two_channels_fails_the_transfer() -> None:
+    src, _ = block_pair("mem", 4)
+    ours, _theirs = trio.testing.memory_stream_pair()
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        return ours
+
+    with trio.fail_after(10), pytest.raises(m.TransportError) as info:
+        async with m.open_sender(connect, channels=2) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+    assert info.value.channel in (0, 1)  # whichever connected second
+    assert "a stream it returned for another channel" in str(info.value)

@@ -266,6 +266,8 @@ class Sender:
         self._rounds = 0
         # Whether pages were queued since the last SYNC round was queued.
         self._unsynced = False
+        # Every stream connect returned, to refuse one returned twice.
+        self._streams: list[trio.abc.Stream] = []
         self._connected = 0
         self._all_connected = trio.Event()
         self._closing = False
@@ -476,6 +478,14 @@ class Sender:
                     f"connect returned {type(stream).__name__}, not a trio.abc.Stream",
                     channel=channel,
                 )
+            if any(stream is other for other in self._streams):
+                # Two channels' packets interleaved on one stream: garbage to any receiver.
+                raise TransportError(
+                    "connect returned a stream it returned for another channel: each"
+                    " channel needs its own",
+                    channel=channel,
+                )
+            self._streams.append(stream)
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
             features = Feature.CHECKSUMS if self._integrity else 0
             if transport.ends_in_band:
