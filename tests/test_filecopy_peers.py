@@ -174,6 +174,17 @@ def test_sigterm_stops_a_receiver_and_removes_its_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@contextmanager
+def killed_if_left(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill ``proc`` on the way out if it is still running (a test that failed)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def no_data_message(seconds: float) -> str:
     return f"no data from the sender for {seconds}s (its channels never opened, or it stalled)"
 
@@ -234,17 +245,13 @@ def test_a_writer_opening_the_file_while_the_sender_awaits_its_go_ahead_stops_it
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
+        with killed_if_left(sender):
             assert got_manifest.wait(TIMEOUT)
             # Waits for the sender's lease; with the file open for writing the sender
             # could not have taken one later, and a truncation would be a SIGBUS.
             fd = os.open(src, os.O_WRONLY)
             os.close(fd)
             _, err = sender.communicate(timeout=TIMEOUT)
-        finally:
-            if sender.poll() is None:
-                sender.kill()
-                sender.communicate()
     assert sender.returncode == 1
     assert err.splitlines()[-1] == (
         f"trio-multifd: error: {src} was opened for writing or truncated by another"
@@ -469,14 +476,10 @@ def test_a_tls_file_that_never_opens_does_not_deafen_the_sender_to_sigterm(
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
+    with killed_if_left(proc):
         time.sleep(1.0)  # inside the TLS context's load by now, or about to be
         proc.send_signal(signal.SIGTERM)
         out, _err = proc.communicate(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 143
     assert json.loads(out) == {"ok": False, "command": "send", "error": "terminated"}
 

@@ -664,6 +664,10 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     if not isinstance(manifest.get("method"), str):
         raise bad("method")
     try:
+        get_method(manifest["method"])
+    except ValueError as exc:
+        raise CopyError(f"cannot receive: {exc}") from None
+    try:
         uuid_mod.UUID(manifest.get("uuid"))
     except (TypeError, ValueError, AttributeError):
         raise bad("uuid") from None
@@ -841,11 +845,6 @@ async def _receive_with(
     except CopyError as exc:
         await _refuse(control, str(exc))
         raise
-    try:
-        get_method(manifest["method"])
-    except ValueError as exc:
-        await _refuse(control, str(exc))
-        raise CopyError(f"cannot receive: {exc}") from None
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
         await _refuse(control, f"{final} exists (use --force on the receiver)")
