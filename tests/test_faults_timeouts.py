@@ -7,9 +7,13 @@ real loopback TCP, with small timeouts and small socket buffers, where the socke
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import resource
 import socket
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -17,6 +21,8 @@ import trio
 import trio.testing
 
 import trio_multifd as m
+from trio_multifd import _transport
+from trio_multifd._transport import ACCEPT_LIMIT
 
 from .helpers import PAGE, TrackedStream, block_pair, pattern
 from .proxy import TRANSFER_UUID, RecordingListener, TcpLink, queue_everything
@@ -498,3 +504,105 @@ async def test_an_interrupt_inside_a_nursery_of_the_body_is_not_swallowed() -> N
                         nursery.start_soon(sender.queue_pages, src, range(0, src.size, PAGE))
                         raise KeyboardInterrupt
             assert link.all_closed("sender")
+
+
+# Another process (it has descriptors of its own) opens silent connections, holds them
+# for a while, and exits.
+SILENT_FLOOD = """
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+time.sleep(1.5)
+"""
+
+
+async def test_serve_outlives_a_flood_that_takes_every_descriptor_and_serves_after_it() -> None:
+    src, dst = block_pair("mem", 64)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(30):
+        async with RecordingListener.open() as listener:
+
+            async def connect(channel: int) -> trio.abc.Stream:
+                return await trio.open_tcp_stream("127.0.0.1", listener.port)
+
+            async with m.open_receiver(
+                [dst], channels=2, uuid=TRANSFER_UUID, handshake_timeout=0.5
+            ) as receiver:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(receiver.serve, [listener])
+                    flood = await trio.lowlevel.open_process(
+                        [sys.executable, "-c", SILENT_FLOOD, str(listener.port), "40"]
+                    )
+                    # Room for ten of the flood's connections, each of which holds two
+                    # descriptors (its socket and the worker thread's duplicate).
+                    resource.setrlimit(
+                        resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard)
+                    )
+                    try:
+                        assert await flood.wait() == 0
+                    finally:
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                        if flood.returncode is None:
+                            flood.kill()
+                            with trio.CancelScope(shield=True):
+                                await flood.wait()
+                    async with m.open_sender(connect, channels=2, uuid=TRANSFER_UUID) as sender:
+                        await queue_everything([src], sender)
+                await receiver.wait_closed()
+        # Accepting paused while the descriptors were gone, and went on.
+        assert len(listener.accepted) > 10
+    assert dst.view == src.view
+
+
+async def test_serve_reads_at_most_accept_limit_connections_at_once() -> None:
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await trio.sleep(0.01)
+        raise AssertionError("not in 10 s")
+
+    clients: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(30):
+            async with RecordingListener.open() as listener:
+                with trio.CancelScope() as everything:
+                    async with m.open_receiver(
+                        [m.RAMBlock("mem", bytearray(PAGE))], channels=1, handshake_timeout=60
+                    ) as receiver:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(receiver.serve, [listener])
+                            for _ in range(ACCEPT_LIMIT + 6):
+                                clients.append(
+                                    await trio.open_tcp_stream("127.0.0.1", listener.port)
+                                )
+                            await until(lambda: len(listener.accepted) >= ACCEPT_LIMIT)
+                            await trio.sleep(0.2)
+                            # The rest wait in the listen queue.
+                            assert len(listener.accepted) == ACCEPT_LIMIT
+                            # Two end inside their handshake: two more are read.
+                            for client in clients[:2]:
+                                await client.aclose()
+                            await until(lambda: len(listener.accepted) == ACCEPT_LIMIT + 2)
+                            await trio.sleep(0.2)
+                            assert len(listener.accepted) == ACCEPT_LIMIT + 2
+                            everything.cancel()
+                assert everything.cancelled_caught
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_socket_that_cannot_be_duplicated_is_a_transport_error_and_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_descriptors(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async with TcpLink.open() as link:
+        stream = await trio.open_tcp_stream("127.0.0.1", link.port)
+        monkeypatch.setattr(os, "dup", out_of_descriptors)
+        with pytest.raises(m.TransportError, match="Too many open files") as raised:
+            _transport.open_transport(stream, channel=3)
+        assert raised.value.channel == 3
+        assert stream.socket.fileno() == -1

@@ -29,7 +29,13 @@ from typing import Any
 import pytest
 import trio
 
-from trio_multifd import Handshake, _filecopy as fc, encode_handshake
+from trio_multifd import (
+    Handshake,
+    MappingError,
+    TransportError,
+    _filecopy as fc,
+    encode_handshake,
+)
 
 from .test_cli import TIMEOUT, _command, can_lease, failed_json, receiving, send
 
@@ -93,6 +99,9 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(nonzero_bytes=8193)).encode(), "field 'nonzero_bytes'"),
         (json.dumps(manifest(nonzero_bytes=None)).encode(), "field 'nonzero_bytes'"),
         (json.dumps(manifest(method="lz4")).encode(), "unknown compression method 'lz4'"),
+        # UUID() takes these too; the uuid names the temporary file.
+        (json.dumps(manifest(uuid="\n" + "1" * 31)).encode(), "field 'uuid'"),
+        (json.dumps(manifest(uuid="urn:uuid:" + str(uuid.UUID(int=7)))).encode(), "field 'uuid'"),
         (
             json.dumps(
                 manifest(checksum={"algorithm": "xxh3_128", "value": "abc\ntrio-multifd: OK"})
@@ -399,7 +408,9 @@ async def test_the_control_stream_is_accepted_on_any_listener() -> None:
         with trio.fail_after(TIMEOUT):
             port = second[0].socket.getsockname()[1]
             client = await trio.open_tcp_stream("127.0.0.1", port)
-            accepted = await fc._accept_first([*first, *second])
+            await client.send_all(fc.CONTROL_MAGIC + frame(json.dumps(manifest()).encode()))
+            accepted, received = await fc._accept_control([*first, *second], TIMEOUT)
+            assert received == manifest()
             await client.send_all(b"hello")
             assert await accepted.receive_some(5) == b"hello"
             await accepted.aclose()
@@ -407,6 +418,131 @@ async def test_the_control_stream_is_accepted_on_any_listener() -> None:
     finally:
         for listener in (*first, *second):
             await listener.aclose()
+
+
+def scanner(port: int, how: str) -> socket.socket:
+    """A connection that is no sender: closed, reset, or left open and silent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if how != "silent":
+        sock.close()
+    return sock
+
+
+@pytest.mark.parametrize("how", ["closed", "reset", "silent"])
+def test_a_connection_that_says_nothing_before_the_sender_does_not_end_the_receiver(
+    tmp_path: Path, how: str
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 4096 + 5))
+    with receiving(tmp_path / "dst") as (proc, port):
+        # A port scanner or a health check, first on the port; a silent one stays open
+        # through the copy, so the sender's control stream is read beside it.
+        with scanner(port, how):
+            sent = send(src, port, "--channels", "2")
+        code, lines = finished(proc)
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0, lines
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+
+
+async def test_a_connection_silent_for_handshake_timeout_is_dropped() -> None:
+    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = [*opened]
+    try:
+        with trio.fail_after(TIMEOUT):
+            silent = await trio.open_tcp_stream("127.0.0.1", opened[0].socket.getsockname()[1])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fc._accept_control, listeners, 0.2)
+                # Dropped by the receiver once handshake_timeout has passed.
+                assert await silent.receive_some(1) == b""
+                nursery.cancel_scope.cancel()
+            await silent.aclose()
+    finally:
+        await opened[0].aclose()
+
+
+@contextmanager
+def verdict_receiver(verdict: bytes) -> Iterator[int]:
+    """A receiver that says go, reads every channel to its end, closes each cleanly (the
+    delivery confirmation), then sends ``verdict`` as its verdict message's body."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drain(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(65536):
+                pass
+
+    def serve() -> None:
+        control, _ = listener.accept()
+        with control:
+            control.settimeout(TIMEOUT)
+            assert control.recv(len(fc.CONTROL_MAGIC), socket.MSG_WAITALL) == fc.CONTROL_MAGIC
+            (length,) = struct.unpack(">I", control.recv(4, socket.MSG_WAITALL))
+            channels = json.loads(control.recv(length, socket.MSG_WAITALL))["channels"]
+            control.sendall(frame(b'{"type": "go"}'))
+            drains = [threading.Thread(target=drain, args=(listener.accept()[0],))]
+            drains += [
+                threading.Thread(target=drain, args=(listener.accept()[0],))
+                for _ in range(channels - 1)
+            ]
+            for thread in drains:
+                thread.start()
+            for thread in drains:
+                thread.join(TIMEOUT)
+            control.sendall(frame(verdict))
+            control.recv(1)  # until the sender closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("verdict", "complaint"),
+    [
+        (
+            b'{"type": "verdict", "ok": "no", "error": "bad copy"}',
+            "the receiver rejected the copy: bad copy",
+        ),
+        (b'{"type": "verdict", "ok": [false]}', "the receiver rejected the copy: "),
+        (b'{"type": "verdict", "ok": 1}', "the receiver rejected the copy: "),
+        (
+            b'{"type": "verdict", "ok": true, "checksum": "nonsense"}',
+            "the receiver's verdict names checksum nonsense, the file's is ",
+        ),
+        (b'{"type": "verdict", "ok": true}', "the receiver's verdict names checksum None"),
+        (
+            b"not json",
+            "bad verdict from the receiver: bad control message: JSONDecodeError",
+        ),
+    ],
+)
+def test_only_a_verdict_that_is_ok_with_the_files_checksum_is_a_success(
+    tmp_path: Path, verdict: bytes, complaint: str
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 4096))
+    with verdict_receiver(verdict) as port:
+        proc = send(src, port, "--channels", "2", "--idle-timeout", "5", "--quiet")
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trio-multifd: error: {complaint}"), lines
+
+
+def test_the_line_of_a_failed_copy_names_this_sides_own_fault_before_the_peers_leaving() -> None:
+    own = MappingError("block 'data': cannot read pages 0x0..0x1000 of its mapped file")
+    gone = fc._PeerGone("the receiver went away before its verdict (it failed or was stopped)")
+    reset = TransportError("stream failed while sending: ConnectionResetError")
+    assert fc.describe(ExceptionGroup("", [gone, reset, own])) == f"transfer failed: {own}"
+    assert fc.describe(ExceptionGroup("", [reset, gone])) == str(gone)
+    stopped = fc.CopyError("the source changed")
+    assert fc.describe(ExceptionGroup("", [own, gone, stopped])) == str(stopped)
 
 
 def test_an_interrupted_receiver_still_prints_one_json_object(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """File copy over multifd: ``trio-multifd send`` and ``trio-multifd recv``.
 
-Like QEMU's main migration channel, a *control stream* (the first connection on the
-receiver's port) carries what the receiver needs before any page moves, and the verdict
-after the last one. The framing (see docs/cli.rst):
+Like QEMU's main migration channel, a *control stream* (the sender's first connection to
+the receiver's port) carries what the receiver needs before any page moves, and the
+verdict after the last one. The framing (see docs/cli.rst):
 
 - the sender opens the connection with the 8-byte magic :data:`CONTROL_MAGIC`;
 - then each message, both ways, is a 4-byte big-endian length and that many bytes of
@@ -43,11 +43,12 @@ import attrs
 import trio
 
 from ._block import RAMBlock
-from ._errors import MultiFDError
+from ._errors import MappingError, MultiFDError
 from ._methods import get_method
 from ._pages import ZEROS, split_zero_runs
 from ._receiver import open_receiver
 from ._sender import open_sender
+from ._transport import ACCEPT_LIMIT, accept_into
 
 __all__ = [
     "CONTROL_MAGIC",
@@ -88,6 +89,11 @@ _STALL_ENV = "TRIO_MULTIFD_TEST_STALL"
 
 class CopyError(Exception):
     """A file copy failed; the message is the one line the command prints."""
+
+
+class _PeerGone(CopyError):
+    """The peer left mid-copy: a symptom when this side failed too, and then the other
+    error is the one shown (see :func:`describe`)."""
 
 
 @attrs.frozen
@@ -511,12 +517,14 @@ async def send_file(
                                 return
                             if waiting.deadline != math.inf:
                                 waiting.deadline = trio.current_time() + idle_timeout
-                    except (trio.BrokenResourceError, CopyError) as exc:
+                    except (trio.BrokenResourceError, _PeerClosed) as exc:
                         if lease.broken:
                             return  # because this side stopped; its own error says why
-                        raise CopyError(
+                        raise _PeerGone(
                             "the receiver went away before its verdict (it failed or was stopped)"
                         ) from exc
+                    except CopyError as exc:
+                        raise CopyError(f"bad verdict from the receiver: {exc}") from None
 
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -551,9 +559,14 @@ async def send_file(
                     progress(data_bytes, data_bytes)
             if waiting.cancelled_caught:
                 raise CopyError(f"no verdict from the receiver within {idle_timeout}s")
-            if verdict.get("type") != "verdict" or not verdict.get("ok"):
+            if verdict.get("type") != "verdict" or verdict.get("ok") is not True:
                 raise CopyError(
                     f"the receiver rejected the copy: {_shown(verdict.get('error', verdict))}"
+                )
+            if verdict.get("checksum") != checksum:
+                raise CopyError(
+                    f"the receiver's verdict names checksum {_shown(verdict.get('checksum'))},"
+                    f" the file's is {checksum}"
                 )
         finally:
             await trio.aclose_forcefully(control)
@@ -668,9 +681,13 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     except ValueError as exc:
         raise CopyError(f"cannot receive: {exc}") from None
     try:
-        uuid_mod.UUID(manifest.get("uuid"))
+        canonical = str(uuid_mod.UUID(manifest.get("uuid")))
     except (TypeError, ValueError, AttributeError):
         raise bad("uuid") from None
+    # Only the form str(UUID) gives: the uuid's first 8 characters name the temporary
+    # file, and UUID() also takes braces, "urn:uuid:", blanks and non-ASCII digits.
+    if manifest["uuid"] != canonical:
+        raise bad("uuid")
     checksum = manifest.get("checksum")
     if (
         not isinstance(checksum, dict)
@@ -730,10 +747,11 @@ async def receive_file(
     try:
         if announce is not None:
             announce(host, chosen)
-        control = await _accept_first(listeners)
+        control, manifest = await _accept_control(listeners, handshake_timeout)
         try:
             return await _receive_with(
                 control,
+                manifest,
                 listeners,
                 path,
                 force=force,
@@ -760,25 +778,101 @@ async def _refuse(control: trio.abc.Stream, error: str) -> None:
         await send_message(control, {"type": "refuse", "error": error})
 
 
-async def _accept_first(
-    listeners: list[trio.abc.Listener[trio.abc.Stream]],
-) -> trio.abc.Stream:
-    """The first connection on any of ``listeners`` (a host name may resolve to several
-    addresses, and the sender may reach any of them)."""
-    accepted: list[trio.abc.Stream] = []
+class _NotASender(Exception):
+    """A connection that closed, reset or stayed silent before its first byte."""
 
-    async def accept(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
-        stream = await listener.accept()
-        if accepted:  # another listener won between two checkpoints
+
+async def _accept_control(
+    listeners: list[trio.abc.Listener[trio.abc.Stream]], handshake_timeout: float
+) -> tuple[trio.abc.Stream, dict[str, Any]]:
+    """The first connection on any of ``listeners`` (a host name may resolve to several
+    addresses) that opens as a sender's control stream, and its manifest.
+
+    A listening port meets port scanners and health checks: a connection that closes,
+    resets or sends nothing for ``handshake_timeout`` before its first byte is closed
+    and the wait goes on, and such connections are read side by side (up to
+    :data:`~trio_multifd._transport.ACCEPT_LIMIT`), so a silent one does not hold the
+    sender back. A
+    connection that sends anything else than a control stream's opening ends the wait
+    with its :class:`CopyError`: most likely a sender that is misconfigured (TLS on one
+    end only), whose user wants to know."""
+    outcome: list[tuple[trio.abc.Stream, dict[str, Any]] | CopyError] = []
+
+    async def read(stream: trio.abc.Stream) -> None:
+        try:
+            manifest = await _open_control(stream, handshake_timeout)
+        except _NotASender:
             await trio.aclose_forcefully(stream)
             return
-        accepted.append(stream)
+        except CopyError as exc:
+            await trio.aclose_forcefully(stream)
+            found: tuple[trio.abc.Stream, dict[str, Any]] | CopyError = exc
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        else:
+            found = (stream, manifest)
+        if outcome:  # another connection won between two checkpoints
+            if not isinstance(found, CopyError):
+                await trio.aclose_forcefully(found[0])
+            return
+        outcome.append(found)
         nursery.cancel_scope.cancel()
 
+    slots = trio.Semaphore(ACCEPT_LIMIT)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(accept, listener)
-    return accepted[0]
+            nursery.start_soon(accept_into, listener, nursery, read, slots)
+    if isinstance(outcome[0], CopyError):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> dict[str, Any]:
+    """Read a new connection's opening (the magic) and the manifest that follows it.
+
+    Raises:
+        _NotASender: The connection closed, reset or stayed silent before its first byte.
+        CopyError: It is not a control stream, or its manifest did not come.
+    """
+    first = b""
+    try:
+        with trio.fail_after(handshake_timeout):
+            if isinstance(stream, trio.SSLStream):
+                await stream.do_handshake()
+            first = bytes(await stream.receive_some(len(CONTROL_MAGIC)))
+            if not first:
+                raise _NotASender
+            magic = first + await _receive_exact(
+                stream, len(CONTROL_MAGIC) - len(first), "the manifest"
+            )
+            if magic != CONTROL_MAGIC:
+                # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
+                hint = (
+                    ": a TLS handshake; give the receiver --tls-cert and --tls-key"
+                    if magic.startswith(b"\x16\x03")
+                    else ""
+                )
+                raise CopyError(
+                    f"a connection that is not a trio-multifd control stream (it began"
+                    f" with {magic!r}{hint})"
+                )
+            return await receive_message(stream, "the manifest")
+    except trio.TooSlowError:
+        if not first:
+            raise _NotASender from None
+        raise CopyError(f"no manifest within {handshake_timeout}s") from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        # A TLS connection closed or reset before its ClientHello ends the same way.
+        if not first and isinstance(cause, ssl.SSLEOFError | ConnectionResetError):
+            raise _NotASender from None
+        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
+        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
+        reason = getattr(cause, "reason", None)
+        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
+        hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
+        raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
 
 
 async def _watch_idle(get: Callable[[], int], idle_timeout: float) -> None:
@@ -805,6 +899,7 @@ async def _checking(control: trio.abc.Stream, interval: float) -> None:
 
 async def _receive_with(
     control: trio.abc.Stream,
+    manifest: dict[str, Any],
     listeners: list[trio.abc.Listener[trio.abc.Stream]],
     path: str,
     *,
@@ -814,32 +909,6 @@ async def _receive_with(
     idle_timeout: float,
     io_threads: int | None,
 ) -> Summary:
-    try:
-        with trio.fail_after(handshake_timeout):
-            if isinstance(control, trio.SSLStream):
-                await control.do_handshake()
-            magic = await _receive_exact(control, len(CONTROL_MAGIC), "the manifest")
-            if magic != CONTROL_MAGIC:
-                # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
-                hint = (
-                    ": a TLS handshake; give the receiver --tls-cert and --tls-key"
-                    if magic.startswith(b"\x16\x03")
-                    else ""
-                )
-                raise CopyError(
-                    f"the first connection is not a trio-multifd control stream (it began"
-                    f" with {magic!r}{hint})"
-                )
-            manifest = await receive_message(control, "the manifest")
-    except trio.TooSlowError:
-        raise CopyError(f"no manifest within {handshake_timeout}s") from None
-    except trio.BrokenResourceError as exc:
-        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
-        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
-        reason = getattr(exc.__cause__, "reason", None)
-        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
-        hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
-        raise CopyError(f"control stream failed: {exc.__cause__ or exc}{hint}") from None
     try:
         _check_manifest(manifest)
     except CopyError as exc:
@@ -1032,15 +1101,28 @@ async def _watch_control(control: trio.abc.Stream) -> None:
         await control.receive_some(1)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-    raise CopyError("the sender went away (its control stream closed mid-transfer)")
+    raise _PeerGone("the sender went away (its control stream closed mid-transfer)")
 
 
 def describe(exc: BaseException) -> str:
     """One line for an error, the exception group case included."""
     if isinstance(exc, BaseExceptionGroup):
         leaves = list(_leaves(exc))
-        copy = [e for e in leaves if isinstance(e, CopyError)]
-        chosen = copy[0] if copy else leaves[0] if leaves else exc
+        # This side's own failure first, then a mapped file's fault (a truncated source,
+        # a full disk), which explains why the peer left, then the rest.
+        ranked = sorted(
+            leaves,
+            key=lambda e: (
+                0
+                if isinstance(e, CopyError) and not isinstance(e, _PeerGone)
+                else 1
+                if isinstance(e, MappingError)
+                else 2
+                if isinstance(e, CopyError)
+                else 3
+            ),
+        )
+        chosen = ranked[0] if ranked else exc
         return describe(chosen) if chosen is not exc else str(exc)
     if isinstance(exc, MultiFDError):
         return f"transfer failed: {exc}"

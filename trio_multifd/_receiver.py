@@ -48,10 +48,12 @@ from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
 from ._transport import (
+    ACCEPT_LIMIT,
     CANCEL_CHECK,
     FAILURE_SIGNAL,
     ReadySet,
     Transport,
+    accept_into,
     open_transport,
     root_cause,
 )
@@ -408,6 +410,8 @@ class Receiver:
 
         A connection whose handshake fails or times out is logged and closed, and
         accepting goes on (a listening port meets scanners): only good channels count.
+        At most 64 handshakes are read at once (the rest wait in the listen queue), and
+        a process out of descriptors pauses accepting for 0.1 s rather than fail.
         Stopping the accept loop does not cancel handshakes already under way; one that
         ends after the receiver's block is logged and its connection reset. Use with
         ``nursery.start`` to know when it accepts.
@@ -422,10 +426,11 @@ class Receiver:
         def done() -> bool:
             return len(self._connected) == self.channels or self._closed
 
+        slots = trio.Semaphore(ACCEPT_LIMIT)
         async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
             if not done():
                 for listener in listeners:
-                    accepting.start_soon(self._accept, listener, handshakes)
+                    accepting.start_soon(accept_into, listener, handshakes, self._try, slots)
                 accepting.start_soon(self._wait_then_cancel, done, accepting.cancel_scope)
             task_status.started()
 
@@ -435,23 +440,17 @@ class Receiver:
         await self._wait_until(condition)
         scope.cancel()
 
-    async def _accept(
-        self, listener: trio.abc.Listener[trio.abc.Stream], handshakes: trio.Nursery
-    ) -> None:
-        async def handshake(stream: trio.abc.Stream) -> None:
-            try:
-                transport, channel = await self._handshake(stream)
-            except MultiFDError as exc:
-                logger.warning("receiver: refused a connection: %s", exc)
-                return
-            try:
-                await self._start_channel(transport, channel)
-            except RuntimeError as exc:
-                logger.warning("receiver: %s", exc)
-
-        while True:
-            stream = await listener.accept()
-            handshakes.start_soon(handshake, stream)
+    async def _try(self, stream: trio.abc.Stream) -> None:
+        """Start a channel on an accepted connection, or log why not and close it."""
+        try:
+            transport, channel = await self._handshake(stream)
+        except MultiFDError as exc:
+            logger.warning("receiver: refused a connection: %s", exc)
+            return
+        try:
+            await self._start_channel(transport, channel)
+        except RuntimeError as exc:
+            logger.warning("receiver: %s", exc)
 
     # -- the channel task ---------------------------------------------------------------------
 

@@ -17,13 +17,14 @@ broken stream, :class:`TruncatedError` for an end of stream inside a structure,
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import select
 import socket as stdlib_socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, final
 
 import trio
@@ -36,7 +37,16 @@ from ._errors import (
     TruncatedError,
 )
 
-__all__ = ["FAILURE_SIGNAL", "ReadySet", "SocketTransport", "Transport", "Turns", "open_transport"]
+__all__ = [
+    "ACCEPT_LIMIT",
+    "FAILURE_SIGNAL",
+    "ReadySet",
+    "SocketTransport",
+    "Transport",
+    "Turns",
+    "accept_into",
+    "open_transport",
+]
 
 T = TypeVar("T")
 
@@ -651,6 +661,46 @@ class Turns(Generic[T]):
         return self._items[start]
 
 
+ACCEPT_LIMIT = 64
+"""How many accepted connections a listening end reads at once before it knows what they
+are (their handshake, or a control stream's opening): the rest wait in the listen queue."""
+
+# What accept() fails with when the process or the system is out of descriptors or
+# memory: retried after ACCEPT_PAUSE, as trio.serve_listeners does.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE = 0.1
+
+
+async def accept_into(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    nursery: trio.Nursery,
+    handle: Callable[[trio.abc.Stream], Awaitable[object]],
+    slots: trio.Semaphore,
+) -> None:
+    """Accept connections on ``listener`` until cancelled, each handled by
+    ``handle(stream)`` in a task of ``nursery``, no more at once than ``slots`` allows
+    (a listening port meets port scanners and floods: each connection holds
+    descriptors until its handler is done)."""
+
+    async def handled(stream: trio.abc.Stream) -> None:
+        try:
+            await handle(stream)
+        finally:
+            slots.release()
+
+    while True:
+        await slots.acquire()
+        try:
+            stream = await listener.accept()
+        except BaseException as exc:
+            slots.release()
+            if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            await trio.sleep(ACCEPT_PAUSE)
+            continue
+        nursery.start_soon(handled, stream)
+
+
 def open_transport(
     stream: trio.abc.Stream,
     *,
@@ -658,16 +708,25 @@ def open_transport(
     send_timeout: float | None = None,
     receive_timeout: float | None = None,
 ) -> Transport:
-    """Wrap ``stream``: the zero-copy socket path when it exposes a trio socket."""
+    """Wrap ``stream``: the zero-copy socket path when it exposes a trio socket.
+
+    Raises:
+        TransportError: The socket could not be duplicated for the worker thread (the
+            process is out of descriptors); ``stream`` is closed.
+    """
     sock = getattr(stream, "socket", None)
     if isinstance(sock, trio.socket.SocketType) and hasattr(sock, "sendmsg"):
-        return SocketTransport(
-            stream,
-            sock,
-            channel=channel,
-            send_timeout=send_timeout,
-            receive_timeout=receive_timeout,
-        )
+        try:
+            return SocketTransport(
+                stream,
+                sock,
+                channel=channel,
+                send_timeout=send_timeout,
+                receive_timeout=receive_timeout,
+            )
+        except OSError as exc:
+            sock.close()  # what the stream's aclose() would do, without a checkpoint
+            raise TransportError(f"cannot take the socket over: {exc}", channel=channel) from exc
     return Transport(
         stream, channel=channel, send_timeout=send_timeout, receive_timeout=receive_timeout
     )
