@@ -114,6 +114,13 @@ def test_table_rejects_offset_past_last_page() -> None:
     assert (info.value.value, info.value.limit) == (8192, 4096)
 
 
+def test_an_offset_into_an_empty_block_says_it_has_no_pages() -> None:
+    table = BlockTable([m.RAMBlock("a", bytearray())], page_size=4096)
+    with pytest.raises(m.OffsetError, match="beyond block 'a': it has no pages") as info:
+        table.resolve(header("a", (0,)), channel=0)
+    assert (info.value.value, info.value.limit) == (0, None)
+
+
 def test_table_rejects_unaligned_offset() -> None:
     # QEMU has no alignment check; an unaligned page would straddle two pages.
     table = BlockTable([m.RAMBlock("a", bytearray(8192))], page_size=4096)

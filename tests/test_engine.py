@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 
 import pytest
 import trio
@@ -167,8 +168,6 @@ def sync_packet(num: int = 0, flags: int = m.Flag.SYNC) -> bytes:
 
 
 def handshake(channel: int, uuid_int: int = 7) -> bytes:
-    import uuid
-
     return m.encode_handshake(m.Handshake(uuid=uuid.UUID(int=uuid_int), channel_id=channel))
 
 
@@ -494,3 +493,20 @@ async def test_an_end_of_stream_flag_is_refused_on_a_channel_that_did_not_announ
             await receiver.wait_closed()
     assert info.value.channel == 0
     assert "did not announce it" in str(info.value)
+
+
+async def test_an_end_of_stream_flag_without_sync_is_refused() -> None:
+    # Only the final SYNC ends a stream; the flag elsewhere left the rest unread.
+    target = m.RAMBlock("mem", pattern(PAGE))
+    connect, ends = memory_channels(1)
+    s0 = await connect(0)
+    announcing = m.encode_handshake(
+        m.Handshake(uuid=uuid.UUID(int=7), channel_id=0, features=m.Feature.IN_BAND_END)
+    )
+    await s0.send_all(announcing + sync_packet(0, m.Flag.END_OF_STREAM))
+    with trio.fail_after(10), pytest.raises(m.FlagsError) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.wait_closed()
+    assert info.value.channel == 0
+    assert "without SYNC" in str(info.value)

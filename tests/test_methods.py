@@ -554,15 +554,11 @@ def test_a_decoder_is_unusable_after_an_error(name: str) -> None:
         decoder.decode_into(payloads[1], runs_of(bytearray(IMAGE_PAGES * PAGE), page_lists[1]))
 
 
-def test_zlib_output_pending_after_all_input_is_a_surplus() -> None:
-    # One page plus 553 bytes of a long match: zlib reads the whole payload (the sync
-    # flush's last bytes cut off) yet holds the match's tail back past the page.
+def test_zlib_output_of_a_match_past_the_pages_is_a_surplus() -> None:
+    # One page plus 553 bytes of a long match: inflate stops at the page with the
+    # match's tail held back inside it, to come out with the next packet's first bytes.
     deflate = zlib.compressobj(9)
-    stream = deflate.compress(b"a" * (PAGE + 553)) + deflate.flush(zlib.Z_SYNC_FLUSH)
-    payload = stream[:-5]
-    inflate = zlib.decompressobj()
-    assert len(inflate.decompress(payload, PAGE)) == PAGE
-    assert not inflate.unconsumed_tail
+    payload = deflate.compress(b"a" * (PAGE + 553)) + deflate.flush(zlib.Z_SYNC_FLUSH)
     with pytest.raises(DecompressionError) as surplus:
         get_method("zlib").new_decoder().decode_into(payload, [memoryview(bytearray(PAGE))])
     assert surplus.value.limit == PAGE
@@ -573,9 +569,40 @@ def test_zlib_output_pending_after_all_input_is_a_surplus() -> None:
 def test_zlib_payload_that_ends_the_stream_is_rejected() -> None:
     source = bytes(random.Random(6).randbytes(PAGE))
     deflate = zlib.compressobj(1)
-    payload = deflate.compress(source) + deflate.flush(zlib.Z_FINISH)
+    # Even with what looks like a sync flush after the stream's end.
+    payload = deflate.compress(source) + deflate.flush(zlib.Z_FINISH) + b"\x00\x00\xff\xff"
     with pytest.raises(DecompressionError, match="ends the channel's stream"):
         get_method("zlib").new_decoder().decode_into(payload, [memoryview(bytearray(PAGE))])
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("damage", ["a stray byte", "the end cut off"])
+def test_a_payload_that_does_not_end_where_qemu_flushes_fails_on_its_own_packet(
+    name: str, damage: str
+) -> None:
+    # A stray byte after the flush starts a block that yields nothing yet: without the
+    # check, the packet passed and the next one, well formed, failed in its place.
+    rng = random.Random(12)
+    image = bytearray(rng.randbytes(4 * PAGE))
+    encoder = get_method(name).new_encoder(1)
+    first, second = (encode_pages(encoder, image, pages) for pages in ([0, 1], [2, 3]))
+    damaged = first + b"\x00" if damage == "a stray byte" else first[:-1]
+    decoder = get_method(name).new_decoder()
+    target = bytearray(4 * PAGE)
+    with pytest.raises(DecompressionError, match=f"{name} payload .*end"):
+        decoder.decode_into(damaged, runs_of(target, [0, 1]))
+    assert target == bytes(4 * PAGE)  # checked before a byte is decoded
+    # The undamaged stream decodes, the second packet included.
+    decoder = get_method(name).new_decoder()
+    decoder.decode_into(first, runs_of(target, [0, 1]))
+    decoder.decode_into(second, runs_of(target, [2, 3]))
+    assert target == image
+
+
+def test_a_zstd_channel_whose_first_payload_is_no_frame_is_rejected() -> None:
+    raw_block = (PAGE << 3).to_bytes(3, "little") + bytes(PAGE)
+    with pytest.raises(DecompressionError, match="does not start with a zstd frame header"):
+        get_method("zstd").new_decoder().decode_into(raw_block, [memoryview(bytearray(PAGE))])
 
 
 def zstd_frame(window_log: int, content: bytes) -> bytes:
@@ -611,11 +638,10 @@ def test_zstd_decoder_refuses_more_than_a_packet_and_stays_usable() -> None:
 
 
 def test_zstd_payload_that_ends_its_frame_is_rejected_not_misread() -> None:
-    # QEMU never ends its frame; the decoder's end-of-packet nudge (an empty block) is
-    # read as the start of a next frame after an ended one, which fails loudly.
+    # QEMU never ends its frame: a last block is refused before decoding.
     content = random.Random(11).randbytes(PAGE)
     ended = zstandard.ZstdCompressor(level=1).compress(content)
-    with pytest.raises(DecompressionError, match="corrupt zstd payload"):
+    with pytest.raises(DecompressionError, match="ends the channel's zstd frame"):
         get_method("zstd").new_decoder().decode_into(ended, [memoryview(bytearray(PAGE))])
 
 

@@ -336,12 +336,12 @@ class BlockTable:
             if start + length > end:
                 # The run's first page past the end (start and end are page multiples).
                 bad = max(start, end)
+                last = f"the last page starts at {end - size:#x}" if end else "it has no pages"
                 raise OffsetError(
-                    f"offset {bad:#x} is beyond block {block.name!r}: the last page starts"
-                    f" at {end - size:#x}",
+                    f"offset {bad:#x} is beyond block {block.name!r}: {last}",
                     field="offset",
                     value=bad,
-                    limit=end - size,
+                    limit=end - size if end else None,
                     channel=channel,
                     packet_num=header.packet_num,
                 )

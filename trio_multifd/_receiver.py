@@ -617,6 +617,13 @@ class Receiver:
                     field="flags",
                     value=header.flags,
                 )
+            if header.flags & _END_OF_STREAM and not header.is_sync:
+                raise FlagsError(
+                    "packet flags the end of the stream (0x20000000) without SYNC: only the"
+                    " final SYNC ends a stream",
+                    field="flags",
+                    value=header.flags,
+                )
             if header.carries_pages:
                 self._receive_pages(link, header)
         except (ProtocolError, MappingError) as exc:

@@ -42,6 +42,12 @@ class _ZlibEncoder(Encoder):
         return b"".join(parts)
 
 
+# What Z_SYNC_FLUSH ends every packet's payload with: an empty stored block. Checked
+# because a stray byte after it would start a block that yields nothing yet, and the
+# next packet would be the one to fail.
+_SYNC_FLUSH_END = b"\x00\x00\xff\xff"
+
+
 @final
 class _ZlibDecoder(StreamDecoder):
     def __init__(self) -> None:
@@ -50,6 +56,13 @@ class _ZlibDecoder(StreamDecoder):
     def _decode(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
     ) -> None:
+        if bytes(payload[-len(_SYNC_FLUSH_END) :]) != _SYNC_FLUSH_END:
+            raise DecompressionError(
+                "zlib payload does not end with a sync flush (00 00 ff ff), as QEMU's"
+                " packets do: it ends inside the stream's next block",
+                field="payload",
+                limit=expected,
+            )
         inflate = self._inflate
         try:
             # max_length bounds the output (0 would mean no bound); the packet's output is

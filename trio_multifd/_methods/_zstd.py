@@ -139,6 +139,46 @@ class _ZstdChunkerEncoder(Encoder):
 _ENCODER: Callable[[int], Encoder] = _ZstdChunkerEncoder if lib is None else _ZstdEncoder
 
 
+_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
+_DICT_ID_SIZES = (0, 1, 2, 4)
+_CONTENT_SIZE_SIZES = (0, 2, 4, 8)
+
+
+def _block_error(payload: bytes | bytearray | memoryview, frame_start: bool) -> str | None:
+    """Why ``payload`` is not whole zstd blocks that leave the frame open (after the
+    frame's header when ``frame_start``), or ``None``.
+
+    QEMU flushes a block at the end of each packet and never ends the frame, so every
+    payload is whole blocks. Checked before decoding: a stray byte at the end would
+    start a block header that yields nothing yet, and the next packet would be the one
+    to fail (its pages written with garbage first). The blocks' contents are libzstd's
+    to check.
+    """
+    pos, end = 0, len(payload)
+    if frame_start:
+        if end < 5 or bytes(payload[:4]) != _FRAME_MAGIC:
+            return "does not start with a zstd frame header, as a channel's first must"
+        descriptor = payload[4]
+        single_segment = descriptor >> 5 & 1
+        pos = (
+            5
+            + (1 - single_segment)
+            + _DICT_ID_SIZES[descriptor & 3]
+            + (_CONTENT_SIZE_SIZES[descriptor >> 6] or single_segment)
+        )
+    while pos < end:
+        if end - pos < 3:
+            return f"ends inside a block header ({end - pos} of its 3 bytes)"
+        header = payload[pos] | payload[pos + 1] << 8 | payload[pos + 2] << 16
+        if header & 1:
+            return "ends the channel's zstd frame (a last block), which QEMU never does"
+        # An RLE block (type 1) holds one byte, whatever size it decodes to.
+        pos += 3 + (1 if header >> 1 & 3 == 1 else header >> 3)
+    if pos > end:
+        return f"ends inside a block ({pos - end} bytes short)"
+    return None
+
+
 class _Exhausted(Exception):
     """Raised through the stream reader when it asks for input past the payload."""
 
@@ -187,6 +227,7 @@ class _ZstdDecoder(StreamDecoder):
         # Pages that are not one run are decoded here first, then scattered.
         self._scratch = memoryview(bytearray(PACKET_SIZE))
         self._surplus = memoryview(bytearray(1))
+        self._frame_started = False
 
     def _decode(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
@@ -203,6 +244,10 @@ class _ZstdDecoder(StreamDecoder):
         # Not zstandard's stream_writer with a sink that raises at the first surplus
         # byte: 0.25 then leaks the writer's output buffer, which a peer could repeat at
         # will.
+        problem = _block_error(payload, frame_start=not self._frame_started)
+        if problem is not None:
+            raise DecompressionError(f"zstd payload {problem}", field="payload", limit=expected)
+        self._frame_started = True
         reader, source = self._reader, self._source
         window = runs[0] if len(runs) == 1 else self._scratch[:expected]
         decoded = 0
