@@ -8,9 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
-from trio_multifd._bench import DATA_KINDS, _slices, fill_data, make_cases, text_pool
+from trio_multifd._bench import (
+    DATA_KINDS,
+    Case,
+    CaseResult,
+    RunResult,
+    _slices,
+    check_run,
+    failed_run,
+    fill_data,
+    format_table,
+    make_cases,
+    text_pool,
+)
 
 PAGE = 4096
 TIMEOUT = 120
@@ -189,3 +202,35 @@ def test_text_pool_is_text() -> None:
     pool = text_pool(10000)
     assert len(pool) == 10000
     assert pool.isascii()
+
+
+def test_a_run_counts_only_with_equal_hashes_and_every_byte_of_pages_placed() -> None:
+    assert check_run({"hash": "a"}, {"hash": "a", "placed": 8192}, 8192) is None
+    assert check_run({"hash": "a"}, {"hash": "b", "placed": 8192}, 8192) == (
+        "target differs from source (hash mismatch)"
+    )
+    # A known-zero target and zero data hash alike though no page moved.
+    assert check_run({"hash": "a"}, {"hash": "a", "placed": 0}, 8192) == (
+        "the receiver placed 0 of 8192 bytes of pages"
+    )
+
+
+def test_a_failed_run_has_no_speed_in_the_json_or_the_table() -> None:
+    good = RunResult(
+        seconds=0.5,
+        size=10**9,
+        sender_cpu_s=0.3,
+        receiver_cpu_s=0.3,
+        sender_rss_mib=1000.0,
+        receiver_rss_mib=1000.0,
+        verified=True,
+    )
+    wrong = attrs.evolve(good, seconds=0.1, verified=False, error="hash mismatch")
+    result = CaseResult(Case("raw_socket", 1, "none", "random"), size=10**9)
+    result.runs += [good, wrong, failed_run(10**9, "timed out")]
+    obj = result.to_json()
+    assert obj["gbps"] == [2.0, None, None]
+    assert obj["gbps_median"] == 2.0
+    assert obj["verified"] is False and obj["error"] == "hash mismatch"
+    row = format_table([result]).splitlines()[2]
+    assert "2.00-2.00" in row and row.endswith(" NO")

@@ -295,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 level=args.level,
             )
         if args.command == "bench":
-            return _bench(parser, args)
-        return _copy(parser, args)
+            return _bench(args)
+        return _copy(args)
     except KeyboardInterrupt:
         sys.stderr.write("trio-multifd: interrupted\n")
         return 130
@@ -345,7 +345,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                     parser.error(str(exc))
 
 
-def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace) -> int:
     from ._bench import format_table, run_bench
 
     def progress(line: str) -> None:
@@ -371,12 +371,13 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         qemu=args.qemu,
         progress=progress,
     )
-    objects = [r.to_json(baselines=args.baselines) for r in results]
-    sys.stdout.write(format_table(results, baselines=args.baselines) + "\n")
+    objects = [r.to_json() for r in results]
+    sys.stdout.write(format_table(results) + "\n")
     loads = [load for obj in objects for load in obj["load_1m"]]
     to_qemu = " (/qemu: to QEMU's multifd, same method)" if args.qemu else ""
     sys.stdout.write(
-        f"{args.size / (1 << 20):g} MiB per run, medians of {args.repeat}; ratio = median of"
+        f"{args.size / (1 << 20):g} MiB per run, medians of the verified runs of"
+        f" {args.repeat}; ratio = median of"
         f" per-repeat ratios to the baseline with as many connections{to_qemu};"
         f" RSS+ = peak RSS beyond"
         f" the data buffer; load {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs\n"
@@ -451,7 +452,7 @@ class _Reporter:
             self._progress = None
 
 
-def _copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _copy(args: argparse.Namespace) -> int:
     err = sys.stderr
     reporter = _Reporter(
         "sending" if args.command == "send" else "receiving",

@@ -37,7 +37,7 @@ import stat
 import struct
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
 import trio
@@ -1135,9 +1135,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield from _leaves(exc)
         else:
             yield exc
-
-
-def print_line(stream: TextIO, line: str) -> None:
-    """Write one line and flush (stderr may be a pipe)."""
-    stream.write(line + "\n")
-    stream.flush()

@@ -69,6 +69,7 @@ from ._wire import (
     header_size,
     page_count_for,
     payload_checksum,
+    stored_header_checksum,
 )
 
 __all__ = ["Receiver", "open_receiver"]
@@ -472,7 +473,6 @@ class Receiver:
             # The stream ended cleanly after its last SYNC; once every channel has, the
             # transfer is complete and the clean close tells the sender so.
             await self._wait_until(self._all_ended)
-            await transport.aclose()
             logger.info("receiver: channel %d done", channel)
         except MultiFDError as exc:
             await self._supervisor.channel_failed(exc, channel)
@@ -483,7 +483,7 @@ class Receiver:
             if decoder is not None:
                 decoder.close()
             if self._all_ended():
-                # The transfer completed: the sender gets its clean close even when the
+                # The transfer completed: the sender gets its clean close, also when the
                 # application left first (say, on sync()'s TransferIncompleteError).
                 await transport.aclose()
             # A no-op once the stream was closed cleanly.
@@ -792,7 +792,7 @@ def _check_header_checksum(buffer: memoryview, seed: int) -> int:
     """Check a header's checksum, chained to the channel's previous one; return it."""
     # Before any other check or write: a header with a flipped bit must not be trusted
     # for anything, not even to name its own fields.
-    stored = int.from_bytes(buffer[40:48], "big")
+    stored = stored_header_checksum(buffer)
     actual = header_checksum(buffer, seed)
     if actual != stored:
         raise IntegrityError(

@@ -43,6 +43,7 @@ from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, thread_slot
 from ._transport import CANCEL_CHECK, SocketTransport, Transport, Turns, open_transport
 from ._wire import (
+    HANDSHAKE_SIZE,
     Feature,
     Flag,
     Handshake,
@@ -52,6 +53,7 @@ from ._wire import (
     page_count_for,
     payload_checksum,
     seal_header,
+    stored_header_checksum,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -494,7 +496,7 @@ class Sender:
                 Handshake(uuid=self.uuid, channel_id=channel, features=features)
             )
             await transport.send_parts([handshake])
-            self.stats.channels[channel].bytes += 64
+            self.stats.channels[channel].bytes += HANDSHAKE_SIZE
             if self._method.compresses:
                 encoder = self._method.new_encoder(self._level)
                 if isinstance(transport, SocketTransport):
@@ -568,7 +570,7 @@ class Sender:
         if not self._integrity:
             return data
         sealed = seal_header(data, link.chain)
-        link.chain = int.from_bytes(sealed[40:48], "big")
+        link.chain = stored_header_checksum(sealed)
         return sealed
 
     def _prepare(

@@ -557,6 +557,11 @@ def payload_checksum(parts: Iterable[bytes | bytearray | memoryview]) -> int:
     return digest.intdigest()
 
 
+def stored_header_checksum(data: bytes | bytearray | memoryview) -> int:
+    """Return the header checksum a header carries (offset 40)."""
+    return int.from_bytes(data[_CHECKSUM_AT : _CHECKSUM_AT + 8], "big")
+
+
 def seal_header(data: bytes, seed: int = 0) -> bytes:
     """Return an encoded header with its header checksum (seeded with ``seed``, see
     :func:`header_checksum`) written at offset 40."""
