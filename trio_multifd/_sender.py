@@ -68,12 +68,17 @@ chosen by the id, or a ``trio.SSLStream`` around one)."""
 _ZERO_PAGE_MODES = ("multifd", "none")
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, kw_only=True)
 class _SyncRound:
+    """A SYNC round as the worker threads see it: every channel writes one SYNC packet."""
+
     number: int
-    final: bool
-    remaining: int
+    # The sender's own last round, written by its exit: each channel's stream ends after it.
+    closing: bool
+    # The application's sync(final_round=True): flag FINAL_ROUND on the packets.
     final_round: bool
+    # Channels whose SYNC packet is not written yet.
+    remaining: int
     # Channels that have not yet taken the round (each takes it exactly once).
     untaken: int
     # Set by the worker thread that writes the round's last SYNC packet: the threading
@@ -425,7 +430,13 @@ class Sender:
         self._flush()
         self._unsynced = False
         self._rounds += 1
-        sync_round = _SyncRound(self._rounds, final, self.channels, final_round, self.channels)
+        sync_round = _SyncRound(
+            number=self._rounds,
+            closing=final,
+            final_round=final_round,
+            remaining=self.channels,
+            untaken=self.channels,
+        )
         self._jobs.put(sync_round)
         self._unwritten.append(sync_round)
         try:
@@ -623,7 +634,7 @@ class Sender:
             # exactly one of the round's SYNC tokens.
             while not job.all_written.wait(CANCEL_CHECK):
                 trio.from_thread.check_cancelled()
-            if job.final:
+            if job.closing:
                 return
 
     def _next_job(self, links: list[_Link]) -> PageBatch | _SyncRound:
@@ -668,7 +679,7 @@ class Sender:
         flags = Flag.SYNC
         if job.final_round:
             flags |= Flag.FINAL_ROUND
-        if job.final:
+        if job.closing:
             # The receiver's close after this SYNC confirms delivery; one already here
             # (say, a crashed receiver with nothing unread: a FIN, not a reset) would pass
             # for it. Only sockets can tell without reading.
