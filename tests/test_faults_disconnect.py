@@ -275,3 +275,32 @@ async def test_a_receiver_that_closed_before_the_final_sync_is_no_delivery(kind:
                 await stream.aclose()
     assert info.value.channel in (0, 1)
     assert "the receiver closed the channel while" in str(info.value)
+
+
+@pytest.mark.parametrize(("kind", "in_band"), [("tcp", False), ("unix", True)])
+async def test_only_a_sender_over_tcp_leaves_its_end_to_the_stream(
+    kind: str, in_band: bool
+) -> None:
+    # A Unix socket has no reset, and its failure byte cannot go in while the receiver
+    # is behind and the socket's buffer full: its stream ended right after a SYNC then,
+    # which passed for the end of the transfer. Like a memory stream's, its end is now
+    # announced in the handshake and flagged on the final SYNC.
+    src, _ = block_pair("mem", 4)
+    received = bytearray()
+    async with listening(kind) as (listeners, connect):
+
+        async def reading_receiver() -> None:
+            async with await listeners[0].accept() as stream:
+                while data := await stream.receive_some():
+                    received.extend(data)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reading_receiver)
+                async with m.open_sender(connect, channels=1) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+    handshake = m.decode_handshake(received[: m.HANDSHAKE_SIZE], channels=1)
+    assert bool(handshake.features & m.Feature.IN_BAND_END) == in_band
+    last = m.decode_packet_header(received[-HEADER:], page_count=128)
+    assert last.is_sync
+    assert bool(last.flags & m.Flag.END_OF_STREAM) == in_band

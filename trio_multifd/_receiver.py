@@ -44,6 +44,7 @@ from ._errors import (
 from ._methods import Decoder, Method, get_method, method_for_flag
 from ._methods._base import scatter
 from ._pages import ZEROS
+from ._rounds import RoundBarrier
 from ._stats import ChannelStats, TransferStats
 from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
@@ -170,17 +171,10 @@ class Receiver:
         self._closed = False
         # Every stream handed to add_channel, to refuse one handed over twice.
         self._streams: list[trio.abc.Stream] = []
-        self._syncs = [0] * channels
-        self._open_pages = [0] * channels
-        self._ended: dict[int, int] = {}
-        self._completed = 0
+        self._barrier = RoundBarrier(channels)
         self._sync_calls = 0
         # Round numbers of sync() calls that were cancelled, for the next calls to take.
         self._given_back: list[int] = []
-        # Every final round so far: several migrations may share the channels, and one
-        # lagging follower must still find its own after a later one is known.
-        self._final_rounds: set[int] = set()
-        self._final_marks: dict[int, int] = {}
         # A known-zero block gets a zero page written only over a page written before.
         # A byte per page, in anonymous memory that the kernel backs only where pages
         # were written: a sparse 1 TiB file would otherwise cost 256 MiB up front.
@@ -210,7 +204,7 @@ class Receiver:
     @property
     def rounds_completed(self) -> int:
         """How many SYNC rounds are complete on every channel."""
-        return self._completed
+        return self._barrier.completed
 
     @property
     def final_round(self) -> int | None:
@@ -221,11 +215,11 @@ class Receiver:
         Known as soon as the channel tasks complete the round, even when the application
         is still waiting for earlier rounds in :meth:`sync`.
         """
-        return max(self._final_rounds, default=None)
+        return max(self._barrier.final_rounds, default=None)
 
     def _is_final_round(self, number: int) -> bool:
         """Whether round ``number`` is complete and was marked final."""
-        return number in self._final_rounds
+        return number in self._barrier.final_rounds
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -237,7 +231,7 @@ class Receiver:
             await self._changed.park()
 
     def _all_ended(self) -> bool:
-        return len(self._ended) == self.channels
+        return self._barrier.all_ended
 
     def _over(self, waiting_for: str) -> RuntimeError:
         error = RuntimeError(f"the receiver's block is over: {waiting_for}")
@@ -270,18 +264,18 @@ class Receiver:
             await trio.lowlevel.checkpoint()
 
             def ready() -> bool:
-                return self._completed >= number or self._all_ended() or self._closed
+                return self.rounds_completed >= number or self._all_ended() or self._closed
 
             await self._wait_until(ready)
         except BaseException:
             heapq.heappush(self._given_back, number)
             raise
-        if self._completed >= number:
+        if self.rounds_completed >= number:
             return number
         if self._all_ended():
             raise TransferIncompleteError(
                 f"round {number} cannot complete: every channel has ended after round"
-                f" {self._completed}"
+                f" {self.rounds_completed}"
             )
         raise self._over(f"round {number} did not complete")
 
@@ -536,7 +530,7 @@ class Receiver:
                         reading.add(link.transport, link)
                     crew.joining.clear()
                     for link in links:
-                        if link.parked and self._completed >= link.parked:
+                        if link.parked and self.rounds_completed >= link.parked:
                             link.parked = 0
                             reading.unpark(link.transport, link)
                     if not crew.expected:
@@ -635,7 +629,7 @@ class Receiver:
             stats.syncs += 1
             final_round = bool(header.flags & _FINAL_ROUND)
             number = trio.from_thread.run_sync(self._arrive, channel, final_round)
-            if self._completed < number:
+            if self.rounds_completed < number:
                 # Not read again before the round completes: no page of the next round
                 # is written before every channel has finished this one.
                 link.parked = number
@@ -720,7 +714,7 @@ class Receiver:
                 else:
                     decoder.decode_into(data, runs)
             stats.bytes += payload
-            self._open_pages[channel] += header.normal_pages
+            self._barrier.count_pages(channel, header.normal_pages)
             if received is not None:
                 for start, length in normal_runs:
                     received[start // page_size : (start + length) // page_size] = (
@@ -740,7 +734,7 @@ class Receiver:
             make_present(block, zero_runs, write=True)
             for start, length in zero_runs:
                 view[start : start + length] = _ZERO_VIEW[:length]
-            self._open_pages[channel] += header.zero_pages
+            self._barrier.count_pages(channel, header.zero_pages)
         stats.normal_pages += header.normal_pages
         stats.zero_pages += header.zero_pages
         stats.page_bytes += (header.normal_pages + header.zero_pages) * page_size
@@ -748,42 +742,19 @@ class Receiver:
     def _arrive(self, channel: int, final_round: bool) -> int:
         """Record ``channel``'s SYNC and return its round's number; the round is complete
         once :attr:`rounds_completed` reaches it."""
-        number = self._syncs[channel] + 1
-        self._syncs[channel] = number
-        self._open_pages[channel] = 0
-        for other, last in self._ended.items():
-            if last < number:
-                raise TransferIncompleteError(
-                    f"reached SYNC {number}, but channel {other} ended after round {last}"
-                )
-        arrived = sum(1 for s in self._syncs if s >= number)
-        if final_round:
-            self._final_marks[number] = self._final_marks.get(number, 0) + 1
-        if arrived == self.channels:
-            if self._final_marks.pop(number, 0) == self.channels:
-                self._final_rounds.add(number)
-            with self._progress:
-                self._completed = number
+        # Under the condition the worker threads wait on for a round to complete.
+        with self._progress:
+            number, complete = self._barrier.arrive(channel, final_round=final_round)
+            if complete:
                 self._progress.notify_all()
+        if complete:
             self.stats.rounds = number
             logger.debug("receiver: round %d complete", number)
             self._notify()
         return number
 
     def _end_channel(self, channel: int) -> None:
-        last = self._syncs[channel]
-        if self._open_pages[channel]:
-            raise TransferIncompleteError(
-                f"stream ended with {self._open_pages[channel]} pages after its last SYNC"
-                f" (round {last + 1} never completed)"
-            )
-        waiting = [c for c, s in enumerate(self._syncs) if s > last]
-        if waiting:
-            raise TransferIncompleteError(
-                f"stream ended after round {last} while channel {waiting[0]} waits at SYNC"
-                f" {self._syncs[waiting[0]]}"
-            )
-        self._ended[channel] = last
+        last = self._barrier.end(channel)
         logger.info("receiver: channel %d reached its end after round %d", channel, last)
         self._notify()
 

@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 Buffer = bytes | bytearray | memoryview
 
+_TCP_FAMILIES = (stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
 # Closing with SO_LINGER {on, 0} sends a TCP reset: how the receiver tells a sender that
 # a channel failed (a clean FIN means "everything read and completed").
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -183,10 +184,11 @@ class Transport:
 
     ends_in_band: bool = True
     """Whether the sender announces and flags its stream's end in band
-    (``Feature.IN_BAND_END``): a stream with no reset, whose ``send_all`` cut short by a
-    cancel cannot be followed by the failure byte, so a bare end of stream must not pass
-    for the end of the transfer. Not so for sockets (a reset, or a thread's send that a
-    cancel does not cut), nor for QEMU, which knows nothing of it."""
+    (``Feature.IN_BAND_END``): a stream with no reset, so that a bare end of stream
+    must not pass for the end of the transfer. The failure byte cannot stand in: it
+    cannot follow a ``send_all`` cut short by a cancel, nor go in while the receiver is
+    behind and the stream's buffer full. Not so for TCP (a reset), nor for QEMU, which
+    knows nothing of it."""
 
     @property
     def can_half_close(self) -> bool:
@@ -359,7 +361,7 @@ class Transport:
         self.closed = True
         sock = _find_socket(self.stream)
         self.close_sync_side()
-        if sock is not None and sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+        if sock is not None and sock.family in _TCP_FAMILIES:
             try:
                 sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, _LINGER_RESET)
             except OSError:
@@ -391,10 +393,10 @@ class SocketTransport(Transport):
     no I/O on the socket while the thread owns it.
     """
 
-    ends_in_band = False
-
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, **kw: Any) -> None:
         super().__init__(stream, **kw)
+        # Only TCP has a reset (a Unix socket's close is a plain end of stream).
+        self.ends_in_band = sock.family not in _TCP_FAMILIES
         # A second descriptor of the same socket, so that the thread never touches the
         # trio socket object.
         self.sync_sock: stdlib_socket.socket | None = stdlib_socket.socket(
@@ -422,10 +424,7 @@ class SocketTransport(Transport):
         Without compression the receiver is the slow end and the cap measured better
         (4.04 against 3.50 GB/s). See ``docs/performance.rst``.
         """
-        if _NOTSENT_LOWAT is not None and self._sock.family in (
-            stdlib_socket.AF_INET,
-            stdlib_socket.AF_INET6,
-        ):
+        if _NOTSENT_LOWAT is not None and self._sock.family in _TCP_FAMILIES:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(stdlib_socket.IPPROTO_TCP, _NOTSENT_LOWAT, 0)
 

@@ -112,8 +112,9 @@ class Feature(enum.IntFlag):
     """Every packet of the channel carries header and payload checksums."""
     IN_BAND_END = 0x2
     """The channel's final SYNC carries ``END_OF_STREAM``, and an end of stream before it
-    is the sender's failure: for streams without a reset (TLS, memory, custom streams),
-    where a sender cancelled inside ``send_all`` cannot even write its failure byte."""
+    is the sender's failure: for streams without a reset (all but TCP: Unix sockets, TLS,
+    memory and custom streams), where a failure byte may not go in (a ``send_all`` cut
+    short, a full buffer before a receiver that is behind)."""
 
 
 # Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
