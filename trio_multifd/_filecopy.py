@@ -771,11 +771,12 @@ async def receive_file(
                 await trio.aclose_forcefully(listener)
 
 
-async def _refuse(control: trio.abc.Stream, error: str) -> None:
-    """Tell the sender why the receiver will not take its file, if it still listens:
-    the error raised next is the receiver's own message either way."""
+async def _refusal(control: trio.abc.Stream, error: str, here: str | None = None) -> CopyError:
+    """Tell the sender why the receiver will not take its file, if it still listens, and
+    return the error to raise here (``here``, or the same words)."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await send_message(control, {"type": "refuse", "error": error})
+    return CopyError(here or error)
 
 
 class _NotASender(Exception):
@@ -912,51 +913,50 @@ async def _receive_with(
     try:
         _check_manifest(manifest)
     except CopyError as exc:
-        await _refuse(control, str(exc))
-        raise
+        raise await _refusal(control, str(exc)) from None
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
-        await _refuse(control, f"{final} exists (use --force on the receiver)")
-        raise CopyError(f"{final} exists: refusing to overwrite it without --force")
+        raise await _refusal(
+            control,
+            f"{final} exists (use --force on the receiver)",
+            f"{final} exists: refusing to overwrite it without --force",
+        )
     if _isdir(final, follow=False):
         # Found now rather than by the rename after the whole copy.
-        error = f"{final} is a directory: it cannot be replaced by the copy"
-        await _refuse(control, error)
-        raise CopyError(error)
+        raise await _refusal(control, f"{final} is a directory: it cannot be replaced by the copy")
     # Checked now: the temporary name is short enough anyway, and the final one would
     # fail only after the whole copy.
     too_long = _name_too_long(final)
     if too_long:
-        await _refuse(control, too_long)
-        raise CopyError(too_long)
+        raise await _refusal(control, too_long)
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
-        await _refuse(control, f"cannot create the file: {exc}")
-        raise CopyError(f"cannot create {temp}: {exc.strerror}") from None
+        raise await _refusal(
+            control, f"cannot create the file: {exc}", f"cannot create {temp}: {exc.strerror}"
+        ) from None
     renamed = False
     mapping: mmap.mmap | None = None
     try:
         try:
             os.ftruncate(fd, size)
         except OSError as exc:
-            error = f"cannot make a file of {size} bytes: {exc.strerror}"
-            await _refuse(control, error)
-            raise CopyError(error) from None
+            raise await _refusal(
+                control, f"cannot make a file of {size} bytes: {exc.strerror}"
+            ) from None
         # Refused up front rather than found out mid-copy (a MappingError when the
         # engine faults pages in that the file system has no room for): another writer
         # can still fill the disk during the copy (see docs/cli.rst).
         vfs = os.fstatvfs(fd)
         free = vfs.f_bavail * vfs.f_frsize
         if free < manifest["nonzero_bytes"]:
-            error = (
+            raise await _refusal(
+                control,
                 f"not enough space for the copy: its data needs {manifest['nonzero_bytes']}"
-                f" bytes, the file system has {free} free"
+                f" bytes, the file system has {free} free",
             )
-            await _refuse(control, error)
-            raise CopyError(error)
         whole = size // PAGE * PAGE
         tail_len = size - whole
         blocks: list[RAMBlock] = []
@@ -965,9 +965,9 @@ async def _receive_with(
                 mapping = mmap.mmap(fd, whole)
             except OSError as exc:
                 # A file system may take a size that the address space cannot map.
-                error = f"cannot map a file of {size} bytes: {exc.strerror}"
-                await _refuse(control, error)
-                raise CopyError(error) from None
+                raise await _refusal(
+                    control, f"cannot map a file of {size} bytes: {exc.strerror}"
+                ) from None
             blocks.append(RAMBlock("data", mapping, zeroed=True))
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))

@@ -42,7 +42,6 @@ from ._errors import (
     TruncatedError,
 )
 from ._methods import Decoder, Method, get_method, method_for_flag
-from ._methods._base import scatter
 from ._pages import ZEROS
 from ._rounds import RoundBarrier
 from ._stats import ChannelStats, TransferStats
@@ -64,6 +63,7 @@ from ._wire import (
     Flag,
     PacketHeader,
     chain_start,
+    check_transfer_args,
     decode_handshake,
     decode_packet_header,
     header_checksum,
@@ -142,10 +142,7 @@ class Receiver:
         io_threads: int | None,
     ) -> None:
         blocks = list(blocks)
-        if type(channels) is not int or not 1 <= channels <= 255:
-            raise ValueError(f"channels must be 1..255, got {channels!r}")
-        if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
-            raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
+        check_transfer_args(channels, uuid)
         for name, value in (("handshake", handshake_timeout), ("receive", receive_timeout)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name}_timeout must be positive or None, got {value!r}")
@@ -453,7 +450,9 @@ class Receiver:
         decoder: Decoder | None = None
         crew: _Crew | None = None
         try:
-            if self._method.compresses:
+            if self._method.compresses or self._integrity:
+                # The payload is read into a buffer first (to decode it, or to check its
+                # checksum before a byte of it is written), then decoded from there.
                 decoder = self._method.new_decoder()
             crew, first = self._join(self._new_link(transport, channel, decoder))
             if first:
@@ -485,7 +484,7 @@ class Receiver:
 
     def _new_link(self, transport: Transport, channel: int, decoder: Decoder | None) -> _Link:
         payload: memoryview | None = None
-        if decoder is not None or self._integrity:
+        if decoder is not None:
             # One bounded buffer per channel: payloads are checked (checksum) or
             # decoded from here, never larger than a full packet's bound.
             bound = self._method.payload_bound(self._page_count * self.page_size)
@@ -678,8 +677,12 @@ class Receiver:
         if normal_runs:
             expected = header.normal_pages * page_size
             payload = header.next_packet_size
-            bound = expected if decoder is None else self._method.payload_bound(expected)
-            if not (1 <= payload <= bound) or (decoder is None and payload != expected):
+            bound = self._method.payload_bound(expected)
+            # Uncompressed, the payload is the pages: read straight into them, it must be
+            # their size exactly.
+            if not (1 <= payload <= bound) or (
+                not self._method.compresses and payload != expected
+            ):
                 raise PayloadSizeError(
                     f"next_packet_size is {payload}, outside 1..{bound} for"
                     f" {header.normal_pages} pages of method {self._method.name!r}",
@@ -688,13 +691,14 @@ class Receiver:
                     limit=bound,
                 )
             runs = [view[start : start + length] for start, length in normal_runs]
-            if payload_buffer is None:
+            if decoder is None:
                 make_present(block, normal_runs, write=True)
                 try:
                     transport.receive_into_sync(runs, "a payload")
                 except TransportError as exc:
                     raise_mapping_fault(block, normal_runs, write=True, exc=exc)
             else:
+                assert payload_buffer is not None, "a decoder's link has a payload buffer"
                 data = payload_buffer[:payload]
                 transport.receive_into_sync([data], "a payload")
                 if self._integrity:
@@ -709,10 +713,7 @@ class Receiver:
                         )
                 # Faulted in once the payload is here: the pages are written right after.
                 make_present(block, normal_runs, write=True)
-                if decoder is None:
-                    scatter(data, runs)
-                else:
-                    decoder.decode_into(data, runs)
+                decoder.decode_into(data, runs)
             stats.bytes += payload
             self._barrier.count_pages(channel, header.normal_pages)
             if received is not None:

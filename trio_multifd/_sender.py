@@ -48,6 +48,7 @@ from ._wire import (
     Flag,
     Handshake,
     chain_start,
+    check_transfer_args,
     encode_handshake,
     pack_packet_header,
     page_count_for,
@@ -237,10 +238,7 @@ class Sender:
         integrity: bool,
         io_threads: int | None,
     ) -> None:
-        if type(channels) is not int or not 1 <= channels <= 255:
-            raise ValueError(f"channels must be 1..255, got {channels!r}")
-        if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
-            raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
+        check_transfer_args(channels, uuid)
         if zero_page_detection not in _ZERO_PAGE_MODES:
             raise ValueError(
                 f"zero_page_detection must be one of {_ZERO_PAGE_MODES}, got"

@@ -42,6 +42,7 @@ __all__ = [
     "Handshake",
     "PacketHeader",
     "chain_start",
+    "check_transfer_args",
     "decode_handshake",
     "decode_packet_header",
     "encode_handshake",
@@ -52,6 +53,7 @@ __all__ = [
     "page_count_for",
     "payload_checksum",
     "seal_header",
+    "stored_header_checksum",
 ]
 
 MAGIC = 0x11223344
@@ -142,6 +144,20 @@ _U64_MAX = 2**64 - 1
 def _offsets_struct(count: int) -> struct.Struct:
     # One precomputed format per count, so a header's offsets decode in one C call.
     return struct.Struct(f">{count}Q")
+
+
+def check_transfer_args(channels: object, uuid: object) -> None:
+    """Check what both ends are given: a channel count that the handshake's id (one
+    byte) can number, and a uuid that is a :class:`uuid.UUID` or ``None``.
+
+    Raises:
+        ValueError: ``channels`` is not an int from 1 to 255.
+        TypeError: ``uuid`` is something else.
+    """
+    if type(channels) is not int or not 1 <= channels <= 255:
+        raise ValueError(f"channels must be 1..255, got {channels!r}")
+    if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
+        raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
 
 
 def page_count_for(page_size: int) -> int:
