@@ -20,9 +20,9 @@ import trio
 import trustme
 import xxhash
 
-from trio_multifd import _filecopy as fc
+from trio_multifd import _extents as extents, _filecopy as fc
 from trio_multifd._cli import _parser, main, parse_hostport, parse_size
-from trio_multifd._filecopy import data_extents, file_checksum
+from trio_multifd._extents import data_extents, file_checksum
 
 PAGE = 4096
 TIMEOUT = 60
@@ -442,7 +442,7 @@ def test_the_scan_counts_each_page_that_is_not_all_zero_once(tmp_path: Path) -> 
     expected = sum(1 for p in range(0, len(content), PAGE) if any(content[p : p + PAGE]))
     fd = os.open(path, os.O_RDONLY)
     try:
-        checksum, pages = fc._scan(fd, len(content), lambda: None, count_pages=True)
+        checksum, pages = extents.scan(fd, len(content), lambda: None, count_pages=True)
     finally:
         os.close(fd)
     assert checksum == xxhash.xxh3_128(content).hexdigest()
@@ -454,9 +454,9 @@ def test_a_page_split_between_two_reads_is_counted_once() -> None:
     # Read at offset 100: data[i] is the file's byte 100 + i.
     data[PAGE - 100] = 1  # the file's page 1
     data[2 * PAGE - 100 + 50] = 1  # its page 2
-    counted, last = fc._nonzero_pages(data, PAGE, 100, -1)  # pages 0 (zero) and 1
+    counted, last = extents.nonzero_pages(data, PAGE, 100, -1)  # pages 0 (zero) and 1
     assert (counted, last) == (1, 1)
-    counted, last = fc._nonzero_pages(data, 2 * PAGE, 100, 1)  # page 1 again, and 2
+    counted, last = extents.nonzero_pages(data, 2 * PAGE, 100, 1)  # page 1 again, and 2
     assert (counted, last) == (1, 2)
 
 

@@ -33,9 +33,12 @@ from trio_multifd import (
     Handshake,
     MappingError,
     TransportError,
+    _control as control,
+    _extents as extents,
     _filecopy as fc,
     encode_handshake,
 )
+from trio_multifd._errors import CopyError
 
 from .test_cli import TIMEOUT, _command, can_lease, failed_json, receiving, send
 
@@ -77,7 +80,7 @@ def read_message(sock: socket.socket) -> dict[str, Any] | None:
 
 def open_control(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(fc.CONTROL_MAGIC + frame(body))
+    sock.sendall(control.CONTROL_MAGIC + frame(body))
     return sock
 
 
@@ -211,7 +214,9 @@ def fake_receiver(
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(TIMEOUT)
-            assert conn.recv(len(fc.CONTROL_MAGIC), socket.MSG_WAITALL) == fc.CONTROL_MAGIC
+            assert (
+                conn.recv(len(control.CONTROL_MAGIC), socket.MSG_WAITALL) == control.CONTROL_MAGIC
+            )
             (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
             conn.recv(length, socket.MSG_WAITALL)
             if got_manifest is not None:
@@ -299,7 +304,7 @@ async def copy_in_process(
     ``during_check(source path)`` runs as the receiver's check begins."""
     src = tmp_path / "src"
     src.write_bytes(bytes(range(256)) * 64)
-    real = fc._scan
+    real = extents.scan
     calls = 0
 
     def slow_second_call(
@@ -312,7 +317,7 @@ async def copy_in_process(
             time.sleep(3.5)
         return real(fd, size, between_chunks, count_pages=count_pages)
 
-    monkeypatch.setattr(fc, "_scan", slow_second_call)
+    monkeypatch.setattr(extents, "scan", slow_second_call)
     if not checking:
 
         async def silent(control: trio.abc.Stream, interval: float) -> None:
@@ -390,14 +395,14 @@ async def test_a_sender_waits_for_a_silent_verdict_no_longer_than_idle_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent, received = await copy_in_process(tmp_path, monkeypatch, checking=False)
-    assert isinstance(sent, fc.CopyError)
+    assert isinstance(sent, CopyError)
     assert str(sent) == "no verdict from the receiver within 1.0s"
     # The receiver's copy checked out: it keeps it whole, or, if it noticed the sender
     # gone before its verdict went out, nothing at all.
     if isinstance(received, fc.Summary):
         assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
     else:
-        assert isinstance(received, fc.CopyError)
+        assert isinstance(received, CopyError)
         assert not (tmp_path / "dst").exists()
 
 
@@ -408,8 +413,8 @@ async def test_the_control_stream_is_accepted_on_any_listener() -> None:
         with trio.fail_after(TIMEOUT):
             port = second[0].socket.getsockname()[1]
             client = await trio.open_tcp_stream("127.0.0.1", port)
-            await client.send_all(fc.CONTROL_MAGIC + frame(json.dumps(manifest()).encode()))
-            accepted, received = await fc._accept_control([*first, *second], TIMEOUT)
+            await client.send_all(control.CONTROL_MAGIC + frame(json.dumps(manifest()).encode()))
+            accepted, received = await control.accept_control([*first, *second], TIMEOUT)
             assert received == manifest()
             await client.send_all(b"hello")
             assert await accepted.receive_some(5) == b"hello"
@@ -454,7 +459,7 @@ async def test_a_connection_silent_for_handshake_timeout_is_dropped() -> None:
         with trio.fail_after(TIMEOUT):
             silent = await trio.open_tcp_stream("127.0.0.1", opened[0].socket.getsockname()[1])
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(fc._accept_control, listeners, 0.2)
+                nursery.start_soon(control.accept_control, listeners, 0.2)
                 # Dropped by the receiver once handshake_timeout has passed.
                 assert await silent.receive_some(1) == b""
                 nursery.cancel_scope.cancel()
@@ -475,13 +480,16 @@ def verdict_receiver(verdict: bytes) -> Iterator[int]:
                 pass
 
     def serve() -> None:
-        control, _ = listener.accept()
-        with control:
-            control.settimeout(TIMEOUT)
-            assert control.recv(len(fc.CONTROL_MAGIC), socket.MSG_WAITALL) == fc.CONTROL_MAGIC
-            (length,) = struct.unpack(">I", control.recv(4, socket.MSG_WAITALL))
-            channels = json.loads(control.recv(length, socket.MSG_WAITALL))["channels"]
-            control.sendall(frame(b'{"type": "go"}'))
+        control_conn, _ = listener.accept()
+        with control_conn:
+            control_conn.settimeout(TIMEOUT)
+            assert (
+                control_conn.recv(len(control.CONTROL_MAGIC), socket.MSG_WAITALL)
+                == control.CONTROL_MAGIC
+            )
+            (length,) = struct.unpack(">I", control_conn.recv(4, socket.MSG_WAITALL))
+            channels = json.loads(control_conn.recv(length, socket.MSG_WAITALL))["channels"]
+            control_conn.sendall(frame(b'{"type": "go"}'))
             drains = [threading.Thread(target=drain, args=(listener.accept()[0],))]
             drains += [
                 threading.Thread(target=drain, args=(listener.accept()[0],))
@@ -491,8 +499,8 @@ def verdict_receiver(verdict: bytes) -> Iterator[int]:
                 thread.start()
             for thread in drains:
                 thread.join(TIMEOUT)
-            control.sendall(frame(verdict))
-            control.recv(1)  # until the sender closes
+            control_conn.sendall(frame(verdict))
+            control_conn.recv(1)  # until the sender closes
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -537,11 +545,11 @@ def test_only_a_verdict_that_is_ok_with_the_files_checksum_is_a_success(
 
 def test_the_line_of_a_failed_copy_names_this_sides_own_fault_before_the_peers_leaving() -> None:
     own = MappingError("block 'data': cannot read pages 0x0..0x1000 of its mapped file")
-    gone = fc._PeerGone("the receiver went away before its verdict (it failed or was stopped)")
+    gone = control.PeerGone("the receiver went away before its verdict (it failed or was stopped)")
     reset = TransportError("stream failed while sending: ConnectionResetError")
     assert fc.describe(ExceptionGroup("", [gone, reset, own])) == f"transfer failed: {own}"
     assert fc.describe(ExceptionGroup("", [reset, gone])) == str(gone)
-    stopped = fc.CopyError("the source changed")
+    stopped = CopyError("the source changed")
     assert fc.describe(ExceptionGroup("", [own, gone, stopped])) == str(stopped)
 
 

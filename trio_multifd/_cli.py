@@ -593,15 +593,16 @@ async def _until_stopped(work: Callable[[], Awaitable[_T]]) -> _T:
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context the options ask for; a file that cannot be loaded is named."""
-    from . import _filecopy as fc
+    from ._control import client_context, server_context
+    from ._errors import CopyError
 
     try:
         if args.command == "send":
-            return fc.client_context(args.tls_ca) if args.tls_ca else None
-        return fc.server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+            return client_context(args.tls_ca) if args.tls_ca else None
+        return server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
         files = [args.tls_ca] if args.command == "send" else [args.tls_cert, args.tls_key]
-        raise fc.CopyError(
+        raise CopyError(
             f"cannot load TLS files {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
 

@@ -12,6 +12,7 @@ __all__ = [
     "BlockNameError",
     "ChannelIdError",
     "CompressionMismatchError",
+    "CopyError",
     "DecompressionError",
     "DeliveryError",
     "DuplicateChannelError",
@@ -209,3 +210,9 @@ class MappingError(MultiFDError):
 
 class DeliveryError(MultiFDError):
     """The sender could not confirm that the receiver completed the transfer."""
+
+
+class CopyError(Exception):
+    """A file copy (``trio-multifd send`` / ``recv``) failed; the message is the one line
+    the command prints. Not a :class:`MultiFDError`: it concerns the files and the
+    control stream, not the transfer's channels."""

@@ -1,16 +1,5 @@
-"""File copy over multifd: ``trio-multifd send`` and ``trio-multifd recv``.
-
-Like QEMU's main migration channel, a *control stream* (the sender's first connection to
-the receiver's port) carries what the receiver needs before any page moves, and the
-verdict after the last one. The framing (see docs/cli.rst):
-
-- the sender opens the connection with the 8-byte magic :data:`CONTROL_MAGIC`;
-- then each message, both ways, is a 4-byte big-endian length and that many bytes of
-  UTF-8 JSON (an object with a ``"type"``), at most :data:`MAX_MESSAGE` bytes;
-- sender -> receiver: ``manifest``; receiver -> sender: ``go`` or ``refuse``; the sender
-  then opens the multifd channels to the same port (QEMU's handshake magic
-  ``0x11223344`` is what they start with), sends, and after its final SYNC reads
-  receiver -> sender ``verdict``.
+"""File copy over multifd: ``trio-multifd send`` and ``trio-multifd recv``, the two
+ends' course from the control stream's manifest (:mod:`._control`) to the verdict.
 
 The file travels as two RAM blocks: ``data`` covers its whole pages (an ``mmap`` of the
 file on both sides) and ``tail`` is one page holding the final partial page padded with
@@ -22,11 +11,7 @@ least as sparse as the source.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
-import functools
-import json
 import math
 import mmap
 import os
@@ -34,7 +19,6 @@ import re
 import signal
 import ssl
 import stat
-import struct
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,29 +27,23 @@ import attrs
 import trio
 
 from ._block import RAMBlock
-from ._errors import MappingError, MultiFDError
+from ._control import (
+    CONTROL_MAGIC,
+    PeerClosed,
+    PeerGone,
+    accept_control,
+    receive_message,
+    refusal,
+    send_message,
+)
+from ._errors import CopyError, MappingError, MultiFDError
+from ._extents import CHECKSUM, PAGE, page_ranges, scan_in_thread
 from ._methods import get_method
-from ._pages import ZEROS, split_zero_runs
 from ._receiver import open_receiver
 from ._sender import open_sender
-from ._transport import ACCEPT_LIMIT, accept_into
 
-__all__ = [
-    "CONTROL_MAGIC",
-    "MAX_MESSAGE",
-    "CopyError",
-    "Progress",
-    "Summary",
-    "data_extents",
-    "file_checksum",
-    "receive_file",
-    "send_file",
-]
+__all__ = ["Progress", "Summary", "describe", "receive_file", "send_file"]
 
-CONTROL_MAGIC = b"TMFDCTL\x01"
-"""The first 8 bytes of a control stream: ``TMFDCTL`` and the framing version, 1."""
-MAX_MESSAGE = 64 * 1024
-"""The largest control message either side accepts."""
 IDLE_TIMEOUT = 60.0
 """How long either side waits for its peer to make progress (the default of
 ``idle_timeout``): the go-ahead, the next byte of page data, the verdict or a sign that
@@ -74,26 +52,14 @@ CHECKING_INTERVAL = 5.0
 """How often a receiver computing the checksum tells the sender so (at most)."""
 MAX_SIZE = 2**63 - 1
 """The largest file size a manifest may declare (the largest ``off_t``)."""
-PAGE = 4096
-CHECKSUM = "xxh3_128"
+LEASE_POLL = 0.05
+"""How often the sender looks whether another process wants to change its file."""
 
 # Test hooks, read from the environment (documented in docs/cli.rst): a sender with
 # TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM=1 sends a manifest whose checksum is wrong; with
 # TRIO_MULTIFD_TEST_STALL=SECONDS it pauses that long halfway through the pages.
-LEASE_POLL = 0.05
-"""How often the sender looks whether another process wants to change its file."""
-
 _CORRUPT_ENV = "TRIO_MULTIFD_TEST_CORRUPT_CHECKSUM"
 _STALL_ENV = "TRIO_MULTIFD_TEST_STALL"
-
-
-class CopyError(Exception):
-    """A file copy failed; the message is the one line the command prints."""
-
-
-class _PeerGone(CopyError):
-    """The peer left mid-copy: a symptom when this side failed too, and then the other
-    error is the one shown (see :func:`describe`)."""
 
 
 @attrs.frozen
@@ -134,25 +100,6 @@ Progress = Callable[[int, int], None]
 
 
 # -- files ------------------------------------------------------------------------------------
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` byte ranges holding data, by ``SEEK_DATA``/``SEEK_HOLE``
-    (the whole file when the file system cannot tell)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole up to the end
-                return
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                yield pos, size
-                return
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, min(end, size)
-        pos = end
 
 
 @attrs.define
@@ -209,166 +156,10 @@ class _SourceLease:
             self.held = False
 
 
-def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lambda: None) -> str:
-    """xxh3_128 of the file's content, holes hashed as zeros without reading them (on
-    tmpfs even a read of a hole allocates memory).
-
-    ``between_chunks`` runs before each chunk of up to 4 MiB: run in a worker thread, pass
-    ``trio.from_thread.check_cancelled`` so that a cancel (Ctrl-C) stops the checksum of a
-    large file at once instead of when it ends."""
-    return _scan(fd, size, between_chunks, count_pages=False)[0]
-
-
-def _scan(
-    fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool
-) -> tuple[str, int]:
-    """:func:`file_checksum`, and with ``count_pages`` how many of the file's pages hold
-    a byte that is not zero: the pages a receiver writes (it skips zero pages)."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    buffer = bytearray(4 * 1024 * 1024)
-    view = memoryview(buffer)
-    zeros = memoryview(bytes(len(buffer)))
-    pages = 0
-    last_page = -1  # a page split between two reads is counted once
-    pos = 0
-    # The sentinel extent at the end makes the trailing hole one more stretch of zeros.
-    for start, end in [*data_extents(fd, size), (size, size)]:
-        while pos < end:
-            between_chunks()
-            if pos < start:
-                n = min(len(zeros), start - pos)
-                digest.update(zeros[:n])
-            else:
-                n = os.preadv(fd, [view[: min(len(buffer), end - pos)]], pos)
-                if not n:
-                    raise CopyError(f"file shrank while reading it (at byte {pos})")
-                digest.update(view[:n])
-                if count_pages:
-                    counted, last_page = _nonzero_pages(buffer, n, pos, last_page)
-                    pages += counted
-            pos += n
-    return digest.hexdigest(), pages
-
-
-def _nonzero_pages(data: bytearray, length: int, pos: int, last_page: int) -> tuple[int, int]:
-    """How many pages of the file hold a nonzero byte among ``data[:length]``, read at
-    offset ``pos``, page ``last_page`` not counted again; and the last page counted.
-
-    Whole pages are judged by the sender's own zero-page test (:func:`split_zero_runs`),
-    so the count is what the sender will send as normal pages; a page cut by the start
-    or end of the read (an extent not aligned to pages) counts if its part here is not
-    all zero."""
-    view = memoryview(data)[:length]
-    head = min(length, -pos % PAGE)  # the part of a page begun before this read
-    body_end = head + (length - head) // PAGE * PAGE
-    counted = 0
-
-    def count_part(start: int, stop: int) -> None:
-        nonlocal counted, last_page
-        page = (pos + start) // PAGE
-        if start < stop and page != last_page and not ZEROS.startswith(view[start:stop]):
-            counted += 1
-            last_page = page
-
-    count_part(0, head)
-    if body_end > head:
-        body = body_end - head
-        # Runs of a packet at most, as the sender's: each is compared with ZEROS at once.
-        runs = [(run, min(len(ZEROS), body - run)) for run in range(0, body, len(ZEROS))]
-        normal, _ = split_zero_runs(view[head:body_end], runs, PAGE)
-        for run_start, size in normal:
-            first = (pos + head + run_start) // PAGE
-            counted += size // PAGE - (first == last_page)
-            last_page = first + size // PAGE - 1
-    count_part(body_end, length)
-    return counted, last_page
-
-
-async def _scan_in_thread(
-    fd: int, size: int, *, count_pages: bool, check: Callable[[], None] = lambda: None
-) -> tuple[str, int]:
-    def between_chunks() -> None:
-        trio.from_thread.check_cancelled()
-        check()
-
-    return await trio.to_thread.run_sync(
-        functools.partial(_scan, fd, size, between_chunks, count_pages=count_pages)
-    )
-
-
-def _page_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """Data extents widened to whole pages, merged."""
-    ranges: list[tuple[int, int]] = []
-    for start, end in data_extents(fd, size):
-        start = start // PAGE * PAGE
-        end = -(-end // PAGE) * PAGE
-        if ranges and start <= ranges[-1][1]:
-            ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]))
-        else:
-            ranges.append((start, end))
-    return ranges
-
-
 # -- framing ----------------------------------------------------------------------------------
 
 
-class _PeerClosed(CopyError):
-    """The control stream ended before a whole message."""
-
-
-async def _receive_exact(stream: trio.abc.Stream, count: int, what: str) -> bytes:
-    data = bytearray()
-    while len(data) < count:
-        chunk = await stream.receive_some(count - len(data))
-        if not chunk:
-            raise _PeerClosed(f"the peer closed the control stream before {what}")
-        data += chunk
-    return bytes(data)
-
-
-async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None:
-    """Send one length-prefixed JSON message."""
-    body = json.dumps(message).encode()
-    await stream.send_all(struct.pack(">I", len(body)) + body)
-
-
-async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
-    """Receive one length-prefixed JSON message (an object)."""
-    prefix = await _receive_exact(stream, 4, what)
-    (length,) = struct.unpack(">I", prefix)
-    if length > MAX_MESSAGE:
-        # Four letters where a length belongs: most likely another protocol ("HTTP").
-        hint = (
-            f": it began with {prefix!r}, the peer does not speak trio-multifd's framing"
-            if prefix.isascii() and prefix.isalpha()
-            else ""
-        )
-        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE}){hint}")
-    body = await _receive_exact(stream, length, what)
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise CopyError(f"bad control message: {type(exc).__name__}: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise CopyError("bad control message: not an object with a type")
-    return message
-
-
 # -- TLS --------------------------------------------------------------------------------------
-
-
-def server_context(cert: str, key: str) -> ssl.SSLContext:
-    """The receiver's TLS context (certificate chain and key)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
-
-
-def client_context(ca: str) -> ssl.SSLContext:
-    """The sender's TLS context: trusts ``ca``, checks the host name."""
-    return ssl.create_default_context(cafile=ca)
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -423,13 +214,13 @@ async def send_file(
         lease = _SourceLease.take(fd, path)
         size = status.st_size
         whole = size // PAGE * PAGE
-        ranges = [(s, min(e, whole)) for s, e in _page_ranges(fd, size) if s < whole]
+        ranges = [(s, min(e, whole)) for s, e in page_ranges(fd, size) if s < whole]
         tail_len = size - whole
         tail = bytearray(PAGE)
         if tail_len:
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
-        checksum, nonzero_pages = await _scan_in_thread(
+        checksum, nonzero_pages = await scan_in_thread(
             fd, size, count_pages=True, check=lease.check
         )
         if os.environ.get(_CORRUPT_ENV):
@@ -517,10 +308,10 @@ async def send_file(
                                 return
                             if waiting.deadline != math.inf:
                                 waiting.deadline = trio.current_time() + idle_timeout
-                    except (trio.BrokenResourceError, _PeerClosed) as exc:
+                    except (trio.BrokenResourceError, PeerClosed) as exc:
                         if lease.broken:
                             return  # because this side stopped; its own error says why
-                        raise _PeerGone(
+                        raise PeerGone(
                             "the receiver went away before its verdict (it failed or was stopped)"
                         ) from exc
                     except CopyError as exc:
@@ -602,7 +393,7 @@ async def _go_ahead(
                 reply = await receive_message(control, "its go-ahead")
         except trio.TooSlowError:
             reply = CopyError(f"no go-ahead from the receiver within {idle_timeout}s")
-        except _PeerClosed as exc:
+        except PeerClosed as exc:
             # A receiver that uses TLS closes a plain sender's connection so, too.
             hint = " (it failed, was stopped, or uses TLS: then give --tls-ca)" if plain else ""
             reply = CopyError(f"{exc}{hint}")
@@ -747,7 +538,7 @@ async def receive_file(
     try:
         if announce is not None:
             announce(host, chosen)
-        control, manifest = await _accept_control(listeners, handshake_timeout)
+        control, manifest = await accept_control(listeners, handshake_timeout)
         try:
             return await _receive_with(
                 control,
@@ -769,111 +560,6 @@ async def receive_file(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-
-
-async def _refusal(control: trio.abc.Stream, error: str, here: str | None = None) -> CopyError:
-    """Tell the sender why the receiver will not take its file, if it still listens, and
-    return the error to raise here (``here``, or the same words)."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await send_message(control, {"type": "refuse", "error": error})
-    return CopyError(here or error)
-
-
-class _NotASender(Exception):
-    """A connection that closed, reset or stayed silent before its first byte."""
-
-
-async def _accept_control(
-    listeners: list[trio.abc.Listener[trio.abc.Stream]], handshake_timeout: float
-) -> tuple[trio.abc.Stream, dict[str, Any]]:
-    """The first connection on any of ``listeners`` (a host name may resolve to several
-    addresses) that opens as a sender's control stream, and its manifest.
-
-    A listening port meets port scanners and health checks: a connection that closes,
-    resets or sends nothing for ``handshake_timeout`` before its first byte is closed
-    and the wait goes on, and such connections are read side by side (up to
-    :data:`~trio_multifd._transport.ACCEPT_LIMIT`), so a silent one does not hold the
-    sender back. A
-    connection that sends anything else than a control stream's opening ends the wait
-    with its :class:`CopyError`: most likely a sender that is misconfigured (TLS on one
-    end only), whose user wants to know."""
-    outcome: list[tuple[trio.abc.Stream, dict[str, Any]] | CopyError] = []
-
-    async def read(stream: trio.abc.Stream) -> None:
-        try:
-            manifest = await _open_control(stream, handshake_timeout)
-        except _NotASender:
-            await trio.aclose_forcefully(stream)
-            return
-        except CopyError as exc:
-            await trio.aclose_forcefully(stream)
-            found: tuple[trio.abc.Stream, dict[str, Any]] | CopyError = exc
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        else:
-            found = (stream, manifest)
-        if outcome:  # another connection won between two checkpoints
-            if not isinstance(found, CopyError):
-                await trio.aclose_forcefully(found[0])
-            return
-        outcome.append(found)
-        nursery.cancel_scope.cancel()
-
-    slots = trio.Semaphore(ACCEPT_LIMIT)
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(accept_into, listener, nursery, read, slots)
-    if isinstance(outcome[0], CopyError):
-        raise outcome[0]
-    return outcome[0]
-
-
-async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> dict[str, Any]:
-    """Read a new connection's opening (the magic) and the manifest that follows it.
-
-    Raises:
-        _NotASender: The connection closed, reset or stayed silent before its first byte.
-        CopyError: It is not a control stream, or its manifest did not come.
-    """
-    first = b""
-    try:
-        with trio.fail_after(handshake_timeout):
-            if isinstance(stream, trio.SSLStream):
-                await stream.do_handshake()
-            first = bytes(await stream.receive_some(len(CONTROL_MAGIC)))
-            if not first:
-                raise _NotASender
-            magic = first + await _receive_exact(
-                stream, len(CONTROL_MAGIC) - len(first), "the manifest"
-            )
-            if magic != CONTROL_MAGIC:
-                # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
-                hint = (
-                    ": a TLS handshake; give the receiver --tls-cert and --tls-key"
-                    if magic.startswith(b"\x16\x03")
-                    else ""
-                )
-                raise CopyError(
-                    f"a connection that is not a trio-multifd control stream (it began"
-                    f" with {magic!r}{hint})"
-                )
-            return await receive_message(stream, "the manifest")
-    except trio.TooSlowError:
-        if not first:
-            raise _NotASender from None
-        raise CopyError(f"no manifest within {handshake_timeout}s") from None
-    except trio.BrokenResourceError as exc:
-        cause = exc.__cause__
-        # A TLS connection closed or reset before its ClientHello ends the same way.
-        if not first and isinstance(cause, ssl.SSLEOFError | ConnectionResetError):
-            raise _NotASender from None
-        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
-        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
-        reason = getattr(cause, "reason", None)
-        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
-        hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
-        raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
 
 
 async def _watch_idle(get: Callable[[], int], idle_timeout: float) -> None:
@@ -913,28 +599,28 @@ async def _receive_with(
     try:
         _check_manifest(manifest)
     except CopyError as exc:
-        raise await _refusal(control, str(exc)) from None
+        raise await refusal(control, str(exc)) from None
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
-        raise await _refusal(
+        raise await refusal(
             control,
             f"{final} exists (use --force on the receiver)",
             f"{final} exists: refusing to overwrite it without --force",
         )
     if _isdir(final, follow=False):
         # Found now rather than by the rename after the whole copy.
-        raise await _refusal(control, f"{final} is a directory: it cannot be replaced by the copy")
+        raise await refusal(control, f"{final} is a directory: it cannot be replaced by the copy")
     # Checked now: the temporary name is short enough anyway, and the final one would
     # fail only after the whole copy.
     too_long = _name_too_long(final)
     if too_long:
-        raise await _refusal(control, too_long)
+        raise await refusal(control, too_long)
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
-        raise await _refusal(
+        raise await refusal(
             control, f"cannot create the file: {exc}", f"cannot create {temp}: {exc.strerror}"
         ) from None
     renamed = False
@@ -943,7 +629,7 @@ async def _receive_with(
         try:
             os.ftruncate(fd, size)
         except OSError as exc:
-            raise await _refusal(
+            raise await refusal(
                 control, f"cannot make a file of {size} bytes: {exc.strerror}"
             ) from None
         # Refused up front rather than found out mid-copy (a MappingError when the
@@ -952,7 +638,7 @@ async def _receive_with(
         vfs = os.fstatvfs(fd)
         free = vfs.f_bavail * vfs.f_frsize
         if free < manifest["nonzero_bytes"]:
-            raise await _refusal(
+            raise await refusal(
                 control,
                 f"not enough space for the copy: its data needs {manifest['nonzero_bytes']}"
                 f" bytes, the file system has {free} free",
@@ -965,7 +651,7 @@ async def _receive_with(
                 mapping = mmap.mmap(fd, whole)
             except OSError as exc:
                 # A file system may take a size that the address space cannot map.
-                raise await _refusal(
+                raise await refusal(
                     control, f"cannot map a file of {size} bytes: {exc.strerror}"
                 ) from None
             blocks.append(RAMBlock("data", mapping, zeroed=True))
@@ -1001,7 +687,7 @@ async def _receive_with(
             os.pwrite(fd, tail[:tail_len], whole)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
-            checksum, _ = await _scan_in_thread(fd, size, count_pages=False)
+            checksum, _ = await scan_in_thread(fd, size, count_pages=False)
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
@@ -1101,7 +787,7 @@ async def _watch_control(control: trio.abc.Stream) -> None:
         await control.receive_some(1)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-    raise _PeerGone("the sender went away (its control stream closed mid-transfer)")
+    raise PeerGone("the sender went away (its control stream closed mid-transfer)")
 
 
 def describe(exc: BaseException) -> str:
@@ -1114,7 +800,7 @@ def describe(exc: BaseException) -> str:
             leaves,
             key=lambda e: (
                 0
-                if isinstance(e, CopyError) and not isinstance(e, _PeerGone)
+                if isinstance(e, CopyError) and not isinstance(e, PeerGone)
                 else 1
                 if isinstance(e, MappingError)
                 else 2

@@ -1,0 +1,214 @@
+"""The control stream of ``trio-multifd send`` and ``recv`` (see docs/cli.rst).
+
+Like QEMU's main migration channel, it is the sender's first connection to the
+receiver's port, and carries what the receiver needs before any page moves and the
+verdict after the last one:
+
+- the sender opens the connection with the 8-byte magic :data:`CONTROL_MAGIC`;
+- then each message, both ways, is a 4-byte big-endian length and that many bytes of
+  UTF-8 JSON (an object with a ``"type"``), at most :data:`MAX_MESSAGE` bytes;
+- sender -> receiver: ``manifest``; receiver -> sender: ``go`` or ``refuse``; the sender
+  then opens the multifd channels to the same port (QEMU's handshake magic
+  ``0x11223344`` is what they start with), sends, and after its final SYNC reads
+  receiver -> sender ``verdict``.
+
+Also the TLS contexts both ends wrap their connections in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+import struct
+from typing import Any
+
+import trio
+
+from ._errors import CopyError
+from ._transport import ACCEPT_LIMIT, accept_into
+
+__all__ = [
+    "CONTROL_MAGIC",
+    "MAX_MESSAGE",
+    "PeerClosed",
+    "PeerGone",
+    "accept_control",
+    "client_context",
+    "receive_exact",
+    "receive_message",
+    "refusal",
+    "send_message",
+    "server_context",
+]
+
+CONTROL_MAGIC = b"TMFDCTL\x01"
+"""The first 8 bytes of a control stream: ``TMFDCTL`` and the framing version, 1."""
+
+
+MAX_MESSAGE = 64 * 1024
+"""The largest control message either side accepts."""
+
+
+class PeerGone(CopyError):
+    """The peer left mid-copy: a symptom when this side failed too, and then the other
+    error is the one shown (see :func:`._filecopy.describe`)."""
+
+
+class PeerClosed(CopyError):
+    """The control stream ended before a whole message."""
+
+
+async def receive_exact(stream: trio.abc.Stream, count: int, what: str) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise PeerClosed(f"the peer closed the control stream before {what}")
+        data += chunk
+    return bytes(data)
+
+
+async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None:
+    """Send one length-prefixed JSON message."""
+    body = json.dumps(message).encode()
+    await stream.send_all(struct.pack(">I", len(body)) + body)
+
+
+async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
+    """Receive one length-prefixed JSON message (an object)."""
+    prefix = await receive_exact(stream, 4, what)
+    (length,) = struct.unpack(">I", prefix)
+    if length > MAX_MESSAGE:
+        # Four letters where a length belongs: most likely another protocol ("HTTP").
+        hint = (
+            f": it began with {prefix!r}, the peer does not speak trio-multifd's framing"
+            if prefix.isascii() and prefix.isalpha()
+            else ""
+        )
+        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE}){hint}")
+    body = await receive_exact(stream, length, what)
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CopyError(f"bad control message: {type(exc).__name__}: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise CopyError("bad control message: not an object with a type")
+    return message
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """The receiver's TLS context (certificate chain and key)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    """The sender's TLS context: trusts ``ca``, checks the host name."""
+    return ssl.create_default_context(cafile=ca)
+
+
+async def refusal(control: trio.abc.Stream, error: str, here: str | None = None) -> CopyError:
+    """Tell the sender why the receiver will not take its file, if it still listens, and
+    return the error to raise here (``here``, or the same words)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await send_message(control, {"type": "refuse", "error": error})
+    return CopyError(here or error)
+
+
+class _NotASender(Exception):
+    """A connection that closed, reset or stayed silent before its first byte."""
+
+
+async def accept_control(
+    listeners: list[trio.abc.Listener[trio.abc.Stream]], handshake_timeout: float
+) -> tuple[trio.abc.Stream, dict[str, Any]]:
+    """The first connection on any of ``listeners`` (a host name may resolve to several
+    addresses) that opens as a sender's control stream, and its manifest.
+
+    A listening port meets port scanners and health checks: a connection that closes,
+    resets or sends nothing for ``handshake_timeout`` before its first byte is closed
+    and the wait goes on, and such connections are read side by side (up to
+    :data:`~trio_multifd._transport.ACCEPT_LIMIT`), so a silent one does not hold the
+    sender back. A
+    connection that sends anything else than a control stream's opening ends the wait
+    with its :class:`CopyError`: most likely a sender that is misconfigured (TLS on one
+    end only), whose user wants to know."""
+    outcome: list[tuple[trio.abc.Stream, dict[str, Any]] | CopyError] = []
+
+    async def read(stream: trio.abc.Stream) -> None:
+        try:
+            manifest = await _open_control(stream, handshake_timeout)
+        except _NotASender:
+            await trio.aclose_forcefully(stream)
+            return
+        except CopyError as exc:
+            await trio.aclose_forcefully(stream)
+            found: tuple[trio.abc.Stream, dict[str, Any]] | CopyError = exc
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        else:
+            found = (stream, manifest)
+        if outcome:  # another connection won between two checkpoints
+            if not isinstance(found, CopyError):
+                await trio.aclose_forcefully(found[0])
+            return
+        outcome.append(found)
+        nursery.cancel_scope.cancel()
+
+    slots = trio.Semaphore(ACCEPT_LIMIT)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_into, listener, nursery, read, slots)
+    if isinstance(outcome[0], CopyError):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> dict[str, Any]:
+    """Read a new connection's opening (the magic) and the manifest that follows it.
+
+    Raises:
+        _NotASender: The connection closed, reset or stayed silent before its first byte.
+        CopyError: It is not a control stream, or its manifest did not come.
+    """
+    first = b""
+    try:
+        with trio.fail_after(handshake_timeout):
+            if isinstance(stream, trio.SSLStream):
+                await stream.do_handshake()
+            first = bytes(await stream.receive_some(len(CONTROL_MAGIC)))
+            if not first:
+                raise _NotASender
+            magic = first + await receive_exact(
+                stream, len(CONTROL_MAGIC) - len(first), "the manifest"
+            )
+            if magic != CONTROL_MAGIC:
+                # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
+                hint = (
+                    ": a TLS handshake; give the receiver --tls-cert and --tls-key"
+                    if magic.startswith(b"\x16\x03")
+                    else ""
+                )
+                raise CopyError(
+                    f"a connection that is not a trio-multifd control stream (it began"
+                    f" with {magic!r}{hint})"
+                )
+            return await receive_message(stream, "the manifest")
+    except trio.TooSlowError:
+        if not first:
+            raise _NotASender from None
+        raise CopyError(f"no manifest within {handshake_timeout}s") from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        # A TLS connection closed or reset before its ClientHello ends the same way.
+        if not first and isinstance(cause, ssl.SSLEOFError | ConnectionResetError):
+            raise _NotASender from None
+        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
+        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
+        reason = getattr(cause, "reason", None)
+        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
+        hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
+        raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
