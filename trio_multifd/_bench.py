@@ -762,9 +762,7 @@ def make_cases(
             cases.append(Case("naive_trio", 1, "none", kind))
         for count in channels:
             if baselines:
-                cases.append(
-                    Case("raw_socket" if count == 1 else "raw_socket_threads", count, "none", kind)
-                )
+                cases.append(Case("trio_multifd", count, "none", kind).baseline())
             for method in compressions:
                 cases.append(Case("trio_multifd", count, method, kind))
                 if qemu and method in QEMU_METHODS:
@@ -827,20 +825,22 @@ def run_bench(
             results[case].runs.append(run)
             if case.impl == "trio_multifd" and baselines:
                 base = results[case.baseline()].runs
-                if len(base) == rep + 1:
-                    _add_ratio(results[case].ratios, run, base[-1])
+                ratio = _ratio(run, base[-1]) if len(base) == rep + 1 else None
+                if ratio is not None:
+                    results[case].ratios.append(ratio)
             if case.impl == "qemu_multifd":
                 ours = results[case.counterpart()]
                 assert ours.qemu_ratios is not None, "set for every QEMU counterpart"
-                _add_ratio(ours.qemu_ratios, ours.runs[-1], run)
+                ratio = _ratio(ours.runs[-1], run)
+                if ratio is not None:
+                    ours.qemu_ratios.append(ratio)
     return list(results.values())
 
 
-def _add_ratio(ratios: list[float], ours: RunResult, theirs: RunResult) -> None:
-    """Record one repeat's ratio of a trio_multifd run to the run it is compared with,
-    when both verified."""
-    if ours.verified and theirs.verified:
-        ratios.append(ours.gbps / theirs.gbps)
+def _ratio(ours: RunResult, theirs: RunResult) -> float | None:
+    """One repeat's ratio of a trio_multifd run to the run it is compared with, when
+    both verified."""
+    return ours.gbps / theirs.gbps if ours.verified and theirs.verified else None
 
 
 def _runner(
