@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_multifd import (
     Handshake,
@@ -726,3 +727,52 @@ def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(tmp_path: 
         "trio-multifd: error: control message of 1213486160 bytes (limit 65536): it began"
         " with b'HTTP', the peer does not speak trio-multifd's framing"
     ]
+
+
+async def test_a_control_stream_that_wins_as_the_wait_is_cancelled_is_closed() -> None:
+    # The winner is recorded in the same tick as a cancel from outside: the wait ends in
+    # Cancelled, and the winner's stream must not be left open.
+    class CancelAtLastByte(trio.abc.Stream):
+        def __init__(self, inner: trio.abc.Stream, scope: trio.CancelScope, left: int) -> None:
+            self.inner, self.scope, self.left, self.closed = inner, scope, left, False
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            data = bytes(await self.inner.receive_some(max_bytes))
+            self.left -= len(data)
+            if self.left <= 0:
+                self.scope.cancel()
+            return data
+
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            await self.inner.send_all(data)
+
+        async def wait_send_all_might_not_block(self) -> None:
+            await self.inner.wait_send_all_might_not_block()
+
+        async def aclose(self) -> None:
+            self.closed = True
+            await self.inner.aclose()
+
+    class OneListener(trio.abc.Listener[trio.abc.Stream]):
+        def __init__(self, stream: trio.abc.Stream) -> None:
+            self.stream: trio.abc.Stream | None = stream
+
+        async def accept(self) -> trio.abc.Stream:
+            if self.stream is None:
+                await trio.sleep_forever()
+            stream, self.stream = self.stream, None
+            assert stream is not None
+            return stream
+
+        async def aclose(self) -> None:
+            pass
+
+    message = control.CONTROL_MAGIC + frame(json.dumps(manifest()).encode())
+    peer, ours = trio.testing.memory_stream_pair()
+    await peer.send_all(message)
+    with trio.fail_after(TIMEOUT):
+        with trio.CancelScope() as outside:
+            stream = CancelAtLastByte(ours, outside, len(message))
+            await control.accept_control([OneListener(stream)], TIMEOUT)
+    assert outside.cancelled_caught
+    assert stream.closed

@@ -159,9 +159,16 @@ async def accept_control(
         nursery.cancel_scope.cancel()
 
     slots = trio.Semaphore(ACCEPT_LIMIT)
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(accept_into, listener, nursery, read, slots)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(accept_into, listener, nursery, read, slots)
+    except BaseException:
+        # Cancelled from outside just as a connection won: nobody else will close it.
+        for found in outcome:
+            if not isinstance(found, CopyError):
+                await trio.aclose_forcefully(found[0])
+        raise
     if isinstance(outcome[0], CopyError):
         raise outcome[0]
     return outcome[0]

@@ -402,8 +402,9 @@ class Receiver:
 
         A connection whose handshake fails or times out is logged and closed, and
         accepting goes on (a listening port meets scanners): only good channels count.
-        At most 64 handshakes are read at once (the rest wait in the listen queue), and
-        a process out of descriptors pauses accepting for 0.1 s rather than fail.
+        At most 64 handshakes are read at once (the rest wait in the listen queue; with
+        ``handshake_timeout=None`` a silent connection holds its place for ever), and a
+        process out of descriptors pauses accepting for 0.1 s rather than fail.
         Stopping the accept loop does not cancel handshakes already under way; one that
         ends after the receiver's block is logged and its connection reset. Use with
         ``nursery.start`` to know when it accepts.
