@@ -11,19 +11,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from trio_multifd._bench import (
-    DATA_KINDS,
-    Case,
-    CaseResult,
-    RunResult,
-    _slices,
-    check_run,
-    failed_run,
-    fill_data,
-    format_table,
-    make_cases,
-    text_pool,
-)
+from trio_multifd._bench import Case, CaseResult, format_table, make_cases
+from trio_multifd._benchdata import DATA_KINDS, fill_data, text_pool
+from trio_multifd._benchrun import RunResult, _slices, check_run, failed_run
 
 PAGE = 4096
 TIMEOUT = 120

@@ -106,7 +106,8 @@ def _channel_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._bench import DATA_KINDS, QEMU_BINARY
+    from ._benchdata import DATA_KINDS
+    from ._qemu_bench import QEMU_BINARY
 
     parser = argparse.ArgumentParser(
         prog="trio-multifd",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from ._bench import run_once
+from ._benchrun import run_once
 
 __all__ = ["run_demo"]
 

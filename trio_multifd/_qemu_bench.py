@@ -30,19 +30,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._bench import (
-    MIB,
-    QEMU_BINARY,
-    QEMU_METHODS,
-    RunResult,
-    digest,
-    failed_run,
-    fill_data,
-    fill_pattern,
-    last_line,
-)
+from ._benchdata import MIB, digest, fill_data, fill_pattern
+from ._benchrun import RunResult, failed_run, last_line
 
-__all__ = ["find_qemu", "qemu_argv", "run_qemu_once"]
+__all__ = ["QEMU_BINARY", "QEMU_METHODS", "find_qemu", "qemu_argv", "run_qemu_once"]
+
+QEMU_METHODS = ("none", "zlib", "zstd")
+"""The methods QEMU's ``multifd-compression`` parameter shares with trio_multifd."""
+
+QEMU_BINARY = "qemu-system-x86_64"
+"""The QEMU that ``--qemu`` runs unless given another (looked up on ``PATH``)."""
 
 _LEVEL_PARAMETER = {"zlib": "multifd-zlib-level", "zstd": "multifd-zstd-level"}
 
