@@ -111,3 +111,32 @@ async def test_bad_certificate_fails_both_sides_and_writes_nothing(
     assert isinstance(receiver_error, m.TransportError)
     assert "TLS handshake failed" in str(receiver_error)
     assert dst.view == pattern(dst.size)
+
+
+async def test_an_https_compatible_tls_stream_is_refused_by_the_sender(ca: trustme.CA) -> None:
+    # It reads a killed receiver's bare TCP close (no close_notify) as a clean end of
+    # stream, which would pass for the receiver's confirmation of delivery.
+    async with tls_listener(ca) as (_, connect):
+        opened: list[trio.SSLStream[trio.abc.Stream]] = []
+
+        async def lenient(channel: int) -> trio.abc.Stream:
+            strict = await connect(channel)
+            assert isinstance(strict, trio.SSLStream)
+            stream = trio.SSLStream(
+                strict.transport_stream,
+                client_context(ca),
+                server_hostname="multifd.test",
+                https_compatible=True,
+            )
+            opened.append(stream)
+            return stream
+
+        with (
+            trio.fail_after(10),
+            pytest.raises(m.TransportError, match="https_compatible") as info,
+        ):
+            async with m.open_sender(lenient, channels=1):
+                pass
+    assert info.value.channel == 0
+    tcp = [stream.transport_stream for stream in opened]
+    assert all(isinstance(s, trio.SocketStream) and s.socket.fileno() == -1 for s in tcp)

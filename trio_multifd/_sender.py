@@ -497,6 +497,15 @@ class Sender:
                     channel=channel,
                 )
             self._streams.append(stream)
+            if _ragged_eof_allowed(stream):
+                await trio.aclose_forcefully(stream)
+                raise TransportError(
+                    "connect returned a trio.SSLStream made with https_compatible=True: it"
+                    " reads a bare TCP close (a receiver that was killed) as a clean end"
+                    " of stream, which would pass for the receiver's confirmation; use"
+                    " the default, https_compatible=False",
+                    channel=channel,
+                )
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
             features = Feature.CHECKSUMS if self._integrity else 0
             if transport.ends_in_band:
@@ -690,6 +699,18 @@ class Sender:
         stats.packets += 1
         stats.syncs += 1
         stats.bytes += len(header)
+
+
+def _ragged_eof_allowed(stream: trio.abc.Stream) -> bool:
+    # trio keeps the setting private; a TLS layer anywhere in the stack counts.
+    for _ in range(8):
+        if isinstance(stream, trio.SSLStream) and getattr(stream, "_https_compatible", False):
+            return True
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            return False
+        stream = inner
+    return False
 
 
 @asynccontextmanager
