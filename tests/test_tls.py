@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 import trio_multifd as m
@@ -140,3 +141,27 @@ async def test_an_https_compatible_tls_stream_is_refused_by_the_sender(ca: trust
     assert info.value.channel == 0
     tcp = [stream.transport_stream for stream in opened]
     assert all(isinstance(s, trio.SocketStream) and s.socket.fileno() == -1 for s in tcp)
+
+
+async def test_an_https_compatible_tls_stream_or_listener_is_refused_by_the_receiver(
+    ca: trustme.CA,
+) -> None:
+    # Its close sends no close_notify: a strict sender could never get its confirmation.
+    async with tls_listener(ca) as (listeners, _):
+        lenient_listener = trio.SSLListener(
+            listeners[0].transport_listener, server_context(ca), https_compatible=True
+        )
+        left, right = trio.testing.memory_stream_pair()
+        lenient_stream = trio.SSLStream(
+            left, server_context(ca), server_side=True, https_compatible=True
+        )
+        with trio.fail_after(10), trio.CancelScope() as leave:
+            async with m.open_receiver([m.RAMBlock("mem", pattern(PAGE))], channels=1) as r:
+                with pytest.raises(ValueError, match="https_compatible"):
+                    await r.serve([lenient_listener])
+                with pytest.raises(ValueError, match="https_compatible"):
+                    await r.add_channel(lenient_stream)
+                leave.cancel()  # no sender will come
+        with pytest.raises(trio.ClosedResourceError):
+            await left.send_all(b"x")  # add_channel closed the stream it refused
+        await right.aclose()

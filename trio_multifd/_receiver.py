@@ -54,6 +54,7 @@ from ._transport import (
     ReadySet,
     Transport,
     accept_into,
+    lenient_tls,
     open_transport,
     root_cause,
 )
@@ -74,6 +75,12 @@ from ._wire import (
 )
 
 __all__ = ["Receiver", "open_receiver"]
+
+_LENIENT_TLS = (
+    "a trio.SSLStream or SSLListener made with https_compatible=True sends no"
+    " close_notify when it closes: the sender could not tell the receiver's confirmation"
+    " from a crash; use the default, https_compatible=False"
+)
 
 # Zero pages are written from a view: slicing the bytes would copy them each time.
 _ZERO_VIEW = memoryview(ZEROS)
@@ -308,10 +315,15 @@ class Receiver:
             RuntimeError: The receiver's ``async with`` block is over: ``stream`` is closed,
                 as a failure, without being read, or after its handshake when that ended
                 after the block.
-            ValueError: ``stream`` was added before (it is left to its first channel).
+            ValueError: ``stream`` was added before (it is left to its first channel),
+                or is a TLS stream made with ``https_compatible=True`` (it is closed): its
+                close sends no ``close_notify``, so it could not confirm delivery.
         """
         if any(stream is added for added in self._streams):
             raise ValueError("this stream was added before: each channel needs its own")
+        if lenient_tls(stream):
+            await trio.aclose_forcefully(stream)
+            raise ValueError(_LENIENT_TLS)
         if self._closed:
             await open_transport(stream, channel=None).reset()
             raise self._over("no channel can be added")
@@ -414,7 +426,14 @@ class Receiver:
                 a ``trio.SSLListener`` for TLS). They stay open: closing them is the
                 caller's business.
             task_status: For ``nursery.start``; started once accepting has begun.
+
+        Raises:
+            ValueError: A listener is a ``trio.SSLListener`` made with
+                ``https_compatible=True`` (see :meth:`add_channel`).
         """
+
+        if any(lenient_tls(listener) for listener in listeners):
+            raise ValueError(_LENIENT_TLS)
 
         def done() -> bool:
             return len(self._connected) == self.channels or self._closed

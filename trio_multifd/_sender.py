@@ -41,7 +41,14 @@ from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
 from ._supervisor import Supervisor, logger
 from ._threads import WorkerRun, io_thread_count, thread_slot
-from ._transport import CANCEL_CHECK, SocketTransport, Transport, Turns, open_transport
+from ._transport import (
+    CANCEL_CHECK,
+    SocketTransport,
+    Transport,
+    Turns,
+    lenient_tls,
+    open_transport,
+)
 from ._wire import (
     HANDSHAKE_SIZE,
     Feature,
@@ -497,7 +504,7 @@ class Sender:
                     channel=channel,
                 )
             self._streams.append(stream)
-            if _ragged_eof_allowed(stream):
+            if lenient_tls(stream):
                 await trio.aclose_forcefully(stream)
                 raise TransportError(
                     "connect returned a trio.SSLStream made with https_compatible=True: it"
@@ -699,18 +706,6 @@ class Sender:
         stats.packets += 1
         stats.syncs += 1
         stats.bytes += len(header)
-
-
-def _ragged_eof_allowed(stream: trio.abc.Stream) -> bool:
-    # trio keeps the setting private; a TLS layer anywhere in the stack counts.
-    for _ in range(8):
-        if isinstance(stream, trio.SSLStream) and getattr(stream, "_https_compatible", False):
-            return True
-        inner = getattr(stream, "transport_stream", None)
-        if not isinstance(inner, trio.abc.Stream):
-            return False
-        stream = inner
-    return False
 
 
 @asynccontextmanager

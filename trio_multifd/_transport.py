@@ -45,6 +45,7 @@ __all__ = [
     "Transport",
     "Turns",
     "accept_into",
+    "lenient_tls",
     "open_transport",
 ]
 
@@ -698,6 +699,22 @@ async def accept_into(
             await trio.sleep(ACCEPT_PAUSE)
             continue
         nursery.start_soon(handled, stream)
+
+
+def lenient_tls(stream: trio.abc.Stream | trio.abc.Listener[trio.abc.Stream]) -> bool:
+    """Whether ``stream`` (or a listener's streams) has a TLS layer made with
+    ``https_compatible=True``: its close sends no ``close_notify`` and it reads a bare
+    TCP close as a clean end of stream, so a receiver's confirmation and its crash look
+    alike. trio keeps the setting private."""
+    for _ in range(8):
+        lenient = getattr(stream, "_https_compatible", False)
+        if isinstance(stream, trio.SSLStream | trio.SSLListener) and lenient:
+            return True
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            return False
+        stream = inner
+    return False
 
 
 def open_transport(
