@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from typing import TypeVar
 
 import pytest
 import trio
@@ -14,6 +15,8 @@ import trio_multifd as m
 from .helpers import PAGE, block_pair, landed, memory_channels, pattern, random_pages, shuffled
 from .proxy import TcpLink, unread_bytes
 from .transfer import transfer
+
+E = TypeVar("E", bound=m.MultiFDError)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4, 8])
@@ -198,18 +201,26 @@ async def test_round_barrier_lets_the_newer_round_win_over_a_delayed_channel() -
             await receiver.wait_closed()
 
 
-async def test_channel_ending_with_pages_after_its_last_sync_is_an_error() -> None:
+async def one_channel_failure(sent: bytes, error: type[E], *, then_eof: bool = False) -> E:
+    """The error a one-channel receiver of a 2-page block fails with on ``sent``."""
     target = m.RAMBlock("mem", pattern(2 * PAGE))
     connect, ends = memory_channels(1)
     s0 = await connect(0)
-    await s0.send_all(handshake(0) + make_packet("mem", {0: b"x" * PAGE}))
-    await s0.send_eof()  # type: ignore[attr-defined]
-    with trio.fail_after(10), pytest.raises(m.TransferIncompleteError) as info:
+    await s0.send_all(sent)
+    if then_eof:
+        await s0.send_eof()  # type: ignore[attr-defined]
+    with trio.fail_after(10), pytest.raises(error) as info:
         async with m.open_receiver([target], channels=1) as receiver:
             await receiver.add_channel(ends[0])
             await receiver.wait_closed()
     assert info.value.channel == 0
-    assert "after its last SYNC" in str(info.value)
+    return info.value
+
+
+async def test_channel_ending_with_pages_after_its_last_sync_is_an_error() -> None:
+    sent = handshake(0) + make_packet("mem", {0: b"x" * PAGE})
+    error = await one_channel_failure(sent, m.TransferIncompleteError, then_eof=True)
+    assert "after its last SYNC" in str(error)
 
 
 async def test_a_stream_ending_while_another_channel_waits_at_sync_fails_its_channel() -> None:
@@ -483,30 +494,14 @@ async def test_concurrent_receiver_syncs_keep_their_rounds_when_one_is_cancelled
 
 async def test_an_end_of_stream_flag_is_refused_on_a_channel_that_did_not_announce_it() -> None:
     # QEMU's channels end with the stream itself; bytes after the flag would go unread.
-    target = m.RAMBlock("mem", pattern(PAGE))
-    connect, ends = memory_channels(1)
-    s0 = await connect(0)
-    await s0.send_all(handshake(0) + sync_packet(0, m.Flag.SYNC | m.Flag.END_OF_STREAM))
-    with trio.fail_after(10), pytest.raises(m.FlagsError) as info:
-        async with m.open_receiver([target], channels=1) as receiver:
-            await receiver.add_channel(ends[0])
-            await receiver.wait_closed()
-    assert info.value.channel == 0
-    assert "did not announce it" in str(info.value)
+    sent = handshake(0) + sync_packet(0, m.Flag.SYNC | m.Flag.END_OF_STREAM)
+    assert "did not announce it" in str(await one_channel_failure(sent, m.FlagsError))
 
 
 async def test_an_end_of_stream_flag_without_sync_is_refused() -> None:
     # Only the final SYNC ends a stream; the flag elsewhere left the rest unread.
-    target = m.RAMBlock("mem", pattern(PAGE))
-    connect, ends = memory_channels(1)
-    s0 = await connect(0)
     announcing = m.encode_handshake(
         m.Handshake(uuid=uuid.UUID(int=7), channel_id=0, features=m.Feature.IN_BAND_END)
     )
-    await s0.send_all(announcing + sync_packet(0, m.Flag.END_OF_STREAM))
-    with trio.fail_after(10), pytest.raises(m.FlagsError) as info:
-        async with m.open_receiver([target], channels=1) as receiver:
-            await receiver.add_channel(ends[0])
-            await receiver.wait_closed()
-    assert info.value.channel == 0
-    assert "without SYNC" in str(info.value)
+    sent = announcing + sync_packet(0, m.Flag.END_OF_STREAM)
+    assert "without SYNC" in str(await one_channel_failure(sent, m.FlagsError))
