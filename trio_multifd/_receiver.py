@@ -697,12 +697,15 @@ class Receiver:
         if normal_runs:
             expected = header.normal_pages * page_size
             payload = header.next_packet_size
-            bound = self._method.payload_bound(expected)
             # Uncompressed, the payload is the pages: read straight into them, it must be
-            # their size exactly.
-            if not (1 <= payload <= bound) or (
-                not self._method.compresses and payload != expected
-            ):
+            # their size exactly (and no method call on the fastest path).
+            if self._method.compresses:
+                bound = self._method.payload_bound(expected)
+                fits = 1 <= payload <= bound
+            else:
+                bound = expected
+                fits = payload == expected
+            if not fits:
                 raise PayloadSizeError(
                     f"next_packet_size is {payload}, outside 1..{bound} for"
                     f" {header.normal_pages} pages of method {self._method.name!r}",
