@@ -311,6 +311,47 @@ def test_encoder_rejects_channel_id_beyond_a_byte() -> None:
         m.encode_handshake(m.Handshake(uuid=UUID, channel_id=256))
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"flags": 1.0}, "flags"),
+        ({"packet_num": "1"}, "packet_num"),
+        ({"offsets": (0, 4096.0)}, "offset"),
+        ({"block_name": b"b"}, "block_name"),
+    ],
+)
+def test_header_encoder_names_a_field_of_the_wrong_type_with_a_type_error(
+    changes: dict[str, object], field: str
+) -> None:
+    fields: dict[str, object] = {
+        "flags": 0,
+        "pages_alloc": 4,
+        "normal_pages": 2,
+        "next_packet_size": 0,
+        "packet_num": 0,
+        "block_name": "b",
+        "offsets": (0, 4096),
+    }
+    fields.update(changes)
+    with pytest.raises(TypeError, match=field):
+        m.encode_packet_header(m.PacketHeader(**fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"uuid": str(UUID), "channel_id": 0}, "uuid"),
+        ({"uuid": UUID, "channel_id": 1.0}, "channel_id"),
+        ({"uuid": UUID, "channel_id": 0, "features": "1"}, "features"),
+    ],
+)
+def test_handshake_encoder_names_a_field_of_the_wrong_type_with_a_type_error(
+    fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(TypeError, match=field):
+        m.encode_handshake(m.Handshake(**fields))  # type: ignore[arg-type]
+
+
 # -- fuzzing -------------------------------------------------------------------------------
 
 _VALID = bytes(header_bytes())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import struct
 import uuid as uuid_mod
 from collections.abc import Iterable, Sequence
@@ -246,14 +247,26 @@ def encode_handshake(handshake: Handshake) -> bytes:
 
     Raises:
         ValueError: The channel id does not fit a byte or the features word 64 bits.
+        TypeError: The uuid is not a :class:`uuid.UUID`, or the channel id or the
+            features word not an integer.
     """
-    if not 0 <= handshake.channel_id <= 255:
-        raise ValueError(f"channel_id must be 0..255, got {handshake.channel_id}")
-    if not 0 <= handshake.features <= _U64_MAX:
-        raise ValueError(f"features must fit 64 bits, got {handshake.features}")
-    return _HANDSHAKE.pack(
-        MAGIC, VERSION, handshake.uuid.bytes, handshake.channel_id, handshake.features, 0, 0, 0
-    )
+    if not isinstance(handshake.uuid, uuid_mod.UUID):
+        raise TypeError(f"uuid must be a uuid.UUID, got {type(handshake.uuid).__name__}")
+    channel_id = _checked_uint("channel_id", handshake.channel_id, 0xFF)
+    features = _checked_uint("features", handshake.features, _U64_MAX)
+    return _HANDSHAKE.pack(MAGIC, VERSION, handshake.uuid.bytes, channel_id, features, 0, 0, 0)
+
+
+def _checked_uint(name: str, value: object, limit: int) -> int:
+    # Checked here rather than left to struct: its error says neither which field nor
+    # that it is the caller's mistake (a TypeError), and attrs classes check no types.
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= number <= limit:
+        raise ValueError(f"{name} must be 0..{limit}, got {number}")
+    return number
 
 
 def decode_handshake(
@@ -326,43 +339,34 @@ def encode_packet_header(header: PacketHeader) -> bytes:
     Offset slots past ``normal_pages + zero_pages`` are zero.
 
     Raises:
-        ValueError: A count does not fit its field or ``pages_alloc``, the block name is
-            longer than 255 bytes of UTF-8 or contains NUL, or the number of offsets
-            differs from ``normal_pages + zero_pages``.
+        ValueError: A count does not fit its field or ``pages_alloc``, an offset does
+            not fit 64 bits, the block name is longer than 255 bytes of UTF-8 or
+            contains NUL, or the number of offsets differs from
+            ``normal_pages + zero_pages``.
+        TypeError: A count or an offset is not an integer, or the block name not a str.
     """
-    for name in ("flags", "pages_alloc", "normal_pages", "next_packet_size", "zero_pages"):
-        value = getattr(header, name)
-        if not 0 <= value <= _U32_MAX:
-            raise ValueError(f"{name} must fit 32 bits, got {value}")
-    for name in ("packet_num", "header_checksum", "payload_checksum"):
-        value = getattr(header, name)
-        if not 0 <= value <= _U64_MAX:
-            raise ValueError(f"{name} must fit 64 bits, got {value}")
-    used = header.normal_pages + header.zero_pages
-    if used > header.pages_alloc:
+    counts = {
+        name: _checked_uint(name, getattr(header, name), _U32_MAX)
+        for name in ("flags", "pages_alloc", "normal_pages", "next_packet_size", "zero_pages")
+    }
+    counts.update(
+        (name, _checked_uint(name, getattr(header, name), _U64_MAX))
+        for name in ("packet_num", "header_checksum", "payload_checksum")
+    )
+    used = counts["normal_pages"] + counts["zero_pages"]
+    if used > counts["pages_alloc"]:
         raise ValueError(
-            f"normal_pages + zero_pages = {used} exceeds pages_alloc {header.pages_alloc}"
+            f"normal_pages + zero_pages = {used} exceeds pages_alloc {counts['pages_alloc']}"
         )
     if len(header.offsets) != used:
         raise ValueError(f"{len(header.offsets)} offsets given for {used} pages")
+    offsets = [_checked_uint("an offset", offset, _U64_MAX) for offset in header.offsets]
+    if not isinstance(header.block_name, str):
+        raise TypeError(f"block_name must be a str, got {type(header.block_name).__name__}")
     raw_name = header.block_name.encode()
     if len(raw_name) >= BLOCK_NAME_SIZE or b"\0" in raw_name:
         raise ValueError(f"block name must be at most 255 bytes without NUL: {raw_name!r}")
-    try:
-        return pack_packet_header(
-            flags=header.flags,
-            pages_alloc=header.pages_alloc,
-            normal_pages=header.normal_pages,
-            next_packet_size=header.next_packet_size,
-            packet_num=header.packet_num,
-            zero_pages=header.zero_pages,
-            raw_name=raw_name,
-            offsets=header.offsets,
-            header_checksum=header.header_checksum,
-            payload_checksum=header.payload_checksum,
-        )
-    except struct.error as exc:
-        raise ValueError(f"offsets must fit 64 bits: {exc}") from None
+    return pack_packet_header(raw_name=raw_name, offsets=offsets, **counts)
 
 
 @functools.cache
