@@ -892,6 +892,15 @@ def test_register_takes_only_methods() -> None:
         register_method(XorMethod)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("attribute", ["name", "flag", "levels", "default_level", "compresses"])
+def test_a_method_without_one_of_its_class_attributes_is_a_type_error(attribute: str) -> None:
+    body = {key: value for key, value in vars(XorMethod).items() if key != attribute}
+    partial = type("Partial", (Method,), body)()
+    with pytest.raises(TypeError, match=f"Partial does not set .*{attribute}"):
+        register_method(partial)
+    assert "xor-test" not in methods()
+
+
 @pytest.mark.parametrize("name", ["none", "zlib", "zstd"])
 def test_builtins_cannot_be_unregistered(name: str) -> None:
     with pytest.raises(ValueError, match="built-in"):

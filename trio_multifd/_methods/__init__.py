@@ -52,9 +52,19 @@ def _known_names() -> str:
         return ", ".join(sorted(_by_name))
 
 
+# The class attributes a Method subclass must set: the ABC checks only the methods.
+_ATTRIBUTES = ("name", "flag", "levels", "default_level", "compresses")
+
+
 def _check(method: Method) -> None:
     if not isinstance(method, Method):
         raise TypeError(f"expected a Method instance, got {type(method).__name__}")
+    missing = [attribute for attribute in _ATTRIBUTES if not hasattr(method, attribute)]
+    if missing:
+        raise TypeError(
+            f"{type(method).__name__} does not set the class attributes a method needs:"
+            f" {', '.join(missing)}"
+        )
     name, flag = method.name, method.flag
     if not isinstance(name, str) or not name:
         raise ValueError(f"a method's name must be a non-empty str, got {name!r}")
@@ -102,7 +112,8 @@ def register_method(method: Method) -> None:
             only for a method whose payloads are QEMU's (``qemu_compatible = True``).
 
     Raises:
-        TypeError: ``method`` is not a :class:`Method`.
+        TypeError: ``method`` is not a :class:`Method`, or its class does not set one of
+            ``name``, ``flag``, ``levels``, ``default_level`` and ``compresses``.
         ValueError: The name or the flag is taken or invalid, the levels are
             inconsistent, or the method does not compress.
     """
