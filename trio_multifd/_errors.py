@@ -159,7 +159,8 @@ class PayloadSizeError(ProtocolError):
 
 
 class TruncatedError(ProtocolError):
-    """The stream ended inside a handshake, a header or a payload, or inside a round."""
+    """The stream ended inside a handshake, a header or a payload (a clean end inside a
+    round is a :class:`TransferIncompleteError`)."""
 
 
 class DecompressionError(ProtocolError):
@@ -202,10 +203,11 @@ class TransferIncompleteError(MultiFDError):
 
 
 class MappingError(MultiFDError):
-    """Pages of a block backed by an ``mmap.mmap`` could not be made present: the
-    file behind the mapping is shorter than the block (truncated), or its file system is
-    full. Raised when the engine faults a packet's pages in, before it touches them,
-    instead of the ``SIGBUS`` that touching them would be."""
+    """Pages of a block over a mapped file (an ``mmap`` of a file, a view or slice of
+    one, a numpy ``memmap``) could not be made present: the file behind the mapping is
+    shorter than the block (truncated), or its file system is full. Raised when the
+    engine faults a packet's pages in, before it touches them, instead of the ``SIGBUS``
+    that touching them would be."""
 
 
 class DeliveryError(MultiFDError):

@@ -90,7 +90,8 @@ class Flag(enum.IntFlag):
     DEVICE_STATE = 0x40
     """QEMU 10's device-state packets, not supported here and always rejected."""
     END_OF_STREAM = 0x20000000
-    """This SYNC is the sender's last, on streams that are not sockets (trio_multifd)."""
+    """This SYNC is the sender's last, on streams without a reset, all but TCP
+    (trio_multifd)."""
     FINAL_ROUND = 0x40000000
     """This SYNC closes the final pre-copy round (trio_multifd)."""
     CHECKSUMS = 0x80000000
