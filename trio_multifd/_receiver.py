@@ -850,7 +850,11 @@ async def open_receiver(
             cores (at least one).
 
     Raises:
-        ValueError: A bad argument (no blocks, read-only or mixed page sizes, method).
+        ValueError: A bad argument (no blocks, read-only or mixed page sizes, two blocks
+            with one name, channel count, method, timeouts).
+        TypeError: An argument of the wrong type (a block that is not a
+            :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a method name
+            not a str).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     receiver = Receiver(

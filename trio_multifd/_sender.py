@@ -337,7 +337,8 @@ class Sender:
         page is queued.
 
         Raises:
-            ValueError: An offset is not a page-aligned offset in the block.
+            ValueError: An offset is not a page-aligned offset in the block, or the
+                block's page size differs from the sender's.
             TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an integer.
             RuntimeError: The sender's ``async with`` block has exited or is exiting, so
                 the pages would never be sent; or the transfer ended while this call
@@ -759,6 +760,8 @@ async def open_sender(
 
     Raises:
         ValueError: A bad argument (channel count, method, level, page size).
+        TypeError: An argument of the wrong type (a ``uuid`` that is not a
+            :class:`uuid.UUID`, a level that is not an int, a method name not a str).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     sender = Sender(
