@@ -278,6 +278,21 @@ def test_unused_offset_slots_are_not_decoded() -> None:
 # -- encoder misuse ------------------------------------------------------------------------
 
 
+def _header_fields(changes: dict[str, object]) -> dict[str, object]:
+    # A valid header's fields (two pages at 0 and 4096), with ``changes`` applied.
+    fields: dict[str, object] = {
+        "flags": 0,
+        "pages_alloc": 4,
+        "normal_pages": 2,
+        "next_packet_size": 0,
+        "packet_num": 0,
+        "block_name": "b",
+        "offsets": (0, 4096),
+    }
+    fields.update(changes)
+    return fields
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -292,18 +307,23 @@ def test_unused_offset_slots_are_not_decoded() -> None:
     ],
 )
 def test_encoder_rejects_bad_inputs(changes: dict[str, object]) -> None:
-    fields: dict[str, object] = {
-        "flags": 0,
-        "pages_alloc": 4,
-        "normal_pages": 2,
-        "next_packet_size": 0,
-        "packet_num": 0,
-        "block_name": "b",
-        "offsets": (0, 4096),
-    }
-    fields.update(changes)
+    fields = _header_fields(changes)
     with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
         m.encode_packet_header(m.PacketHeader(**fields))  # type: ignore[arg-type]
+
+
+def test_header_encoder_given_the_page_size_rejects_an_offset_not_a_multiple_of_it() -> None:
+    header = m.PacketHeader(**_header_fields({"offsets": (0, 6144)}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="offset 6144 is not a multiple of page_size 4096"):
+        m.encode_packet_header(header, page_size=4096)
+    # The same offsets are whole pages of 2 KiB.
+    assert m.encode_packet_header(header, page_size=2048) == m.encode_packet_header(header)
+
+
+def test_header_encoder_rejects_an_invalid_page_size() -> None:
+    header = m.PacketHeader(**_header_fields({}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="page_size"):
+        m.encode_packet_header(header, page_size=3000)
 
 
 def test_encoder_rejects_channel_id_beyond_a_byte() -> None:
@@ -323,16 +343,7 @@ def test_encoder_rejects_channel_id_beyond_a_byte() -> None:
 def test_header_encoder_names_a_field_of_the_wrong_type_with_a_type_error(
     changes: dict[str, object], field: str
 ) -> None:
-    fields: dict[str, object] = {
-        "flags": 0,
-        "pages_alloc": 4,
-        "normal_pages": 2,
-        "next_packet_size": 0,
-        "packet_num": 0,
-        "block_name": "b",
-        "offsets": (0, 4096),
-    }
-    fields.update(changes)
+    fields = _header_fields(changes)
     with pytest.raises(TypeError, match=field):
         m.encode_packet_header(m.PacketHeader(**fields))  # type: ignore[arg-type]
 

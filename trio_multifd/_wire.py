@@ -334,16 +334,23 @@ def decode_handshake(
     return Handshake(uuid=peer_uuid, channel_id=channel_id, features=features)
 
 
-def encode_packet_header(header: PacketHeader) -> bytes:
+def encode_packet_header(header: PacketHeader, *, page_size: int | None = None) -> bytes:
     """Return the wire bytes of ``header``: ``header_size(header.pages_alloc)`` bytes.
 
     Offset slots past ``normal_pages + zero_pages`` are zero.
 
+    Args:
+        header: The header to encode.
+        page_size: The transfer's page size: when given, every offset must be a multiple
+            of it. A header carries no page size, so without it alignment is not checked
+            (tests of a receiver's checks encode misaligned offsets on purpose).
+
     Raises:
         ValueError: A count does not fit its field or ``pages_alloc``, an offset does
-            not fit 64 bits, the block name is longer than 255 bytes of UTF-8 or
-            contains NUL, or the number of offsets differs from
-            ``normal_pages + zero_pages``.
+            not fit 64 bits or is not a multiple of ``page_size``, ``page_size`` is not
+            a valid page size (see :func:`page_count_for`), the block name is longer
+            than 255 bytes of UTF-8 or contains NUL, or the number of offsets differs
+            from ``normal_pages + zero_pages``.
         TypeError: A count or an offset is not an integer, or the block name not a str.
     """
     counts = {
@@ -362,6 +369,11 @@ def encode_packet_header(header: PacketHeader) -> bytes:
     if len(header.offsets) != used:
         raise ValueError(f"{len(header.offsets)} offsets given for {used} pages")
     offsets = [_checked_uint("an offset", offset, _U64_MAX) for offset in header.offsets]
+    if page_size is not None:
+        page_count_for(page_size)
+        misaligned = next((offset for offset in offsets if offset % page_size), None)
+        if misaligned is not None:
+            raise ValueError(f"offset {misaligned} is not a multiple of page_size {page_size}")
     if not isinstance(header.block_name, str):
         raise TypeError(f"block_name must be a str, got {type(header.block_name).__name__}")
     raw_name = header.block_name.encode()
