@@ -335,10 +335,30 @@ async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None
                     await body(sender)
             # The application only now looks at the rounds: the mark is already known.
             finals.append(receiver.final_round)
+            marked = [receiver.is_final_round(number) for number in (1, 2, 3)]
             assert await receiver.sync() == 1
             assert await receiver.sync() == 2
             await receiver.wait_closed()
     assert finals == [2]
+    assert marked == [False, True, False]
+    assert dst.view == src.view
+
+
+async def test_unsynced_pages_counts_the_pages_no_round_covers_yet() -> None:
+    src, dst = block_pair("mem", 300, seed=22)
+    counts: list[int] = []
+
+    async def body(sender: m.Sender) -> None:
+        counts.append(sender.unsynced_pages)
+        await sender.queue_page(src, 0)  # gathered, not yet a packet
+        await sender.queue_pages(src, range(0, 300 * PAGE, PAGE))
+        counts.append(sender.unsynced_pages)
+        await sender.sync()
+        counts.append(sender.unsynced_pages)
+
+    with trio.fail_after(20):
+        await transfer([src], [dst], body, channels=2)
+    assert counts == [0, 301, 0]
     assert dst.view == src.view
 
 

@@ -436,7 +436,7 @@ async def precopy(
             f" {sender.page_size}"
         )
     started = time.perf_counter()
-    if sender._unsynced:
+    if sender.unsynced_pages:
         # Pages queued with no SYNC after them (by an earlier call that was cancelled, or
         # by the application) would share round 1, whose packets on other channels land
         # in any order: such a page's older copy could land last, and no later round
@@ -620,7 +620,7 @@ class _Follower:
                         seconds=now - last_time,
                         dirty_after=None,
                         expected_downtime=None,
-                        final=receiver._is_final_round(number),
+                        final=receiver.is_final_round(number),
                     )
                 )
                 self.last = pages, page_bytes, now

@@ -221,8 +221,15 @@ class Receiver:
         """
         return max(self._barrier.final_rounds, default=None)
 
-    def _is_final_round(self, number: int) -> bool:
-        """Whether round ``number`` is complete and was marked final."""
+    def is_final_round(self, number: int) -> bool:
+        """Whether round ``number`` is complete and every channel's SYNC packet of it
+        carried ``FINAL_ROUND`` (the sender called ``sync(final_round=True)``).
+
+        Unlike :attr:`final_round`, which names only the latest such round, this answers
+        for any round: several migrations may share the channels, and one that follows
+        the rounds behind the others must still recognise its own final round (as
+        :func:`~trio_multifd.receive_precopy` does).
+        """
         return number in self._barrier.final_rounds
 
     # -- waiting ------------------------------------------------------------------------------

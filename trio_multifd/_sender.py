@@ -276,8 +276,8 @@ class Sender:
         self._pending: list[int] = []
         self._packet_num = itertools.count()
         self._rounds = 0
-        # Whether pages were queued since the last SYNC round was queued.
-        self._unsynced = False
+        # Pages queued since the last SYNC round was queued.
+        self._unsynced_pages = 0
         # Every stream connect returned, to refuse one returned twice.
         self._streams: list[trio.abc.Stream] = []
         self._connected = 0
@@ -293,6 +293,19 @@ class Sender:
         self._threads = trio.CapacityLimiter(channels)
 
     # -- the application's side -------------------------------------------------------------
+
+    @property
+    def unsynced_pages(self) -> int:
+        """How many pages were queued since the last SYNC round was started (a page
+        queued twice counts twice): no round covers them yet, the next :meth:`sync` (or
+        the exit's last round) will.
+
+        A page whose older copy is still in flight on another channel may land after its
+        newer copy; only a SYNC round between them orders the two (see
+        :func:`~trio_multifd.precopy`, which starts with a round of its own when this is
+        not 0).
+        """
+        return self._unsynced_pages
 
     def _check(self, block: RAMBlock) -> None:
         if not isinstance(block, RAMBlock):
@@ -379,8 +392,7 @@ class Sender:
             block.check_offset(bad)
 
     async def _add(self, block: RAMBlock, offsets: Sequence[int]) -> None:
-        if offsets:
-            self._unsynced = True
+        self._unsynced_pages += len(offsets)
         if self._pending_block is not block:
             self._flush()
             self._pending_block = block
@@ -434,7 +446,7 @@ class Sender:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open("no SYNC round can be started")
         self._flush()
-        self._unsynced = False
+        self._unsynced_pages = 0
         self._rounds += 1
         sync_round = _SyncRound(
             number=self._rounds,
