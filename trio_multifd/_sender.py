@@ -9,7 +9,9 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
 - queued pages reach the threads as batches of offsets (a ``range`` stays a ``range``)
   in one thread-safe job queue; whichever thread is idle first carves the next packet
   off the batch at its head (the ``channels_ready`` scan), so queueing a whole block
-  costs the Trio side one call and no trip through Trio per packet;
+  costs the Trio side one call and no trip through Trio per packet; which pages form
+  each packet is plain state in ``_batching`` (no Trio, no threads), this module holds
+  its locks and does the waiting and the waking;
 - queueing waits while more than a few packets' worth of pages wait for a channel
   (backpressure); the Trio side waits on a ``trio.Event`` that a worker thread sets
   through the Trio token only when someone waits;
@@ -21,10 +23,8 @@ QEMU's sender hands full page batches to idle channel threads through semaphores
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
-import operator
 import threading
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -34,6 +34,7 @@ from typing import SupportsIndex, final
 import attrs
 import trio
 
+from ._batching import JobLine, PacketGatherer, SyncTokens, checked_offsets
 from ._block import RAMBlock, index_of, make_present, raise_mapping_fault
 from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
@@ -77,7 +78,7 @@ _ZERO_PAGE_MODES = ("multifd", "none")
 
 
 @attrs.define(eq=False, kw_only=True)
-class _SyncRound:
+class _SyncRound(SyncTokens):
     """A SYNC round as the worker threads see it: every channel writes one SYNC packet."""
 
     number: int
@@ -85,10 +86,6 @@ class _SyncRound:
     closing: bool
     # The application's sync(final_round=True): flag FINAL_ROUND on the packets.
     final_round: bool
-    # Channels whose SYNC packet is not written yet.
-    remaining: int
-    # Channels that have not yet taken the round (each takes it exactly once).
-    untaken: int
     # Set by the worker thread that writes the round's last SYNC packet: the threading
     # event releases the other worker threads, the Trio event the application.
     written: trio.Event = attrs.Factory(trio.Event)
@@ -125,33 +122,31 @@ class _Crew:
 
 @final
 class _JobQueue:
-    """The worker threads' work in queueing order: page batches and SYNC tokens.
+    """A :class:`~trio_multifd._batching.JobLine` shared by the Trio side and the worker
+    threads: its lock, a condition for idle threads, and the Trio side's wait for room.
 
-    A worker thread takes a SYNC round's tokens, one per channel it serves, or carves a
-    packet of at most ``page_count`` pages off a batch; the batch leaves the queue with
-    its last page. The Trio side waits while more than ``limit`` queued pages are not yet
-    taken; a worker thread wakes it through the Trio token only when it waits.
+    The Trio side waits while the line has no room; a worker thread wakes it through the
+    Trio token only when it waits.
     """
 
     def __init__(self, page_count: int, limit: int, token: trio.lowlevel.TrioToken) -> None:
-        self._jobs: collections.deque[PageBatch | _SyncRound] = collections.deque()
-        self._taken = 0  # pages of the head batch already carved off
-        self._queued = 0  # pages queued and not yet carved off
+        self._line: JobLine[_SyncRound] = JobLine(page_count, limit)
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
-        self._page_count = page_count
-        self._limit = limit
+        # Threads waiting on _not_empty: with none, notify() (two Python calls per packet
+        # of a batch) is skipped.
+        self._idle = 0
         self._waiter: trio.Event | None = None
         self._token = token
         self._closed = False
 
-    def put(self, job: PageBatch | _SyncRound) -> None:
-        """Append a job (the Trio side)."""
+    def put(self, jobs: Iterable[PageBatch | _SyncRound]) -> None:
+        """Append jobs (the Trio side)."""
         with self._lock:
-            self._jobs.append(job)
-            if isinstance(job, PageBatch):
-                self._queued += len(job.offsets)
-            self._not_empty.notify()
+            for job in jobs:
+                self._line.put(job)
+            if self._idle:
+                self._not_empty.notify()
 
     async def wait_for_room(self) -> None:
         """Wait until at most ``limit`` queued pages are not yet taken (the Trio side).
@@ -163,7 +158,7 @@ class _JobQueue:
             with self._lock:
                 if self._closed:
                     raise RuntimeError("the sender closed before these pages were sent")
-                if self._queued <= self._limit:
+                if self._line.has_room:
                     return
                 # One event for every waiting task (two tasks may queue at once).
                 if self._waiter is None:
@@ -185,29 +180,19 @@ class _JobQueue:
         channels, that many of a SYNC round's tokens, waiting up to ``timeout`` seconds
         for a job (a worker thread)."""
         waiter = None
+        line = self._line
         with self._lock:
-            if not self._jobs:
+            job = line.take(channels)
+            if job is None:
+                self._idle += 1
                 self._not_empty.wait(timeout)
-                if not self._jobs:
+                self._idle -= 1
+                job = line.take(channels)
+                if job is None:
                     return None
-            head = self._jobs[0]
-            if isinstance(head, _SyncRound):
-                head.untaken -= channels
-                assert head.untaken >= 0, "a thread took a SYNC round's tokens twice"
-                if not head.untaken:
-                    self._jobs.popleft()
-                job: PageBatch | _SyncRound = head
-            else:
-                start = self._taken
-                self._taken += self._page_count
-                job = PageBatch(head.block, head.offsets[start : self._taken])
-                if self._taken >= len(head.offsets):
-                    self._jobs.popleft()
-                    self._taken = 0
-                self._queued -= len(job.offsets)
-                if self._waiter is not None and self._queued <= self._limit:
-                    waiter, self._waiter = self._waiter, None
-            if self._jobs:
+            if self._waiter is not None and line.has_room:
+                waiter, self._waiter = self._waiter, None
+            if self._idle and line.has_jobs:
                 # A batch of many packets: the next idle thread takes the next one.
                 self._not_empty.notify()
         if waiter is not None:
@@ -272,12 +257,9 @@ class Sender:
         self._token = trio.lowlevel.current_trio_token()
         self._jobs = _JobQueue(self._page_count, 2 * channels * self._page_count, self._token)
         # Pages queued one by one gather here until they fill a packet.
-        self._pending_block: RAMBlock | None = None
-        self._pending: list[int] = []
+        self._gatherer = PacketGatherer(self._page_count)
         self._packet_num = itertools.count()
         self._rounds = 0
-        # Pages queued since the last SYNC round was queued.
-        self._unsynced_pages = 0
         # Every stream connect returned, to refuse one returned twice.
         self._streams: list[trio.abc.Stream] = []
         self._connected = 0
@@ -305,7 +287,7 @@ class Sender:
         :func:`~trio_multifd.precopy`, which starts with a round of its own when this is
         not 0).
         """
-        return self._unsynced_pages
+        return self._gatherer.unsynced
 
     def _check(self, block: RAMBlock) -> None:
         if not isinstance(block, RAMBlock):
@@ -359,64 +341,15 @@ class Sender:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(block)
-        if isinstance(offsets, range):
-            self._check_range(block, offsets)
-            await self._add(block, offsets)
-        else:
-            # Plain ints from here on (numpy's integers become ints; floats fail).
-            chunk = list(map(index_of, offsets))
-            self._check_offsets(block, chunk)
-            await self._add(block, chunk)
-
-    def _check_range(self, block: RAMBlock, offsets: range) -> None:
-        # Checked by its ends and step: O(1) however many pages it covers.
-        if not offsets:
-            return
-        if offsets.step % self.page_size:
-            raise ValueError(
-                f"block {block.name!r}: a range step of {offsets.step} is not a multiple of"
-                f" the page size {self.page_size}"
-            )
-        block.check_offset(offsets[0])
-        block.check_offset(offsets[-1])
-
-    def _check_offsets(self, block: RAMBlock, chunk: list[int]) -> None:
-        if not chunk:
-            return
-        low, high = min(chunk), max(chunk)
-        aligned = not functools.reduce(operator.or_, chunk) % self.page_size
-        if low < 0 or high > block.size - self.page_size or not aligned:
-            bad = next(
-                o for o in chunk if o < 0 or o > block.size - self.page_size or o % self.page_size
-            )
-            block.check_offset(bad)
+        await self._add(block, checked_offsets(block, offsets))
 
     async def _add(self, block: RAMBlock, offsets: Sequence[int]) -> None:
-        self._unsynced_pages += len(offsets)
-        if self._pending_block is not block:
-            self._flush()
-            self._pending_block = block
-        count = self._page_count
-        if self._pending:
-            # Top up the pages gathered one by one to a full packet first.
-            room = count - len(self._pending)
-            self._pending.extend(offsets[:room])
-            offsets = offsets[room:]
-            if len(self._pending) < count:
-                return
-            self._flush()
-        whole = len(offsets) - len(offsets) % count
-        if whole:
-            # A list slice is a copy: the caller may reuse its list.
-            self._jobs.put(PageBatch(block, offsets[:whole]))
-        self._pending.extend(offsets[whole:])
+        batches = self._gatherer.add(block, offsets)
+        if batches is None:
+            # The pages joined a packet that an earlier call already waited for.
+            return
+        self._jobs.put(batches)
         await self._jobs.wait_for_room()
-
-    def _flush(self) -> None:
-        if self._pending:
-            assert self._pending_block is not None
-            self._jobs.put(PageBatch(self._pending_block, self._pending))
-            self._pending = []
 
     async def sync(self, *, final_round: bool = False) -> int:
         """Flush the queued pages and send a SYNC packet on every channel.
@@ -445,8 +378,6 @@ class Sender:
         if not final:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open("no SYNC round can be started")
-        self._flush()
-        self._unsynced_pages = 0
         self._rounds += 1
         sync_round = _SyncRound(
             number=self._rounds,
@@ -455,7 +386,8 @@ class Sender:
             remaining=self.channels,
             untaken=self.channels,
         )
-        self._jobs.put(sync_round)
+        # The pages gathered so far go before the round's tokens: the round covers them.
+        self._jobs.put((*self._gatherer.end_round(), sync_round))
         self._unwritten.append(sync_round)
         try:
             await sync_round.written.wait()
@@ -652,8 +584,7 @@ class Sender:
             for link in links:
                 self._send_sync(link, job)
             with job.lock:
-                job.remaining -= len(links)
-                last = not job.remaining
+                last = job.write(len(links))
             if last:
                 job.all_written.set()
                 self._token.run_sync_soon(job.written.set)
