@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import uuid
 from typing import Any
 
 import pytest
@@ -14,9 +15,9 @@ import trio
 import trio_multifd as m
 from trio_multifd._transport import SocketTransport, Turns, open_transport
 
-from .helpers import PAGE, block_pair, run_both_ends, shuffled
+from .helpers import PAGE, block_pair, pattern, run_both_ends, shuffled
 from .proxy import TamperStream, TcpLink, damaged_pages, run_faulty_transfer
-from .test_engine import handshake, sync_packet
+from .test_engine import handshake, make_packet, sync_packet
 from .transfer import listening, transfer
 
 
@@ -195,6 +196,55 @@ async def test_a_channel_reset_while_parked_at_sync_fails_the_receiver_at_once(
             assert link.all_closed("receiver")
     assert info.value.channel == 0
     assert "waiting at SYNC 1" in str(info.value)
+
+
+@pytest.mark.parametrize("io_threads", [1, 2])
+async def test_a_unix_channel_closed_at_its_sync_by_a_sender_without_in_band_end_completes(
+    io_threads: int,
+) -> None:
+    # QEMU closes each channel once it has written everything. Channel 0 is closed
+    # while it waits at SYNC 1 for channel 1, whose page comes later: on a Unix socket
+    # that close is a hang-up to poll, and it must not pass for the sender's failure.
+    pages = [bytes([channel + 1]) * PAGE for channel in (0, 1)]
+    target = pattern(2 * PAGE)
+    with trio.fail_after(5):
+        async with m.open_receiver(
+            [m.RAMBlock("mem", target)], channels=2, io_threads=io_threads
+        ) as receiver:
+            for channel in (0, 1):
+                theirs, ours = trio.socket.socketpair(socket.AF_UNIX)
+                sender = trio.SocketStream(theirs)
+                await sender.send_all(
+                    handshake(channel)
+                    + make_packet("mem", {channel * PAGE: pages[channel]})
+                    + sync_packet(num=1)
+                )
+                await sender.aclose()
+                await receiver.add_channel(trio.SocketStream(ours))
+                # Channel 0 parks at its SYNC, then hangs up, while channel 1 waits.
+                while receiver.stats.channels[channel].syncs < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)
+            await receiver.wait_closed()
+            assert receiver.rounds_completed == 1
+    assert target == b"".join(pages)
+
+
+async def test_a_unix_channel_that_announced_its_in_band_end_hanging_up_at_a_sync_fails() -> None:
+    # Its end comes in band, so a close before it is the sender's failure, found while
+    # the channel waits at SYNC 1 for channel 1, which never comes.
+    announced = m.Handshake(uuid=uuid.UUID(int=7), channel_id=0, features=m.Feature.IN_BAND_END)
+    with trio.fail_after(5):
+        with pytest.raises(m.TransportError) as info:
+            async with m.open_receiver([m.RAMBlock("mem", pattern(PAGE))], channels=2) as receiver:
+                theirs, ours = trio.socket.socketpair(socket.AF_UNIX)
+                sender = trio.SocketStream(theirs)
+                await sender.send_all(m.encode_handshake(announced) + sync_packet(num=1))
+                await sender.aclose()
+                await receiver.add_channel(trio.SocketStream(ours))
+                await receiver.wait_closed()
+    assert info.value.channel == 0
+    assert "hung up while waiting at SYNC 1" in str(info.value)
 
 
 async def test_a_sending_thread_passes_over_a_channel_without_room() -> None:

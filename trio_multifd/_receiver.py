@@ -568,34 +568,47 @@ class Receiver:
                 if not reading:
                     trio.from_thread.check_cancelled()
                     for link in reading.wait(block=False):
-                        self._parked_broke(link)
+                        self._parked_hung_up(link, reading)
                     continue
             ready = reading.wait()
             # Per batch of packets, not only when idle: a busy thread must notice too.
             trio.from_thread.check_cancelled()
             for link in ready:
                 if link.parked:
-                    self._parked_broke(link)
-                try:
-                    self._receive_packet(link)
-                except MultiFDError as exc:
-                    if exc.channel is None:
-                        exc.channel = link.channel
-                    raise
-                reading.spinner.moved = True
+                    self._parked_hung_up(link, reading)
+                    continue
+                self._read_packet(link, reading)
                 if link.ended:
-                    reading.remove(link.transport, link)
                     links.remove(link)
                     with progress:
                         crew.expected.discard(link.channel)
-                elif link.parked:
-                    reading.park(link.transport, link)
 
-    @staticmethod
-    def _parked_broke(link: _Link) -> None:
+    def _read_packet(self, link: _Link, reading: ReadySet[_Link]) -> None:
+        """Receive one packet of ``link`` and stop reading it if it ended or parked."""
+        try:
+            self._receive_packet(link)
+        except MultiFDError as exc:
+            if exc.channel is None:
+                exc.channel = link.channel
+            raise
+        reading.spinner.moved = True
+        if link.ended:
+            reading.remove(link.transport, link)
+        elif link.parked:
+            reading.park(link.transport, link)
+
+    def _parked_hung_up(self, link: _Link, reading: ReadySet[_Link]) -> None:
         # A parked channel is polled for a reset or hang-up only, so the transfer fails
-        # at once rather than when its round completes (which it may never do).
-        link.transport.raise_broken_sync(f"waiting at SYNC {link.parked}")
+        # at once rather than when its round completes (which it may never do). But a
+        # sender without an in-band end (QEMU) closes each channel once it has written
+        # everything, and on a Unix socket a close shows as a hang-up: that is no
+        # failure. Such a channel is polled no more; what it holds after its SYNC (more
+        # packets, its end) is read once the round completes, as over TCP.
+        link.transport.check_hang_up_sync(
+            f"waiting at SYNC {link.parked}",
+            plain_close_is_end=link.channel not in self._in_band_end,
+        )
+        reading.mute(link.transport, link)
 
     def _receive_packet(self, link: _Link) -> None:
         """Read and apply one packet of ``link``'s channel (its first byte is there or

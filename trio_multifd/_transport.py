@@ -281,9 +281,12 @@ class Transport:
         """:meth:`receive_or_eof`, from a worker thread."""
         return trio.from_thread.run(self.receive_or_eof, view, what)
 
-    def raise_broken_sync(self, doing: str) -> None:
-        """Raise the error of a channel that poll reported reset or hung up."""
-        raise TransportError(f"the peer hung up while {doing}", channel=self.channel)
+    def check_hang_up_sync(self, doing: str, *, plain_close_is_end: bool) -> None:
+        """Raise the error of a channel that poll reported reset or hung up; with
+        ``plain_close_is_end``, a plain close (no error on the stream) is none: what the
+        peer wrote before it is still to be read, its end included."""
+        if not plain_close_is_end:
+            raise TransportError(f"the peer hung up while {doing}", channel=self.channel)
 
     def close_sync_side(self) -> None:
         """Release what the thread side holds (nothing for generic streams)."""
@@ -495,11 +498,11 @@ class SocketTransport(Transport):
             f"the receiver {what} while {doing}: it failed or left", channel=self.channel
         )
 
-    def raise_broken_sync(self, doing: str) -> None:
+    def check_hang_up_sync(self, doing: str, *, plain_close_is_end: bool) -> None:
         error = self._sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_ERROR)
         if error:
             raise self._broken(OSError(error, os.strerror(error)), doing)
-        super().raise_broken_sync(doing)
+        super().check_hang_up_sync(doing, plain_close_is_end=plain_close_is_end)
 
     def send_parts_sync(self, parts: Sequence[Buffer]) -> None:
         buffers = [memoryview(p) for p in parts]
@@ -575,6 +578,8 @@ class ReadySet(Generic[T]):
         self._sockets: dict[int, T] = {}
         self._streams: list[T] = []
         self._parked: set[int] = set()
+        # Parked sockets polled no more, not even for a hang-up (see mute()).
+        self._muted: set[int] = set()
         self.spinner = _Spinner()
 
     def __len__(self) -> int:
@@ -599,10 +604,21 @@ class ReadySet(Generic[T]):
         else:
             self._streams.remove(item)
 
+    def mute(self, transport: Transport, item: T) -> None:
+        """Stop polling the parked ``transport`` until :meth:`unpark`, even for a
+        hang-up: its peer closed it, which poll would report again at every wait."""
+        if isinstance(transport, SocketTransport):
+            self._poller.unregister(transport._fd)
+            self._muted.add(transport._fd)
+
     def unpark(self, transport: Transport, item: T) -> None:
         """Read ``transport`` again."""
         if isinstance(transport, SocketTransport):
-            self._poller.modify(transport._fd, _READABLE)
+            if transport._fd in self._muted:
+                self._muted.discard(transport._fd)
+                self._poller.register(transport._fd, _READABLE)
+            else:
+                self._poller.modify(transport._fd, _READABLE)
             self._parked.discard(transport._fd)
         else:
             self._streams.append(item)
