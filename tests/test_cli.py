@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,11 +42,15 @@ def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextmanager
 def receiving(
-    dest: Path, *extra: str, env: Mapping[str, str] | None = None
+    dest: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A ``recv`` process on 127.0.0.1 port 0, and the port it printed."""
+    """A ``recv`` process on 127.0.0.1 port 0 (run by ``wrapper``, such as ``prlimit``),
+    and the port it printed."""
     proc = subprocess.Popen(
-        _command("recv", str(dest), "--listen", "127.0.0.1:0", *extra),
+        [*wrapper, *_command("recv", str(dest), "--listen", "127.0.0.1:0", *extra)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

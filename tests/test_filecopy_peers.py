@@ -665,6 +665,35 @@ def test_a_size_the_file_system_takes_but_memory_cannot_map_is_refused() -> None
         shutil.rmtree(folder)
 
 
+@pytest.mark.skipif(
+    not os.path.isdir("/dev/shm") or shutil.which("prlimit") is None,
+    reason="needs a tmpfs at /dev/shm and prlimit",
+)
+def test_a_size_whose_page_bitmap_cannot_be_allocated_is_refused() -> None:
+    # 16 TiB of holes on tmpfs: the file's mapping fits the address-space limit, its
+    # known-zero bitmap (a byte per page, 4 GiB) does not.
+    size = 16 << 40
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        limit = ["prlimit", f"--as={size + (3 << 30)}"]
+        with receiving(folder, wrapper=limit) as (proc, port):
+            body = json.dumps(manifest(size=size, data_bytes=0, nonzero_bytes=0)).encode()
+            with open_control(port, body) as sock:
+                reply = read_message(sock)
+            code, lines = finished(proc)
+        assert reply is not None and reply["type"] == "refuse"
+        assert reply["error"] == (
+            f"cannot receive a file of {size} bytes: block 'data': no memory for its"
+            f" known-zero bitmap of {size // 4096} bytes (a byte per page): Cannot allocate"
+            " memory"
+        )
+        assert code == 1
+        assert lines == ["trio-multifd: error: " + reply["error"]]
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_a_huge_sparse_file_costs_the_receiver_no_memory_per_page_up_front(
     tmp_path: Path,
 ) -> None:

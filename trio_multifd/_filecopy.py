@@ -11,6 +11,7 @@ least as sparse as the source.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import mmap
@@ -658,14 +659,24 @@ async def _receive_with(
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))
         start = trio.current_time()
-        async with open_receiver(
-            blocks,
-            channels=channels,
-            uuid=uuid_mod.UUID(manifest["uuid"]),
-            compression=manifest["method"],
-            handshake_timeout=handshake_timeout,
-            io_threads=io_threads,
-        ) as receiver:
+        # Entered by hand: only the receiver's own allocation is a refusal, not a
+        # MemoryError from inside its block.
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                receiver = await stack.enter_async_context(
+                    open_receiver(
+                        blocks,
+                        channels=channels,
+                        uuid=uuid_mod.UUID(manifest["uuid"]),
+                        compression=manifest["method"],
+                        handshake_timeout=handshake_timeout,
+                        io_threads=io_threads,
+                    )
+                )
+            except MemoryError as exc:
+                raise await refusal(
+                    control, f"cannot receive a file of {size} bytes: {exc}"
+                ) from None
             await send_message(control, {"type": "go"})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(

@@ -183,11 +183,7 @@ class Receiver:
         # A byte per page, in anonymous memory that the kernel backs only where pages
         # were written: a sparse 1 TiB file would otherwise cost 256 MiB up front.
         # Private: reading untouched shared memory would allocate it.
-        self._received = {
-            b.name: mmap.mmap(-1, max(b.page_count, 1), flags=mmap.MAP_PRIVATE)
-            for b in blocks
-            if b.zeroed
-        }
+        self._received = {b.name: _written_bitmap(b) for b in blocks if b.zeroed}
         # Worker threads read the packets, each for a crew of channels; they wait on
         # this condition for a round to complete or a channel to join.
         self._io_threads = io_thread_count(
@@ -803,6 +799,19 @@ class Receiver:
         self._notify()
 
 
+def _written_bitmap(block: RAMBlock) -> mmap.mmap:
+    """A known-zero block's bitmap of the pages written: a byte per page."""
+    try:
+        return mmap.mmap(-1, max(block.page_count, 1), flags=mmap.MAP_PRIVATE)
+    except OSError as exc:
+        # The kernel refuses to commit it (no overcommit, an address-space limit): as
+        # for any other allocation, not an error of the transfer.
+        raise MemoryError(
+            f"block {block.name!r}: no memory for its known-zero bitmap of"
+            f" {block.page_count} bytes (a byte per page): {exc.strerror}"
+        ) from exc
+
+
 def _check_header_checksum(buffer: memoryview, seed: int) -> int:
     """Check a header's checksum, chained to the channel's previous one; return it."""
     # Before any other check or write: a header with a flipped bit must not be trusted
@@ -875,6 +884,8 @@ async def open_receiver(
         TypeError: An argument of the wrong type (a block that is not a
             :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a method name
             not a str).
+        MemoryError: The bitmap of a known-zero block (a byte per page, reserved up
+            front, backed only where pages are written) cannot be allocated.
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     receiver = Receiver(
