@@ -68,6 +68,15 @@ def receiving(
         proc.communicate(timeout=TIMEOUT)
 
 
+def random_file_and_out_dir(tmp_path: Path, size: int, name: str = "a.bin") -> tuple[Path, Path]:
+    """A file of ``size`` random bytes to send, and an empty directory to receive it in."""
+    src = tmp_path / name
+    src.write_bytes(os.urandom(size))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return src, out_dir
+
+
 def send(
     path: Path, port: int, *extra: str, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -139,10 +148,7 @@ def test_empty_and_tiny_files(tmp_path: Path) -> None:
 
 def test_a_name_of_255_bytes_is_received_under_that_name(tmp_path: Path) -> None:
     name = "é" * 100 + "n" * 55  # 255 bytes in UTF-8, multi-byte characters at the cut
-    src = tmp_path / name
-    src.write_bytes(os.urandom(3 * PAGE + 5))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+    src, out_dir = random_file_and_out_dir(tmp_path, 3 * PAGE + 5, name)
     with receiving(out_dir) as (recv, port):
         sender = send(src, port)
         recv.communicate(timeout=TIMEOUT)
@@ -154,10 +160,7 @@ def test_a_name_of_255_bytes_is_received_under_that_name(tmp_path: Path) -> None
 
 def test_into_directory_with_tls(tmp_path: Path) -> None:
     receiver_tls, sender_tls = tls_files(tmp_path)
-    src = tmp_path / "data.bin"
-    src.write_bytes(os.urandom(300 * PAGE + 5))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+    src, out_dir = random_file_and_out_dir(tmp_path, 300 * PAGE + 5, "data.bin")
     with receiving(out_dir, *receiver_tls) as (recv, port):
         sent = send(src, port, "--channels", "2", *sender_tls)
         recv.communicate(timeout=TIMEOUT)
@@ -224,10 +227,7 @@ def test_wrong_checksum_is_rejected_and_nothing_is_kept(tmp_path: Path) -> None:
 
 
 def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
-    src = tmp_path / "a.bin"
-    src.write_bytes(os.urandom(8 * PAGE))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+    src, out_dir = random_file_and_out_dir(tmp_path, 8 * PAGE)
     (out_dir / "a.bin").write_bytes(b"keep me")
     with receiving(out_dir) as (recv, port):
         sent = send(src, port, "--json")
@@ -242,6 +242,27 @@ def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
     assert (out_dir / "a.bin").read_bytes() == b"keep me"
     with receiving(out_dir, "--force") as (recv, port):
         sent = send(src, port)
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert (out_dir / "a.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_sender_asking_for_more_channels_than_max_channels_is_refused(
+    tmp_path: Path,
+) -> None:
+    # Each zstd channel may make the receiver hold a 32 MiB window: the receiver, not
+    # the sender, bounds how many there are.
+    src, out_dir = random_file_and_out_dir(tmp_path, 8 * PAGE)
+    with receiving(out_dir, "--max-channels", "2") as (recv, port):
+        sent = send(src, port, "--channels", "3")
+        _, recv_err = recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 1
+    assert recv.returncode == 1
+    assert "asks for 3 channels, more than this receiver's --max-channels 2" in sent.stderr
+    assert "--max-channels 2" in recv_err
+    assert list(out_dir.iterdir()) == []
+    with receiving(out_dir, "--max-channels", "3") as (recv, port):
+        sent = send(src, port, "--channels", "3")
         recv.communicate(timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
     assert (out_dir / "a.bin").read_bytes() == src.read_bytes()
@@ -275,10 +296,7 @@ def stalled_sender(
 
 
 def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
-    src = tmp_path / "a.bin"
-    src.write_bytes(os.urandom(1024 * PAGE))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+    src, out_dir = random_file_and_out_dir(tmp_path, 1024 * PAGE)
     with (
         receiving(out_dir / "a.bin") as (recv, port),
         stalled_sender(src, port, out_dir) as sender,
@@ -386,10 +404,7 @@ def test_a_destination_filled_during_the_copy_is_a_clear_error_not_a_crash(
 def test_a_source_truncated_without_a_lease_is_a_clear_error_not_a_crash(
     tmp_path: Path,
 ) -> None:
-    src = tmp_path / "a.bin"
-    src.write_bytes(os.urandom(1024 * PAGE))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+    src, out_dir = random_file_and_out_dir(tmp_path, 1024 * PAGE)
     # Open for writing here: the sender can take no lease and runs unprotected.
     with open(src, "r+b") as writer:
         with (

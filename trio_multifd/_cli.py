@@ -107,6 +107,7 @@ def _channel_list(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     from ._benchdata import DATA_KINDS
+    from ._filecopy import MAX_CHANNELS
     from ._qemu_bench import QEMU_BINARY
 
     parser = argparse.ArgumentParser(
@@ -199,6 +200,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where to listen; port 0 picks a free port (printed on stderr)",
     )
     recv.add_argument("--force", action="store_true", help="replace an existing file")
+    recv.add_argument(
+        "--max-channels",
+        type=_channels_arg,
+        default=MAX_CHANNELS,
+        metavar="N",
+        help=f"refuse a sender asking for more channels (default {MAX_CHANNELS})",
+    )
     recv.add_argument("--tls-cert", metavar="FILE", help="use TLS with this certificate chain")
     recv.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
 
@@ -509,6 +517,7 @@ def _run_copy(
             host,
             port,
             force=args.force,
+            max_channels=args.max_channels,
             tls=tls,
             progress=reporter,
             announce=announce,

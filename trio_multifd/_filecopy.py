@@ -53,6 +53,13 @@ CHECKING_INTERVAL = 5.0
 """How often a receiver computing the checksum tells the sender so (at most)."""
 MAX_SIZE = 2**63 - 1
 """The largest file size a manifest may declare (the largest ``off_t``)."""
+MAX_CHANNELS = 16
+"""The most channels a receiver accepts from a manifest by default (``--max-channels``).
+
+The sender chooses the count, and each zstd channel's frame may make the receiver hold a
+32 MiB window (:data:`~trio_multifd._methods._zstd.MAX_WINDOW_SIZE`), filled by a few KiB of
+run-length blocks: 255 channels would let a peer claim 8 GiB with 64 KiB on the wire; 16
+bound it to 512 MiB."""
 LEASE_POLL = 0.05
 """How often the sender looks whether another process wants to change its file."""
 
@@ -502,6 +509,7 @@ async def receive_file(
     port: int,
     *,
     force: bool = False,
+    max_channels: int = MAX_CHANNELS,
     tls: ssl.SSLContext | None = None,
     progress: Progress | None = None,
     announce: Callable[[str, int], None] | None = None,
@@ -513,7 +521,8 @@ async def receive_file(
     existing directory to put the sender's file name in), and return.
 
     The transfer fails when no page data arrives for ``idle_timeout`` seconds: a sender
-    that never opens its channels, or stalls, cannot keep the receiver waiting."""
+    that never opens its channels, or stalls, cannot keep the receiver waiting. A
+    manifest asking for more than ``max_channels`` channels is refused."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
     if path.endswith(os.sep) and not _isdir(path):
         raise CopyError(f"{path} is not a directory")
@@ -547,6 +556,7 @@ async def receive_file(
                 listeners,
                 path,
                 force=force,
+                max_channels=max_channels,
                 progress=progress,
                 handshake_timeout=handshake_timeout,
                 idle_timeout=idle_timeout,
@@ -592,6 +602,7 @@ async def _receive_with(
     path: str,
     *,
     force: bool,
+    max_channels: int,
     progress: Progress | None,
     handshake_timeout: float,
     idle_timeout: float,
@@ -601,6 +612,12 @@ async def _receive_with(
         _check_manifest(manifest)
     except CopyError as exc:
         raise await refusal(control, str(exc)) from None
+    if manifest["channels"] > max_channels:
+        raise await refusal(
+            control,
+            f"the sender asks for {manifest['channels']} channels, more than this"
+            f" receiver's --max-channels {max_channels}",
+        )
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
     if exists and not force:
         raise await refusal(
