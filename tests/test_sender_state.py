@@ -6,6 +6,8 @@ Each case must end promptly with every page delivered or a clear error, never a 
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Awaitable
 
 import pytest
@@ -129,6 +131,43 @@ async def test_tasks_outside_the_block_are_woken_when_it_ends() -> None:
             await stream.aclose()
     assert "before round 1 was written" in str(outcomes["sync"])
     assert "closed before these pages were sent" in str(outcomes["queue"])
+
+
+async def test_shielded_calls_in_the_block_are_woken_when_the_transfer_fails() -> None:
+    # The block's own tasks, shielded (cleanup that must not be cut short), wait for room
+    # and for a round on a socket its peer never reads; then the peer resets it. The
+    # block's exit waits for them: they must not wait for a transfer that is over.
+    src = m.RAMBlock("mem", random_pages(8192, seed=7))
+    outcomes: dict[str, BaseException] = {}
+
+    async def shielded(name: str, call: Awaitable[object]) -> None:
+        # A deadline of its own: the test's fail_after cannot reach into the shield.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+            try:
+                await call
+            except RuntimeError as exc:
+                outcomes[name] = exc
+
+    with trio.fail_after(DEADLINE):
+        async with listening("tcp") as (listeners, connect):
+            with pytest.raises(m.TransportError) as info:
+                async with m.open_sender(connect, channels=1, send_timeout=None) as sender:
+                    peer = await listeners[0].accept()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(
+                            shielded, "queue", sender.queue_pages(src, range(0, src.size, PAGE))
+                        )
+                        await trio.sleep(0.2)
+                        nursery.start_soon(shielded, "sync", sender.sync())
+                        await trio.sleep(0.2)
+                        peer.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        await peer.aclose()
+    assert info.value.channel == 0
+    assert "closed before these pages were sent" in str(outcomes["queue"])
+    assert "before round 1 was written" in str(outcomes["sync"])
+    assert outcomes["sync"].__cause__ is info.value
 
 
 async def test_pages_queued_while_the_block_exits_are_refused_not_lost() -> None:

@@ -205,9 +205,9 @@ class Sender:
     """The sending end of a transfer; made by :func:`open_sender`.
 
     Its attributes stay readable after its ``async with`` block, its methods do not: from
-    the moment the block starts to exit, :meth:`queue_page`, :meth:`queue_pages` and
-    :meth:`sync` raise :class:`RuntimeError`, so that no page is accepted that would never
-    be sent.
+    the moment the block starts to exit (or the transfer failed), :meth:`queue_page`,
+    :meth:`queue_pages` and :meth:`sync` raise :class:`RuntimeError`, so that no page is
+    accepted that would never be sent.
 
     Attributes:
         uuid: The transfer's uuid, sent in every channel's handshake.
@@ -301,7 +301,9 @@ class Sender:
 
     def _check_open(self, refused: str) -> None:
         if self._closing:
-            raise RuntimeError(f"the sender is closing or closed: {refused}")
+            raise RuntimeError(
+                f"the sender is closing or closed: {refused}"
+            ) from self._supervisor.error
 
     async def queue_page(self, block: RAMBlock, offset: SupportsIndex) -> None:
         """Queue the page at byte ``offset`` of ``block``.
@@ -416,8 +418,9 @@ class Sender:
         await self._sync(final=True)
 
     def _close(self) -> None:
-        """The transfer is over, however it ended: wake every task still waiting to
-        queue or for a round (tasks outside the transfer's block may be), to raise."""
+        """The transfer writes nothing more, however it ended: wake every task still
+        waiting to queue or for a round (outside the transfer's block, or shielded
+        inside it), to raise."""
         self._closing = True
         self._jobs.close()
         for sync_round in self._unwritten:
@@ -500,6 +503,11 @@ class Sender:
         finally:
             if crew is not None:
                 await crew.worker.released()
+            # A channel ends normally only after the final round: however it ended, the
+            # transfer writes nothing more. Tasks waiting to queue or for a round are
+            # woken now, not at the block's exit, which waits for the block's own tasks
+            # (a shielded sync() in the application's cleanup would wait for ever).
+            self._close()
             if encoder is not None:
                 encoder.close()
             if transport is not None:
@@ -719,8 +727,5 @@ async def open_sender(
         integrity=integrity,
         io_threads=io_threads,
     )
-    try:
-        async with sender._supervisor.run(sender._start, sender._finish):
-            yield sender
-    finally:
-        sender._close()
+    async with sender._supervisor.run(sender._start, sender._finish):
+        yield sender
