@@ -85,6 +85,12 @@ def test_block_rejects_non_buffer() -> None:
         m.RAMBlock("a", [1, 2, 3])
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_bool_is_not_an_offset(flag: bool) -> None:
+    with pytest.raises(TypeError, match="an offset is an integer, got bool"):
+        m.RAMBlock("a", bytearray(8192)).check_offset(flag)
+
+
 def test_check_offset_wants_aligned_offsets_inside() -> None:
     block = m.RAMBlock("a", bytearray(8192))
     block.check_offset(4096)

@@ -376,6 +376,8 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
             await sender.queue_pages(src, [0, float(PAGE)])  # type: ignore[list-item]
         with pytest.raises(TypeError, match="an offset is an integer, got str"):
             await sender.queue_page(src, "0")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="an offset is an integer, got bool"):
+            await sender.queue_pages(src, [PAGE, False])
         await sender.queue_page(src, 3 * PAGE)
 
     with trio.fail_after(30):

@@ -36,11 +36,14 @@ _madvise: Any = _ffi.dlopen(None).madvise if sys.platform == "linux" else None
 
 def index_of(offset: object) -> int:
     """Return ``offset`` as an ``int``; anything with ``__index__`` (numpy's integers)
-    qualifies, floats do not.
+    qualifies, floats and bools do not.
 
     Raises:
-        TypeError: ``offset`` is not an integer.
+        TypeError: ``offset`` is not an integer, or is a ``bool``.
     """
+    if offset.__class__ is bool:
+        # A bool has __index__, but False would silently stand for the block's first page.
+        raise TypeError("an offset is an integer, got bool")
     try:
         return operator.index(offset)  # type: ignore[arg-type]
     except TypeError:
@@ -149,7 +152,7 @@ class RAMBlock:
 
         Raises:
             TypeError: ``offset`` is not an integer (``int`` or anything with
-                ``__index__``, such as numpy's integers).
+                ``__index__``, such as numpy's integers), or is a ``bool``.
             ValueError: ``offset`` is not page-aligned or not inside the block.
         """
         value = index_of(offset)

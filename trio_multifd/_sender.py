@@ -314,7 +314,8 @@ class Sender:
         Raises:
             ValueError: ``offset`` is not a page-aligned offset in the block, or the
                 block's page size differs from the sender's.
-            TypeError: ``block`` is not a :class:`RAMBlock`.
+            TypeError: ``block`` is not a :class:`RAMBlock`, or ``offset`` not an
+                integer (a ``bool`` is not one here).
             RuntimeError: The sender's ``async with`` block has exited or is exiting, so
                 the page would never be sent; or the transfer ended while this call
                 waited for room in the queue.
@@ -336,7 +337,8 @@ class Sender:
         Raises:
             ValueError: An offset is not a page-aligned offset in the block, or the
                 block's page size differs from the sender's.
-            TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an integer.
+            TypeError: ``block`` is not a :class:`RAMBlock`, or an offset not an integer
+                (a ``bool`` is not one here).
             RuntimeError: The sender's ``async with`` block has exited or is exiting, so
                 the pages would never be sent; or the transfer ended while this call
                 waited for room in the queue.
