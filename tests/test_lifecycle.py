@@ -482,7 +482,8 @@ async def test_a_task_outside_the_receivers_block_waiting_for_it_is_woken_when_i
     woken: list[RuntimeError] = []
 
     async def wait_outside(receiver: m.Receiver) -> None:
-        with pytest.raises(RuntimeError, match="the receiver's block is over") as info:
+        over = "the transfer failed" if ending == "failure" else "the receiver's block is over"
+        with pytest.raises(RuntimeError, match=over) as info:
             await getattr(receiver, call)()
         woken.append(info.value)
 
@@ -501,6 +502,44 @@ async def test_a_task_outside_the_receivers_block_waiting_for_it_is_woken_when_i
                 await wait_outside(receiver)
     [error] = woken
     assert isinstance(error.__cause__, m.MagicError) == (ending == "failure")
+
+
+@pytest.mark.parametrize("ending", ["failure", "cancel-from-outside"])
+async def test_shielded_waits_in_the_receivers_block_are_woken_when_the_transfer_ends(
+    ending: str,
+) -> None:
+    # The block's own tasks, shielded (cleanup that must not be cut short), wait for a
+    # round and for the end. The block's exit waits for them: they must not wait for a
+    # transfer that is over.
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+    outcomes: dict[str, RuntimeError] = {}
+
+    async def shielded(name: str, call: Callable[[], Awaitable[object]]) -> None:
+        # A deadline of its own: the test's fail_after cannot reach into the shield.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+            try:
+                await call()
+            except RuntimeError as exc:
+                outcomes[name] = exc
+
+    with trio.fail_after(10), trio.CancelScope() as outside:
+        with contextlib.suppress(m.MagicError):
+            async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+                await receiver.add_channel(ends[0])
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(shielded, "sync", receiver.sync)
+                    nursery.start_soon(shielded, "wait_closed", receiver.wait_closed)
+                    await trio.testing.wait_all_tasks_blocked()
+                    if ending == "failure":
+                        await feed.send_all(bytes(m.header_size(128)))  # no magic
+                    else:
+                        outside.cancel()
+    expected = "the transfer failed" if ending == "failure" else "the transfer was cancelled"
+    assert str(outcomes["sync"]) == f"{expected}: round 1 did not complete"
+    assert str(outcomes["wait_closed"]) == f"{expected}: the sender did not finish"
+    assert isinstance(outcomes["sync"].__cause__, m.MagicError) == (ending == "failure")
 
 
 async def test_a_handshake_that_ends_after_the_receivers_block_resets_its_connection() -> None:

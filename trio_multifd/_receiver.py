@@ -173,6 +173,7 @@ class Receiver:
         self._in_band_end: set[int] = set()
         # Set once the receiver's async with block is over.
         self._closed = False
+        self._cut_short = False
         # Every stream handed to add_channel, to refuse one handed over twice.
         self._streams: list[trio.abc.Stream] = []
         self._barrier = RoundBarrier(channels)
@@ -240,8 +241,19 @@ class Receiver:
     def _all_ended(self) -> bool:
         return self._barrier.all_ended
 
+    def _stopped(self) -> bool:
+        # No page arrives any more, short of a clean end: the block is over, the transfer
+        # failed, or a channel task ended without one (a cancel from outside).
+        return self._closed or self._cut_short or self._supervisor.error is not None
+
     def _over(self, waiting_for: str) -> RuntimeError:
-        error = RuntimeError(f"the receiver's block is over: {waiting_for}")
+        if self._supervisor.error is not None:
+            what = "the transfer failed"
+        elif self._closed:
+            what = "the receiver's block is over"
+        else:
+            what = "the transfer was cancelled"
+        error = RuntimeError(f"{what}: {waiting_for}")
         error.__cause__ = self._supervisor.error
         error.__suppress_context__ = True
         return error
@@ -258,9 +270,10 @@ class Receiver:
 
         Raises:
             TransferIncompleteError: Every channel has ended and the round never completed.
-            RuntimeError: The receiver's ``async with`` block is over (or ends while the
-                call waits) and the round did not complete, with the transfer's error,
-                when it failed, as the ``__cause__``.
+            RuntimeError: The round did not complete and will not: the transfer failed
+                or was cancelled, or the receiver's ``async with`` block is over (also
+                when that happens while the call waits, shielded or not), with the
+                transfer's error, when it failed, as the ``__cause__``.
         """
         if self._given_back:
             number = heapq.heappop(self._given_back)
@@ -271,7 +284,7 @@ class Receiver:
             await trio.lowlevel.checkpoint()
 
             def ready() -> bool:
-                return self.rounds_completed >= number or self._all_ended() or self._closed
+                return self.rounds_completed >= number or self._all_ended() or self._stopped()
 
             await self._wait_until(ready)
         except BaseException:
@@ -291,12 +304,13 @@ class Receiver:
         after its last SYNC, every round complete.
 
         Raises:
-            RuntimeError: The receiver's ``async with`` block is over (or ends while the
-                call waits) before the sender finished, with the transfer's error, when
-                it failed, as the ``__cause__``.
+            RuntimeError: The sender did not finish and will not: the transfer failed or
+                was cancelled, or the receiver's ``async with`` block is over (also when
+                that happens while the call waits, shielded or not), with the transfer's
+                error, when it failed, as the ``__cause__``.
         """
         await trio.lowlevel.checkpoint()
-        await self._wait_until(lambda: self._all_ended() or self._closed)
+        await self._wait_until(lambda: self._all_ended() or self._stopped())
         if not self._all_ended():
             raise self._over("the sender did not finish")
 
@@ -335,6 +349,7 @@ class Receiver:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
             self._supervisor.fail(exc)
+            self._notify()
             raise
         await self._start_channel(transport, channel)
         return channel
@@ -502,6 +517,12 @@ class Receiver:
                 # The transfer completed: the sender gets its clean close, also when the
                 # application left first (say, on sync()'s TransferIncompleteError).
                 await transport.aclose()
+            else:
+                # Failed or cancelled: tasks waiting for a round or the end are woken now,
+                # not at the block's exit, which waits for the block's own tasks (a
+                # shielded sync() in the application's cleanup would wait for ever).
+                self._cut_short = True
+                self._notify()
             # A no-op once the stream was closed cleanly.
             await transport.reset()
 
@@ -908,8 +929,12 @@ async def open_receiver(
 
     try:
         async with receiver._supervisor.run(start, finish):
-            yield receiver
+            try:
+                yield receiver
+            finally:
+                # Over from here on, before its exit cancels the channel tasks: a waiting
+                # task is told so, not that the transfer was cancelled.
+                receiver._closed = True
     finally:
-        receiver._closed = True
         # Tasks outside the block may wait in sync(), wait_closed() or serve().
         receiver._notify()
