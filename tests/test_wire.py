@@ -338,6 +338,7 @@ def test_encoder_rejects_channel_id_beyond_a_byte() -> None:
         ({"packet_num": "1"}, "packet_num"),
         ({"offsets": (0, 4096.0)}, "offset"),
         ({"block_name": b"b"}, "block_name"),
+        ({"offsets": 4096}, "offsets"),
     ],
 )
 def test_header_encoder_names_a_field_of_the_wrong_type_with_a_type_error(
@@ -346,6 +347,15 @@ def test_header_encoder_names_a_field_of_the_wrong_type_with_a_type_error(
     fields = _header_fields(changes)
     with pytest.raises(TypeError, match=field):
         m.encode_packet_header(m.PacketHeader(**fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("page_size", [4096.0, "4096"])
+def test_header_encoder_names_a_page_size_of_the_wrong_type_with_a_type_error(
+    page_size: object,
+) -> None:
+    header = m.PacketHeader(**_header_fields({}))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="page_size must be an integer"):
+        m.encode_packet_header(header, page_size=page_size)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -258,13 +258,17 @@ def encode_handshake(handshake: Handshake) -> bytes:
     return _HANDSHAKE.pack(MAGIC, VERSION, handshake.uuid.bytes, channel_id, features, 0, 0, 0)
 
 
-def _checked_uint(name: str, value: object, limit: int) -> int:
-    # Checked here rather than left to struct: its error says neither which field nor
-    # that it is the caller's mistake (a TypeError), and attrs classes check no types.
+def _integer(name: str, value: object) -> int:
+    # Checked here rather than left to struct or to arithmetic: their errors say neither
+    # which field nor that it is the caller's mistake, and attrs classes check no types.
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def _checked_uint(name: str, value: object, limit: int) -> int:
+    number = _integer(name, value)
     if not 0 <= number <= limit:
         raise ValueError(f"{name} must be 0..{limit}, got {number}")
     return number
@@ -351,7 +355,8 @@ def encode_packet_header(header: PacketHeader, *, page_size: int | None = None) 
             a valid page size (see :func:`page_count_for`), the block name is longer
             than 255 bytes of UTF-8 or contains NUL, or the number of offsets differs
             from ``normal_pages + zero_pages``.
-        TypeError: A count or an offset is not an integer, or the block name not a str.
+        TypeError: A count, an offset or ``page_size`` is not an integer, the offsets
+            not a sequence, or the block name not a str.
     """
     counts = {
         name: _checked_uint(name, getattr(header, name), _U32_MAX)
@@ -366,10 +371,17 @@ def encode_packet_header(header: PacketHeader, *, page_size: int | None = None) 
         raise ValueError(
             f"normal_pages + zero_pages = {used} exceeds pages_alloc {counts['pages_alloc']}"
         )
-    if len(header.offsets) != used:
-        raise ValueError(f"{len(header.offsets)} offsets given for {used} pages")
+    try:
+        given = len(header.offsets)
+    except TypeError:
+        raise TypeError(
+            f"offsets must be a sequence of integers, got {type(header.offsets).__name__}"
+        ) from None
+    if given != used:
+        raise ValueError(f"{given} offsets given for {used} pages")
     offsets = [_checked_uint("an offset", offset, _U64_MAX) for offset in header.offsets]
     if page_size is not None:
+        page_size = _integer("page_size", page_size)
         page_count_for(page_size)
         misaligned = next((offset for offset in offsets if offset % page_size), None)
         if misaligned is not None:
