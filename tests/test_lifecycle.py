@@ -542,6 +542,29 @@ async def test_shielded_waits_in_the_receivers_block_are_woken_when_the_transfer
     assert isinstance(outcomes["sync"].__cause__, m.MagicError) == (ending == "failure")
 
 
+async def test_a_receiver_made_directly_refuses_work_instead_of_waiting_for_ever() -> None:
+    receiver = m.Receiver(
+        [m.RAMBlock("mem", bytearray(PAGE))],
+        channels=1,
+        uuid=None,
+        compression="none",
+        handshake_timeout=None,
+        receive_timeout=None,
+        integrity=False,
+        io_threads=None,
+    )
+    stream = TrackedStream(trio.testing.memory_stream_pair()[0])
+    not_opened = r"not opened: make it with open_receiver\(\)"
+    with trio.fail_after(10):
+        for call in (receiver.sync(), receiver.wait_closed(), receiver.serve([])):
+            with pytest.raises(RuntimeError, match=not_opened):
+                await call
+        # The receiver owns the stream from the call on: it is closed.
+        with pytest.raises(RuntimeError, match=not_opened):
+            await receiver.add_channel(stream)
+    assert stream.closed
+
+
 async def test_a_handshake_that_ends_after_the_receivers_block_resets_its_connection() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     with trio.fail_after(10):

@@ -133,6 +133,28 @@ async def test_tasks_outside_the_block_are_woken_when_it_ends() -> None:
     assert "closed before these pages were sent" in str(outcomes["queue"])
 
 
+async def test_a_sender_made_directly_refuses_work_instead_of_waiting_for_ever() -> None:
+    connect, _ = memory_channels(1)
+    sender = m.Sender(
+        connect,
+        channels=1,
+        uuid=None,
+        compression="none",
+        compression_level=None,
+        page_size=PAGE,
+        zero_page_detection="multifd",
+        send_timeout=None,
+        integrity=False,
+        io_threads=None,
+    )
+    block = m.RAMBlock("mem", bytearray(PAGE))
+    calls = [sender.queue_page(block, 0), sender.queue_pages(block, [0]), sender.sync()]
+    with trio.fail_after(DEADLINE):
+        for call in calls:
+            with pytest.raises(RuntimeError, match=r"not opened: make it with open_sender\(\)"):
+                await call
+
+
 async def test_shielded_calls_in_the_block_are_woken_when_the_transfer_fails() -> None:
     # The block's own tasks, shielded (cleanup that must not be cut short), wait for room
     # and for a round on a socket its peer never reads; then the peer resets it. The

@@ -127,7 +127,8 @@ class _Crew:
 
 @final
 class Receiver:
-    """The receiving end of a transfer; made by :func:`open_receiver`.
+    """The receiving end of a transfer; made by :func:`open_receiver` (one made directly
+    has no channels: its methods raise :class:`RuntimeError` rather than wait for ever).
 
     Attributes:
         channels: The number of channels expected.
@@ -235,6 +236,7 @@ class Receiver:
         self._changed.unpark_all()
 
     async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        self._supervisor.check_opened()
         while not condition():
             await self._changed.park()
 
@@ -336,6 +338,11 @@ class Receiver:
                 or is a TLS stream made with ``https_compatible=True`` (it is closed): its
                 close sends no ``close_notify``, so it could not confirm delivery.
         """
+        try:
+            self._supervisor.check_opened()
+        except RuntimeError:
+            await trio.aclose_forcefully(stream)
+            raise
         if any(stream is added for added in self._streams):
             raise ValueError("this stream was added before: each channel needs its own")
         if lenient_tls(stream):
@@ -449,7 +456,7 @@ class Receiver:
             ValueError: A listener is a ``trio.SSLListener`` made with
                 ``https_compatible=True`` (see :meth:`add_channel`).
         """
-
+        self._supervisor.check_opened()
         if any(lenient_tls(listener) for listener in listeners):
             raise ValueError(_LENIENT_TLS)
 

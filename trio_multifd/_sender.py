@@ -202,7 +202,8 @@ class _JobQueue:
 
 @final
 class Sender:
-    """The sending end of a transfer; made by :func:`open_sender`.
+    """The sending end of a transfer; made by :func:`open_sender` (one made directly has
+    no channels: its methods raise :class:`RuntimeError` rather than wait for ever).
 
     Its attributes stay readable after its ``async with`` block, its methods do not: from
     the moment the block starts to exit (or the transfer failed), :meth:`queue_page`,
@@ -300,6 +301,7 @@ class Sender:
         self._check_open("no page can be queued")
 
     def _check_open(self, refused: str) -> None:
+        self._supervisor.check_opened()
         if self._closing:
             raise RuntimeError(
                 f"the sender is closing or closed: {refused}"

@@ -35,9 +35,19 @@ class Supervisor:
 
     @property
     def nursery(self) -> trio.Nursery:
-        """The nursery of the transfer's tasks."""
+        """The nursery of the transfer's tasks (see :meth:`check_opened`)."""
+        self.check_opened()
         assert self._nursery is not None
         return self._nursery
+
+    def check_opened(self) -> None:
+        """Raise ``RuntimeError`` if the end was made directly, not by its ``open_*``
+        function: it has no channels, and waiting for one would wait for ever."""
+        if self._nursery is None:
+            raise RuntimeError(
+                f"this {self.role} was not opened: make it with open_{self.role}(), whose"
+                " block runs its channels"
+            )
 
     def fail(self, exc: MultiFDError, *, channel: int | None = None) -> None:
         """Record ``exc`` (of ``channel``, when it names none yet); the first one
