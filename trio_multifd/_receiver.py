@@ -45,7 +45,7 @@ from ._methods import Decoder, Method, get_method, method_for_flag
 from ._pages import ZEROS
 from ._rounds import RoundBarrier
 from ._stats import ChannelStats, TransferStats
-from ._supervisor import Supervisor, logger
+from ._supervisor import Supervisor, logger, refuse_unless_cancelled
 from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
 from ._transport import (
     ACCEPT_LIMIT,
@@ -299,7 +299,11 @@ class Receiver:
                 f"round {number} cannot complete: every channel has ended after round"
                 f" {self.rounds_completed}"
             )
-        raise self._over(f"round {number} did not complete")
+        try:
+            await refuse_unless_cancelled(self._over(f"round {number} did not complete"))
+        except trio.Cancelled:
+            heapq.heappush(self._given_back, number)
+            raise
 
     async def wait_closed(self) -> None:
         """Wait until the sender has finished: every channel at a clean end of stream
@@ -314,7 +318,7 @@ class Receiver:
         await trio.lowlevel.checkpoint()
         await self._wait_until(lambda: self._all_ended() or self._stopped())
         if not self._all_ended():
-            raise self._over("the sender did not finish")
+            await refuse_unless_cancelled(self._over("the sender did not finish"))
 
     # -- channels -----------------------------------------------------------------------------
 

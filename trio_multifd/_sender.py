@@ -40,7 +40,7 @@ from ._errors import MappingError, MultiFDError, TransportError
 from ._methods import Encoder, Method, get_method
 from ._pages import PageBatch, Run, page_runs, run_offsets, split_zero_runs
 from ._stats import TransferStats
-from ._supervisor import Supervisor, logger
+from ._supervisor import Supervisor, logger, refuse_unless_cancelled
 from ._threads import WorkerRun, io_thread_count, thread_slot
 from ._transport import (
     CANCEL_CHECK,
@@ -156,14 +156,18 @@ class _JobQueue:
         """
         while True:
             with self._lock:
-                if self._closed:
-                    raise RuntimeError("the sender closed before these pages were sent")
-                if self._line.has_room:
+                closed = self._closed
+                if not closed and self._line.has_room:
                     return
                 # One event for every waiting task (two tasks may queue at once).
-                if self._waiter is None:
+                if not closed and self._waiter is None:
                     self._waiter = trio.Event()
                 waiter = self._waiter
+            if closed:
+                await refuse_unless_cancelled(
+                    RuntimeError("the sender closed before these pages were sent")
+                )
+            assert waiter is not None
             await waiter.wait()
 
     def close(self) -> None:
@@ -400,9 +404,11 @@ class Sender:
         finally:
             self._unwritten.remove(sync_round)
         if not sync_round.all_written.is_set():
-            raise RuntimeError(
+            refused = RuntimeError(
                 f"the sender closed before round {sync_round.number} was written"
-            ) from self._supervisor.error
+            )
+            refused.__cause__ = self._supervisor.error
+            await refuse_unless_cancelled(refused)
         self.stats.rounds = sync_round.number
         logger.debug("sender: round %d written on every channel", sync_round.number)
         return sync_round.number

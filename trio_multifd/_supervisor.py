@@ -10,17 +10,30 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import final
+from typing import NoReturn, final
 
 import trio
 
 from ._errors import MultiFDError
 
-__all__ = ["Supervisor", "logger"]
+__all__ = ["Supervisor", "logger", "refuse_unless_cancelled"]
 
 logger = logging.getLogger("trio_multifd")
 # A library stays silent unless the application configures logging.
 logger.addHandler(logging.NullHandler())
+
+
+async def refuse_unless_cancelled(error: RuntimeError) -> NoReturn:
+    """Raise ``error`` (a wait that the transfer's end cut short), unless the caller is
+    being cancelled: then its ``Cancelled``.
+
+    A task woken by the transfer's end may run before the cancellation that the same
+    failure sent its scope could reach it (it was rescheduled already). Inside the
+    transfer's block that cancellation is what turns into the transfer's own error; a
+    ``RuntimeError`` would pass for the application's and replace it.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    raise error
 
 
 @final
