@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from trio_multifd._bench import Case, CaseResult, format_table, make_cases
 from trio_multifd._benchdata import DATA_KINDS, fill_data, text_pool
-from trio_multifd._benchrun import RunResult, _slices, check_run, failed_run
+from trio_multifd._benchrun import RunResult, _slices, _spawn, check_run, failed_run
 
 PAGE = 4096
 TIMEOUT = 120
@@ -224,3 +225,33 @@ def test_a_failed_run_has_no_speed_in_the_json_or_the_table() -> None:
     assert obj["verified"] is False and obj["error"] == "hash mismatch"
     row = format_table([result]).splitlines()[2]
     assert "2.00-2.00" in row and row.endswith(" NO")
+
+
+def test_a_raw_socket_threads_connection_that_breaks_off_fails_the_receiver() -> None:
+    # Known-zero target and zero data: the bytes it lacks would hash like the source's,
+    # so only the receiver's exit status can tell.
+    size = 1 << 20
+    spec = {
+        "impl": "raw_socket_threads",
+        "channels": 2,
+        "compression": "none",
+        "data": "zero-all",
+        "size": size,
+        "known_zero": True,
+    }
+    recv = _spawn("recv", spec)
+    try:
+        assert recv.stdout is not None
+        port = json.loads(recv.stdout.readline())["port"]
+        for index, (start, end) in enumerate(_slices(size, 2)):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(bytes([index]))
+                # The second connection closes half-way through its slice.
+                sock.sendall(bytes((end - start) // (2 if index else 1)))
+        out, err = recv.communicate(timeout=TIMEOUT)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.communicate()
+    assert recv.returncode == 1, out
+    assert "ConnectionError: connection closed after 262144 of 524288 bytes" in err

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -88,6 +88,30 @@ def _send_slices_sock(sock: socket.socket, view: memoryview) -> None:
     sock.recv(1)
 
 
+def _in_threads(
+    work: Callable[[socket.socket, memoryview], None],
+    jobs: Sequence[tuple[socket.socket, memoryview]],
+) -> None:
+    """Run ``work`` on each job, a thread per job, and raise the first error of any: a
+    thread's exception is otherwise only printed, and the worker would report a
+    connection that broke off as one that moved its whole slice."""
+    errors: list[BaseException] = []
+
+    def run(sock: socket.socket, view: memoryview) -> None:
+        try:
+            work(sock, view)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _receiver_worker(spec: dict[str, Any], out: TextIO) -> None:
     size = spec["size"]
     impl = spec["impl"]
@@ -113,19 +137,13 @@ def _receiver_worker(spec: dict[str, Any], out: TextIO) -> None:
                 index = bytearray(1)
                 _recv_exact_sock(conn, memoryview(index))
                 order[index[0]] = conn
-            threads = [
-                threading.Thread(
-                    target=_recv_exact_sock, args=(order[i], view[start:end]), daemon=True
-                )
-                for i, (start, end) in enumerate(ranges)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            _in_threads(
+                _recv_exact_sock,
+                [(order[i], view[start:end]) for i, (start, end) in enumerate(ranges)],
+            )
         t1 = _now()
         cpu = _cpu() - cpu0
-        placed = size  # each connection read its whole slice, or raised
+        placed = size  # each connection read its whole slice, or this raised
         for conn in conns:
             conn.close()
         listener.close()
@@ -206,18 +224,10 @@ def _sender_worker(spec: dict[str, Any], out: TextIO) -> None:
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(bytes([i]))
             socks.append(sock)
-        threads = [
-            threading.Thread(
-                target=_send_slices_sock, args=(socks[i], view[start:end]), daemon=True
-            )
-            for i, (start, end) in enumerate(ranges)
-        ]
+        jobs = [(socks[i], view[start:end]) for i, (start, end) in enumerate(ranges)]
         t0 = _now()
         cpu0 = _cpu()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _in_threads(_send_slices_sock, jobs)
         cpu = _cpu() - cpu0
         for sock in socks:
             sock.close()
