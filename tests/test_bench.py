@@ -14,7 +14,7 @@ import pytest
 
 from trio_multifd._bench import Case, CaseResult, format_table, make_cases
 from trio_multifd._benchdata import DATA_KINDS, fill_data, text_pool
-from trio_multifd._benchrun import RunResult, _slices, _spawn, check_run, failed_run
+from trio_multifd._benchrun import RunResult, _slices, _spawn, check_run, failed_run, run_once
 
 PAGE = 4096
 TIMEOUT = 120
@@ -255,3 +255,12 @@ def test_a_raw_socket_threads_connection_that_breaks_off_fails_the_receiver() ->
             recv.communicate()
     assert recv.returncode == 1, out
     assert "ConnectionError: connection closed after 262144 of 524288 bytes" in err
+
+
+@pytest.mark.parametrize("impl", ["raw_socket", "trio_multifd"])
+def test_a_sender_that_fails_ends_the_run_with_its_error_not_a_timeout(impl: str) -> None:
+    # A data kind the sender does not know stands for any sender failure; the receiver
+    # would wait for it until the run's timeout.
+    run = run_once(impl, channels=1, compression="none", data="bogus", size=1 << 20, timeout=30)
+    assert run.verified is False
+    assert run.error == "sender failed: ValueError: unknown data kind 'bogus'"

@@ -386,7 +386,19 @@ def run_once(
         send = _spawn("send", spec)
         deadline = time.monotonic() + timeout
         send_out, send_err = send.communicate(timeout=timeout)
-        recv_out, recv_err = recv.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        stopped = False
+        if send.returncode:
+            # A receiver waiting for the sender that failed would sit out the whole
+            # deadline and hide the sender's error behind a timeout: a moment to end on
+            # its own (its own error may be the cause), then it is stopped.
+            try:
+                recv_out, recv_err = recv.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                recv.kill()
+                recv_out, recv_err = recv.communicate()
+                stopped = True
+        else:
+            recv_out, recv_err = recv.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         return failed_run(size, f"timed out after {timeout:.0f}s")
     finally:
@@ -395,10 +407,13 @@ def run_once(
                 proc.kill()
                 proc.communicate()
     load = os.getloadavg()[0]
-    if send.returncode or recv.returncode:
-        which = "sender" if send.returncode else "receiver"
-        err = send_err if send.returncode else recv_err
-        return failed_run(size, f"{which} failed: {last_line(err)}", load=load)
+    failures = [
+        f"{which} failed: {last_line(err) or f'exit status {proc.returncode}'}"
+        for which, proc, err in (("sender", send, send_err), ("receiver", recv, recv_err))
+        if proc.returncode and not (proc is recv and stopped)
+    ]
+    if failures:
+        return failed_run(size, "; ".join(failures), load=load)
     try:
         sender = json.loads(last_line(send_out))
         receiver = json.loads(last_line(recv_out))
