@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -264,3 +267,43 @@ def test_a_sender_that_fails_ends_the_run_with_its_error_not_a_timeout(impl: str
     run = run_once(impl, channels=1, compression="none", data="bogus", size=1 << 20, timeout=30)
     assert run.verified is False
     assert run.error == "sender failed: ValueError: unknown data kind 'bogus'"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for the container's init to reap it does
+    not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_bench_killed_outright_takes_its_workers_with_it() -> None:
+    # The parent spawns a receiver worker, which then waits for ever for its sender.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from trio_multifd._benchrun import _spawn\n"
+            "worker = _spawn('recv', {'impl': 'raw_socket', 'channels': 1, 'size': 4096})\n"
+            "worker.stdout.readline()\n"
+            "print(worker.pid, flush=True)\n"
+            f"time.sleep({TIMEOUT})\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.communicate()
+    try:
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(worker)
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)

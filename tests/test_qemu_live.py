@@ -28,7 +28,8 @@ import pytest
 import trio
 
 import trio_multifd as m
-from trio_multifd._qemu_bench import _die_with_parent, _Qmp, find_qemu, qemu_argv
+from trio_multifd._benchrun import die_with_parent
+from trio_multifd._qemu_bench import _Qmp, find_qemu, qemu_argv
 
 from .transfer import listening
 
@@ -66,7 +67,7 @@ def paused_source(image: bytearray) -> Iterator[_Qmp]:
             QEMU, ram_path=ram, size=RAM, qmp_path=os.path.join(folder, "qmp"), destination=False
         )
         process = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         try:
             qmp = _Qmp(os.path.join(folder, "qmp"), process, time.monotonic() + 60)

@@ -19,12 +19,14 @@ Data generation, pre-touch, connection setup and hashing are outside the timed p
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +39,17 @@ import attrs
 
 from ._benchdata import PAGE, digest, fill_data, fill_pattern
 
-__all__ = ["RunResult", "check_run", "failed_run", "last_line", "run_once", "worker_main"]
+__all__ = [
+    "RunResult",
+    "check_run",
+    "die_with_parent",
+    "failed_run",
+    "last_line",
+    "run_once",
+    "worker_main",
+]
+
+_PR_SET_PDEATHSIG = 1
 
 SLICE = 512 * 1024
 """The baselines' send size: one multifd packet of page data."""
@@ -329,12 +341,20 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def die_with_parent() -> None:
+    """A child's ``preexec_fn``: killed when the bench dies. A bench killed outright
+    (SIGTERM, SIGKILL: no ``finally`` runs) must not leave its workers behind, a receiver
+    listening for ever with its target allocated."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _spawn(role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "trio_multifd._benchrun", role, json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent,
     )
 
 

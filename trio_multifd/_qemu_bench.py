@@ -17,12 +17,10 @@ are).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import mmap
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -31,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._benchdata import MIB, digest, fill_data, fill_pattern
-from ._benchrun import RunResult, failed_run, last_line
+from ._benchrun import RunResult, die_with_parent, failed_run, last_line
 
 __all__ = ["QEMU_BINARY", "QEMU_METHODS", "find_qemu", "qemu_argv", "run_qemu_once"]
 
@@ -42,8 +40,6 @@ QEMU_BINARY = "qemu-system-x86_64"
 """The QEMU that ``--qemu`` runs unless given another (looked up on ``PATH``)."""
 
 _LEVEL_PARAMETER = {"zlib": "multifd-zlib-level", "zstd": "multifd-zstd-level"}
-
-_PR_SET_PDEATHSIG = 1
 
 
 def find_qemu(binary: str = QEMU_BINARY) -> str | None:
@@ -210,11 +206,6 @@ def _ram_files(size: int, data: str, seed: int, known_zero: bool) -> Iterator[tu
         yield source, destination
 
 
-def _die_with_parent() -> None:
-    # A bench killed outright must not leave two paused QEMUs holding guest RAM.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run_qemu_once(
     binary: str,
     *,
@@ -258,7 +249,8 @@ def run_qemu_once(
                                 argv,
                                 stdout=subprocess.DEVNULL,
                                 stderr=err,
-                                preexec_fn=_die_with_parent,
+                                # Two paused QEMUs holding guest RAM otherwise.
+                                preexec_fn=die_with_parent,
                             )
                         )
                 for name, process in zip(("src", "dst"), processes, strict=True):
