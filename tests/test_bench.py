@@ -307,3 +307,28 @@ def test_a_bench_killed_outright_takes_its_workers_with_it() -> None:
     finally:
         if _running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_case_with_no_verified_run_reports_no_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    result = CaseResult(Case("trio_multifd", 1, "none", "random"), size=16 << 20)
+    result.runs.append(failed_run(16 << 20, "sender failed: boom"))
+    obj = result.to_json()
+    # Not zero speed, zero CPU, or a peak RSS of minus the data: nothing was measured.
+    for field in (
+        "gbps_median",
+        "sender_cpu_s_per_gb",
+        "receiver_cpu_s_per_gb",
+        "sender_peak_rss_mib",
+        "receiver_peak_rss_mib",
+        "sender_rss_beyond_data_mib",
+        "receiver_rss_beyond_target_mib",
+        "ratio_to_raw",
+    ):
+        assert obj[field] is None, field
+    # The load is the machine's, failed run or not.
+    assert obj["load_1m"] == [1.5]
+    row = format_table([result]).splitlines()[2]
+    assert row.split()[4:] == ["-", "-", "-/-", "-/-", "NO"]

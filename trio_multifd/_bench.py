@@ -75,10 +75,18 @@ class CaseResult:
         ok = [r for r in self.runs if r.verified]
         gb = self.size / 1e9
 
-        def med(values: Iterable[float]) -> float:
+        # Figures over the verified runs; none verified, nothing measured: null.
+        def med(values: Iterable[float]) -> float | None:
             values = list(values)
-            return statistics.median(values) if values else 0.0
+            return round(statistics.median(values), 4) if values else None
 
+        def peak(values: Iterable[float], less: float) -> float | None:
+            values = list(values)
+            return round(max(values) - less, 1) if values else None
+
+        # A known-zero trio_multifd target is never touched where the data is zero:
+        # nothing of it to subtract, the figure is the whole peak (an upper bound).
+        target = 0 if self.known_zero and self.case.impl == "trio_multifd" else self.size
         obj: dict[str, Any] = {
             "impl": self.case.impl,
             "channels": self.case.channels,
@@ -87,35 +95,25 @@ class CaseResult:
             "bytes": self.size,
             # A failed run has no speed: null, keeping the list aligned with the repeats.
             "gbps": [round(r.gbps, 4) if r.verified else None for r in self.runs],
-            "gbps_median": round(med(r.gbps for r in ok), 4),
+            "gbps_median": med(r.gbps for r in ok),
             "verified": self.verified,
-            "sender_cpu_s_per_gb": round(med(r.sender_cpu_s / gb for r in ok), 4),
-            "receiver_cpu_s_per_gb": round(med(r.receiver_cpu_s / gb for r in ok), 4),
-            "sender_peak_rss_mib": round(max((r.sender_rss_mib for r in ok), default=0.0), 1),
-            "receiver_peak_rss_mib": round(max((r.receiver_rss_mib for r in ok), default=0.0), 1),
+            "sender_cpu_s_per_gb": med(r.sender_cpu_s / gb for r in ok),
+            "receiver_cpu_s_per_gb": med(r.receiver_cpu_s / gb for r in ok),
+            "sender_peak_rss_mib": peak((r.sender_rss_mib for r in ok), 0),
+            "receiver_peak_rss_mib": peak((r.receiver_rss_mib for r in ok), 0),
             # Beyond the spec'd fields: RSS less the data buffer each side holds (the
             # source or the target, which counts in RSS once touched), and the load.
-            "sender_rss_beyond_data_mib": round(
-                max((r.sender_rss_mib for r in ok), default=0.0) - self.size / MIB, 1
-            ),
-            # A known-zero trio_multifd target is never touched where the data is zero:
-            # nothing of it to subtract, the figure is the whole peak (an upper bound).
-            "receiver_rss_beyond_target_mib": round(
-                max((r.receiver_rss_mib for r in ok), default=0.0)
-                - (0 if self.known_zero and self.case.impl == "trio_multifd" else self.size) / MIB,
-                1,
-            ),
+            "sender_rss_beyond_data_mib": peak((r.sender_rss_mib for r in ok), self.size / MIB),
+            "receiver_rss_beyond_target_mib": peak((r.receiver_rss_mib for r in ok), target / MIB),
             "load_1m": [round(r.load, 2) for r in self.runs],
         }
         if self.case.impl == "trio_multifd":
             obj["raw_impl"] = self.case.raw_impl
             obj["io_threads"] = self.io_threads
             # No ratios without baselines: null then.
-            obj["ratio_to_raw"] = round(med(self.ratios), 4) if self.ratios else None
+            obj["ratio_to_raw"] = med(self.ratios)
             if self.qemu_ratios is not None:
-                obj["ratio_to_qemu"] = (
-                    round(med(self.qemu_ratios), 4) if self.qemu_ratios else None
-                )
+                obj["ratio_to_qemu"] = med(self.qemu_ratios)
             wire = [r.sender.get("wire_bytes") for r in ok if r.sender.get("wire_bytes")]
             if wire:
                 obj["wire_bytes"] = wire[0]
@@ -251,14 +249,20 @@ def format_table(results: Sequence[CaseResult]) -> str:
         ratio_text = f"{ratio:.2f}" if isinstance(ratio, float) else ""
         to_qemu = obj.get("ratio_to_qemu")
         qemu_text = f" {to_qemu:>5.2f}" if isinstance(to_qemu, float) else " " * 6
-        cpu = f"{obj['sender_cpu_s_per_gb']:.2f}/{obj['receiver_cpu_s_per_gb']:.2f}"
-        rss = (
-            f"{obj['sender_rss_beyond_data_mib']:.0f}/{obj['receiver_rss_beyond_target_mib']:.0f}"
+        cpu = _pair(obj["sender_cpu_s_per_gb"], obj["receiver_cpu_s_per_gb"], ".2f")
+        rss = _pair(
+            obj["sender_rss_beyond_data_mib"], obj["receiver_rss_beyond_target_mib"], ".0f"
         )
+        median = "-" if obj["gbps_median"] is None else f"{obj['gbps_median']:.2f}"
         lines.append(
             f"{obj['impl']:<19} {obj['channels']:>2} {obj['compression']:<6} {obj['data']:<12}"
-            f" {obj['gbps_median']:>6.2f} {spread:>11} {ratio_text:>6}"
+            f" {median:>6} {spread:>11} {ratio_text:>6}"
             f"{qemu_text if with_qemu else ''} {cpu:>16} {rss:>16}"
             f" {'yes' if obj['verified'] else 'NO':>3}"
         )
     return "\n".join(lines)
+
+
+def _pair(sender: float | None, receiver: float | None, spec: str) -> str:
+    """A sender/receiver column of the table: ``-`` for what was not measured."""
+    return "/".join("-" if value is None else format(value, spec) for value in (sender, receiver))

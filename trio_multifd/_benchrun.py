@@ -426,19 +426,18 @@ def run_once(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    load = os.getloadavg()[0]
     failures = [
         f"{which} failed: {last_line(err) or f'exit status {proc.returncode}'}"
         for which, proc, err in (("sender", send, send_err), ("receiver", recv, recv_err))
         if proc.returncode and not (proc is recv and stopped)
     ]
     if failures:
-        return failed_run(size, "; ".join(failures), load=load)
+        return failed_run(size, "; ".join(failures))
     try:
         sender = json.loads(last_line(send_out))
         receiver = json.loads(last_line(recv_out))
     except ValueError:
-        return failed_run(size, "a worker exited without its result line", load=load)
+        return failed_run(size, "a worker exited without its result line")
     error = check_run(sender, receiver, size)
     verified = error is None
     return RunResult(
@@ -451,7 +450,7 @@ def run_once(
         verified=verified,
         error=error,
         sender=sender,
-        load=load,
+        load=os.getloadavg()[0],
     )
 
 
@@ -467,7 +466,8 @@ def check_run(sender: dict[str, Any], receiver: dict[str, Any], size: int) -> st
     return None
 
 
-def failed_run(size: int, error: str, *, load: float = 0.0) -> RunResult:
+def failed_run(size: int, error: str) -> RunResult:
+    """A run that does not count, and why; the machine's load is still recorded."""
     return RunResult(
         seconds=0.0,
         size=size,
@@ -477,7 +477,7 @@ def failed_run(size: int, error: str, *, load: float = 0.0) -> RunResult:
         receiver_rss_mib=0.0,
         verified=False,
         error=error,
-        load=load,
+        load=os.getloadavg()[0],
     )
 
 
