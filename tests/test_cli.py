@@ -514,6 +514,18 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["missing/bench.json", "."])
+def test_bench_json_path_that_cannot_be_written_is_a_usage_error_before_any_run(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = ["--size", "64K", "--repeat", "1", "--channels", "1", "--compression", "none"]
+    tiny += ["--data", "zero-all", "--no-baselines"]
+    assert main(["bench", "--json", str(tmp_path / where), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "--json: cannot write" in err
+    assert "repeat 1" not in err  # no run started
+
+
 def test_runtime_error_is_one_line_exit_1(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     proc = subprocess.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import ssl
@@ -327,6 +328,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error("--repeat must be at least 1")
         if args.size < 4096 * max(args.channels):
             parser.error("--size must hold at least one page per channel")
+        if args.json_path is not None:
+            # Written after every run: found out now, not once the results are in.
+            problem = _unwritable(args.json_path)
+            if problem:
+                parser.error(f"--json: cannot write {args.json_path!r}: {problem}")
         if args.qemu is not None:
             from ._qemu_bench import find_qemu
 
@@ -354,14 +360,24 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                     parser.error(str(exc))
 
 
+def _unwritable(path: str) -> str | None:
+    """Why a file could not be written at ``path``, or ``None``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.path.isdir(folder):
+        return f"no directory {folder!r}"
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        return "permission denied"
+    return None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ._bench import format_table, run_bench
 
     def progress(line: str) -> None:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-
-    import os
 
     progress(
         f"bench: {args.size} bytes per run, {args.repeat} repeats, {os.cpu_count()} CPUs,"
