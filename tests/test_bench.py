@@ -172,6 +172,14 @@ def test_slices_cover_everything() -> None:
         assert all(s % PAGE == 0 for s, _ in ranges)
 
 
+def test_slices_are_as_many_as_the_channels_and_even_to_a_page() -> None:
+    # raw_socket_threads opens one connection per slice: its case says how many.
+    for size, parts in ((16 << 20, 255), (5 * PAGE, 4), (8 << 20, 3)):
+        lengths = [end - start for start, end in _slices(size, parts)]
+        assert len(lengths) == parts
+        assert max(lengths) - min(lengths) <= PAGE
+
+
 def test_case_order_puts_baselines_next_to_their_runs() -> None:
     cases = make_cases(
         channels=[1, 4], compressions=["none", "zstd"], data=["random"], baselines=True

@@ -20,8 +20,8 @@ Data generation, pre-touch, connection setup and hashing are outside the timed p
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
-import math
 import mmap
 import os
 import resource
@@ -75,12 +75,11 @@ def _emit(out: TextIO, obj: dict[str, Any]) -> None:
 
 
 def _slices(size: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``size`` bytes into ``parts`` page-aligned (start, end) ranges."""
+    """Split ``size`` bytes into ``parts`` page-aligned (start, end) ranges, as even as
+    whole pages allow (fewer only when there are fewer pages than parts)."""
     pages = size // PAGE
-    per = math.ceil(pages / parts)
-    return [
-        (i * per * PAGE, min((i + 1) * per * PAGE, size)) for i in range(parts) if i * per < pages
-    ]
+    bounds = [pages * i // parts * PAGE for i in range(parts)] + [size]
+    return [(start, end) for start, end in itertools.pairwise(bounds) if start < end]
 
 
 def _recv_exact_sock(sock: socket.socket, view: memoryview) -> None:
