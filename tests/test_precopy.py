@@ -695,6 +695,19 @@ def test_tracker_rejects_bad_arguments() -> None:
             tracker.mark(block, offset, length)
 
 
+async def test_mark_takes_any_integer_such_as_numpys_but_not_a_bool() -> None:
+    import numpy as np
+
+    block, tracker = tracked(4)
+    tracker.mark(block, np.int64(PAGE), np.int32(PAGE + 1))
+    assert await tracker.collect() == {block: [PAGE, 2 * PAGE]}
+    # True would stand for byte 1 (pages 0 and 1 with the default length).
+    for offset, length in ((True, PAGE), (0, True), (False, PAGE)):
+        with pytest.raises(TypeError, match="not bool"):
+            tracker.mark(block, offset, length)
+    assert await tracker.collect() == {block: []}
+
+
 # -- the bench -------------------------------------------------------------------------------
 
 

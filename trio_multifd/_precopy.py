@@ -29,13 +29,13 @@ import weakref
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import final
+from typing import SupportsIndex, final
 
 import attrs
 import trio
 import xxhash
 
-from ._block import RAMBlock, make_present
+from ._block import RAMBlock, index_of, make_present
 from ._errors import PrecopyAbortedError, TransferIncompleteError
 from ._receiver import Receiver
 from ._sender import Sender
@@ -196,7 +196,7 @@ class DirtyTracker:
         """The tracked blocks, in the order given."""
         return self._blocks
 
-    def mark(self, block: RAMBlock, offset: int, length: int = 4096) -> None:
+    def mark(self, block: RAMBlock, offset: SupportsIndex, length: SupportsIndex = 4096) -> None:
         """Mark the pages of ``block`` that overlap ``[offset, offset + length)`` dirty.
 
         Call it after the write, never before: a mark made before its write may be
@@ -211,7 +211,8 @@ class DirtyTracker:
 
         Raises:
             TypeError: ``block`` is not a :class:`~trio_multifd.RAMBlock`, or
-                ``offset``/``length`` is not an int.
+                ``offset``/``length`` is not an integer (anything with ``__index__``,
+                such as numpy's integers, is one; a ``bool`` is not).
             ValueError: ``block`` is not tracked, or the range is empty or not inside it.
         """
         if not isinstance(block, RAMBlock):
@@ -219,8 +220,15 @@ class DirtyTracker:
         index = self._index.get(block)
         if index is None:
             raise ValueError(f"block {block.name!r} is not tracked by this DirtyTracker")
-        if not isinstance(offset, int) or not isinstance(length, int):
-            raise TypeError("offset and length must be int")
+        # As Sender.queue_page: numpy's integers are integers, a bool is not (True
+        # would silently mark from byte 1).
+        try:
+            offset, length = index_of(offset), index_of(length)
+        except TypeError:
+            raise TypeError(
+                f"offset and length must be integers (not bool), got"
+                f" {type(offset).__name__} and {type(length).__name__}"
+            ) from None
         if offset < 0 or length < 1 or offset + length > block.size:
             raise ValueError(
                 f"block {block.name!r}: range [{offset}, {offset + length}) is empty or not"
