@@ -495,8 +495,13 @@ async def test_precopy_rejects_bad_arguments() -> None:
                 async with m.open_sender(connect, channels=1) as sender:
                     with pytest.raises(ValueError, match="max_rounds"):
                         await precopy(sender, tracker, on_stop=on_stop, max_rounds=0)
-                    with pytest.raises(ValueError, match="downtime_limit"):
-                        await precopy(sender, tracker, on_stop=on_stop, downtime_limit=-1)
+                    for limit in (-1, True):
+                        with pytest.raises(ValueError, match="downtime_limit"):
+                            await precopy(sender, tracker, on_stop=on_stop, downtime_limit=limit)
+                    # Refused before round 1, not when it would first be called.
+                    with pytest.raises(TypeError, match="on_round"):
+                        await precopy(sender, tracker, on_stop=on_stop, on_round="log")  # type: ignore[arg-type]
+                    assert sender.stats.rounds == 0
                     with pytest.raises(ValueError, match="page size"):
                         await precopy(sender, DirtyTracker([other]), on_stop=on_stop)
                     with pytest.raises(TypeError):
@@ -505,6 +510,8 @@ async def test_precopy_rejects_bad_arguments() -> None:
                         await precopy(object(), tracker, on_stop=on_stop)  # type: ignore[arg-type]
                 with pytest.raises(TypeError):
                     await receive_precopy(object())  # type: ignore[arg-type]
+                with pytest.raises(TypeError, match="on_round"):
+                    await receive_precopy(receiver, on_round="log")  # type: ignore[arg-type]
                 await receiver.wait_closed()
 
 

@@ -423,7 +423,8 @@ async def precopy(
         The report.
 
     Raises:
-        TypeError: ``sender``, ``tracker`` or ``on_stop`` is of the wrong type.
+        TypeError: ``sender``, ``tracker``, ``on_stop`` or ``on_round`` is of the wrong
+            type.
         ValueError: A bad ``downtime_limit`` or ``max_rounds``, or the tracker's page
             size differs from the sender's.
         MultiFDError: The transfer failed (raised by the sender).
@@ -434,9 +435,14 @@ async def precopy(
         raise TypeError(f"tracker must be a DirtyTracker, got {type(tracker).__name__}")
     if not callable(on_stop):
         raise TypeError("on_stop must be a function")
+    _check_on_round(on_round)
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
-    if not isinstance(downtime_limit, int | float) or not downtime_limit >= 0:
+    if (
+        isinstance(downtime_limit, bool)
+        or not isinstance(downtime_limit, int | float)
+        or not downtime_limit >= 0
+    ):
         raise ValueError(f"downtime_limit must be a number >= 0, got {downtime_limit!r}")
     if tracker.page_size != sender.page_size:
         raise ValueError(
@@ -515,6 +521,13 @@ async def precopy(
     )
 
 
+def _check_on_round(on_round: object) -> None:
+    # Up front: called only once a round is on the wire, a bad one would fail the
+    # migration half-way.
+    if on_round is not None and not callable(on_round):
+        raise TypeError(f"on_round must be a function or None, got {type(on_round).__name__}")
+
+
 def _expected(dirty_bytes: int, page_bytes: int, seconds: float) -> float:
     if not dirty_bytes:
         return 0.0
@@ -574,7 +587,8 @@ async def receive_precopy(
         The final round's figures.
 
     Raises:
-        TypeError: ``receiver`` is not a :class:`~trio_multifd.Receiver`.
+        TypeError: ``receiver`` is not a :class:`~trio_multifd.Receiver`, or
+            ``on_round`` is neither a function nor ``None``.
         PrecopyAbortedError: Every channel ended without a final round: the sender gave
             up (``force_stop=False``) or closed without running :func:`precopy` to its end.
         RuntimeError: The receiver's ``async with`` block is over (see
@@ -582,6 +596,7 @@ async def receive_precopy(
     """
     if not isinstance(receiver, Receiver):
         raise TypeError(f"receiver must be a Receiver, got {type(receiver).__name__}")
+    _check_on_round(on_round)
     follower = _FOLLOWERS.get(receiver)
     if follower is None:
         follower = _FOLLOWERS[receiver] = _Follower()
