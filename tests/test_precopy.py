@@ -773,6 +773,24 @@ async def test_receive_precopy_called_again_after_being_given_up_finds_the_final
     assert target_bytes == source_bytes
 
 
+async def test_a_sender_that_leaves_without_precopy_is_not_said_to_have_given_up() -> None:
+    # Two plain rounds, then the exit's closing round: nothing says the sender gave up.
+    _, target, _, _ = blocks(SMALL, seed=25)
+    with trio.fail_after(20):
+        async with m.open_receiver([target], channels=2) as receiver:
+            async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+                await nursery.start(receiver.serve, listeners)
+                async with m.open_sender(connect, channels=2) as sender:
+                    await sender.sync()
+                    await sender.sync()
+                with pytest.raises(
+                    m.PrecopyAbortedError,
+                    match=r"^every channel ended after round 3 without a final pre-copy round:"
+                    r" the sender gave up \(force_stop=False\), or left or died before",
+                ):
+                    await receive_precopy(receiver)
+
+
 async def test_pages_queued_without_a_sync_before_precopy_get_a_round_of_their_own() -> None:
     # A page queued earlier and sent again in round 1 would share its round, whose
     # packets land in any order on other channels: the older copy could land last.

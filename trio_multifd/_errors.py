@@ -172,7 +172,9 @@ class IntegrityError(ProtocolError):
 
 
 class PrecopyAbortedError(MultiFDError):
-    """The sender gave up a pre-copy migration before its final round."""
+    """A pre-copy migration ended without its final round: the sender gave up
+    (``force_stop=False``), or left or died before :func:`~trio_multifd.precopy` finished.
+    """
 
 
 class TransportError(MultiFDError):

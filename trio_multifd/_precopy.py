@@ -677,9 +677,12 @@ class _Follower:
         [cause] = ended
         if not isinstance(cause, TransferIncompleteError):
             raise cause
+        # The receiver cannot tell a sender that gave up from one that left its block
+        # early or died after a SYNC: each ends every channel cleanly after a round.
         raise PrecopyAbortedError(
-            "every channel ended without a final pre-copy round: the sender gave up"
-            f" after round {receiver.rounds_completed}"
+            f"every channel ended after round {receiver.rounds_completed} without a final"
+            " pre-copy round: the sender gave up (force_stop=False), or left or died"
+            " before precopy() finished"
         ) from cause
 
 
