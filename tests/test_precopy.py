@@ -209,6 +209,71 @@ async def test_marks_a_writer_mutating_64_mib_converges_and_the_target_is_identi
     assert target_bytes == source_bytes
 
 
+async def test_blocks_written_by_several_tasks_and_a_thread_arrive_with_their_last_content() -> (
+    None
+):
+    # Two blocks, a writer task on each, and a thread rewriting the same 4 pages of the
+    # first many times over, all marking; over a Unix socket this time.
+    a, a_target, a_bytes, a_target_bytes = blocks(SMALL, seed=26)
+    b, _, b_bytes, _ = blocks(SMALL // 4, seed=27)
+    b = m.RAMBlock("b", b_bytes)
+    b_target_bytes = pattern(len(b_bytes))
+    b_target = m.RAMBlock("b", b_target_bytes)
+    tracker = DirtyTracker([a, b])
+    writers = [Writer(a, tracker, seed=28), Writer(b, tracker, seed=29, zero_every=5)]
+    stop_thread = threading.Event()
+    hot_writes = 0
+
+    def hot() -> None:
+        nonlocal hot_writes
+        rng = random.Random(30)
+        while not stop_thread.is_set():
+            position = rng.randrange(4 * PAGE - 8)
+            a_bytes[position : position + 8] = rng.randbytes(8)
+            tracker.mark(a, position, 8)
+            hot_writes += 1
+
+    thread = threading.Thread(target=hot)
+
+    async def on_stop() -> None:
+        for writer in writers:
+            await writer.stop()
+        stop_thread.set()
+        await trio.to_thread.run_sync(thread.join)
+
+    finals: list[PrecopyRound] = []
+    try:
+        with trio.fail_after(30):
+            async with m.open_receiver([a_target, b_target], channels=3) as receiver:
+                async with (
+                    listening("unix") as (listeners, connect),
+                    trio.open_nursery() as nursery,
+                ):
+                    await nursery.start(receiver.serve, listeners)
+
+                    async def receive() -> None:
+                        finals.append(await receive_precopy(receiver))
+                        await receiver.wait_closed()
+
+                    nursery.start_soon(receive)
+                    for writer in writers:
+                        nursery.start_soon(writer.run)
+                    thread.start()
+                    async with m.open_sender(connect, channels=3) as sender:
+                        report = await precopy(
+                            sender, tracker, on_stop=on_stop, downtime_limit=0.001, max_rounds=5
+                        )
+    finally:  # a failed migration must not leave the thread writing for ever
+        stop_thread.set()
+        if thread.is_alive():
+            thread.join()
+    check_completed(report, finals[0])
+    assert len(report.rounds) >= 2
+    assert hot_writes > 100 and all(writer.writes > 0 for writer in writers)
+    assert a_target_bytes == a_bytes
+    assert b_target_bytes == b_bytes
+
+
 async def test_hash_detection_finds_writes_nobody_marks() -> None:
     source, target, source_bytes, target_bytes = blocks(BIG, seed=3)
     tracker = DirtyTracker([source], detect="hash")
