@@ -187,6 +187,26 @@ def test_sigterm_stops_a_receiver_and_removes_its_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_after_the_receivers_report_leaves_its_exit_status_that_of_the_report(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(100_000))
+    with receiving(tmp_path / "copy", "--json") as (proc, port):
+        sender = subprocess.Popen(_command("send", str(src), f"127.0.0.1:{port}", "-q"), text=True)
+        with killed_if_left(sender):
+            assert proc.stdout is not None
+            report = json.loads(proc.stdout.readline())
+            # Signals all the way to the exit: one lands after any handler is restored.
+            while proc.poll() is None:
+                proc.send_signal(signum)
+                time.sleep(0.0005)
+            assert sender.wait(TIMEOUT) == 0
+    assert report["ok"] is True
+    assert proc.returncode == 0
+
+
 @contextmanager
 def killed_if_left(proc: subprocess.Popen[str]) -> Iterator[None]:
     """Kill ``proc`` on the way out if it is still running (a test that failed)."""

@@ -282,7 +282,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``trio-multifd`` command line; return the exit status."""
+    """Run the ``trio-multifd`` command line; return the exit status.
+
+    ``send`` and ``recv`` return with SIGINT and SIGTERM ignored: the process is about to
+    exit with the status that its report gave, and a late signal must not change it."""
     parser = _parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -491,13 +494,12 @@ def _copy(args: argparse.Namespace) -> int:
         err.flush()
 
     # Ctrl-C and SIGTERM cancel the copy (see _until_stopped) and are ignored outside the
-    # run: none can cut the final report short, or kill the process between the two.
-    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOPS}
-    try:
-        return _run_copy(args, reporter, announce)
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    # run, to the process's exit: none can cut the final report short, kill the process
+    # between the two, or give it an exit status (-2, -15) that contradicts its report.
+    # Restoring the old handlers on return left that window open up to the exit.
+    for signum in _STOPS:
+        signal.signal(signum, signal.SIG_IGN)
+    return _run_copy(args, reporter, announce)
 
 
 def _run_copy(
