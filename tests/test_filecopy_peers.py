@@ -666,6 +666,55 @@ def test_a_directory_under_the_final_name_is_refused_before_any_page_even_with_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
+def make_node(path: Path, kind: str) -> None:
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))  # the node stays after the socket closes
+
+
+NODES = ["a FIFO", "a socket"]
+
+
+@pytest.mark.parametrize("kind", NODES)
+def test_a_fifo_or_socket_at_path_is_refused_before_listening_even_with_force(
+    tmp_path: Path, kind: str
+) -> None:
+    node = tmp_path / "dest"
+    make_node(node, kind)
+    proc = subprocess.run(
+        [*_command("recv"), str(node), "--listen", "127.0.0.1:0", "--force"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"trio-multifd: error: {node} is {kind}: it cannot be replaced by the copy"
+    ]
+    assert not node.is_file()
+
+
+@pytest.mark.parametrize("kind", NODES)
+def test_a_fifo_or_socket_under_the_final_name_is_refused_before_any_page_even_with_force(
+    tmp_path: Path, kind: str
+) -> None:
+    make_node(tmp_path / "f.bin", kind)
+    with receiving(tmp_path, "--force") as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            reply = read_message(sock)
+        code, lines = finished(proc)
+    assert reply == {
+        "type": "refuse",
+        "error": f"{tmp_path / 'f.bin'} is {kind}: it cannot be replaced by the copy",
+    }
+    assert code == 1
+    assert lines == ["trio-multifd: error: " + reply["error"]]
+    assert not (tmp_path / "f.bin").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
 def test_a_size_the_file_system_takes_but_memory_cannot_map_is_refused() -> None:
     # tmpfs grows a file to 4 PiB on ftruncate; no address space maps that much.

@@ -526,6 +526,10 @@ async def receive_file(
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
     if path.endswith(os.sep) and not _isdir(path):
         raise CopyError(f"{path} is not a directory")
+    # A directory PATH takes the sender's name, checked once the manifest names it.
+    unreplaceable = None if _isdir(path) else _unreplaceable(path)
+    if unreplaceable:
+        raise CopyError(unreplaceable)
     if not force and _destination(path, "-", "-")[2] and not _isdir(path):
         raise CopyError(f"{path} exists: refusing to overwrite it without --force")
     try:
@@ -619,15 +623,17 @@ async def _receive_with(
             f" receiver's --max-channels {max_channels}",
         )
     final, temp, exists = _destination(path, manifest["name"], manifest["uuid"])
+    # Found now rather than by the rename after the whole copy, and before the advice
+    # to use --force, which would not help.
+    unreplaceable = _unreplaceable(final)
+    if unreplaceable:
+        raise await refusal(control, unreplaceable)
     if exists and not force:
         raise await refusal(
             control,
             f"{final} exists (use --force on the receiver)",
             f"{final} exists: refusing to overwrite it without --force",
         )
-    if _isdir(final, follow=False):
-        # Found now rather than by the rename after the whole copy.
-        raise await refusal(control, f"{final} is a directory: it cannot be replaced by the copy")
     # Checked now: the temporary name is short enough anyway, and the final one would
     # fail only after the whole copy.
     too_long = _name_too_long(final)
@@ -781,9 +787,34 @@ def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
         pass
 
 
-def _isdir(path: str, *, follow: bool = True) -> bool:
-    """Whether ``path`` is a directory (``follow=False``: itself, not a link to one)."""
-    return os.path.isdir(path) and (follow or not os.path.islink(path))
+def _isdir(path: str) -> bool:
+    """Whether ``path`` is a directory, or a link to one (a local stat, as quick as the
+    rest of the receiver's checks before it listens)."""
+    return os.path.isdir(path)
+
+
+_NODE_KINDS = [
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+]
+
+
+def _unreplaceable(final: str) -> str | None:
+    """Why the copy cannot take the name ``final``: a node there, not through a symbolic
+    link (the link is what a rename replaces), that is not a regular file. Renaming over
+    a device would drop the node itself (``recv /dev/sdb --force`` would leave the disk
+    without its node and the image in /dev's memory)."""
+    try:
+        mode = os.lstat(final).st_mode
+    except OSError:
+        return None
+    for test, kind in _NODE_KINDS:
+        if test(mode):
+            return f"{final} is {kind}: it cannot be replaced by the copy"
+    return None
 
 
 def _destination(path: str, name: str, transfer: str) -> tuple[str, str, bool]:
