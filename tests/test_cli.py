@@ -540,6 +540,34 @@ def test_runtime_error_is_one_line_exit_1(tmp_path: Path) -> None:
     ]
 
 
+def test_an_error_naming_a_path_with_a_newline_is_one_line_the_json_keeps_the_name(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "two\nlines"
+    proc = subprocess.run(
+        _command("send", str(missing), "127.0.0.1:9", "--json"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert failed_json(proc) == f"cannot open {missing}: No such file or directory"
+    assert proc.stderr.splitlines() == [
+        f"trio-multifd: error: cannot open {tmp_path}/two\\nlines: No such file or directory"
+    ]
+
+
+def test_the_report_of_a_copy_to_a_path_with_a_newline_is_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    dest = tmp_path / "two\nlines"
+    with receiving(dest) as (recv, port):
+        assert send(src, port, "-q").returncode == 0
+        _out, err = recv.communicate(timeout=TIMEOUT)
+    assert dest.read_bytes() == src.read_bytes()
+    report = err.splitlines()[-1]
+    assert report.startswith(f"received {tmp_path}/two\\nlines: 5000 bytes "), err
+
+
 def test_json_with_debug_prints_the_object_and_the_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     proc = subprocess.run(

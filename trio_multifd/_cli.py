@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from ._filecopy import describe
 
-        sys.stderr.write(f"trio-multifd: error: {describe(exc)}\n")
+        sys.stderr.write(f"trio-multifd: error: {_one_line(describe(exc))}\n")
         return 1
 
 
@@ -559,7 +559,7 @@ def _run_copy(
             _json_failure(args.command, message)
         if args.debug:
             raise
-        err.write(f"trio-multifd: error: {message}\n")
+        err.write(f"trio-multifd: error: {_one_line(message)}\n")
         return 1
     reporter.stop()
     result = summary.to_json(args.command)
@@ -568,7 +568,7 @@ def _run_copy(
     elif not args.quiet:
         verb = "sent" if args.command == "send" else "received"
         err.write(
-            f"{verb} {summary.path}: {summary.size} bytes ({summary.data_bytes} in data"
+            f"{verb} {_one_line(summary.path)}: {summary.size} bytes ({summary.data_bytes} in data"
             f" extents) in {summary.seconds:.2f} s, {result['gbps']:.2f} GB/s; wire"
             f" {summary.wire_bytes} bytes, {summary.zero_pages} zero pages;"
             f" xxh3_128 {summary.checksum}\n"
@@ -633,6 +633,12 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise CopyError(
             f"cannot load TLS files {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
+
+
+def _one_line(text: str) -> str:
+    """``text`` with each character that is not printable escaped: a path may hold a
+    newline (a file system takes any byte but NUL and ``/``), and an error is one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _json_failure(command: str, message: str) -> None:
