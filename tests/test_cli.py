@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import trustme
 import xxhash
 
 from trio_multifd import _extents as extents, _filecopy as fc
-from trio_multifd._cli import _parser, main, parse_hostport, parse_size
+from trio_multifd._cli import _parser, _Reporter, main, parse_hostport, parse_size
 from trio_multifd._extents import data_extents, file_checksum
 
 PAGE = 4096
@@ -566,6 +567,17 @@ def test_the_report_of_a_copy_to_a_path_with_a_newline_is_one_line(tmp_path: Pat
     assert dest.read_bytes() == src.read_bytes()
     report = err.splitlines()[-1]
     assert report.startswith(f"received {tmp_path}/two\\nlines: 5000 bytes "), err
+
+
+def test_progress_off_a_terminal_prints_one_line_for_each_jump_at_the_tenth_reached() -> None:
+    err = io.StringIO()
+    reporter = _Reporter("sending", quiet=False, err=err)
+    for done in (0, 350, 390, 1000, 1000):
+        reporter(done, 1000)
+    assert [line.split(" (")[0] for line in err.getvalue().splitlines()] == [
+        "sending: 30%",
+        "sending: 100%",
+    ]
 
 
 def test_json_with_debug_prints_the_object_and_the_traceback(tmp_path: Path) -> None:

@@ -465,14 +465,15 @@ class _Reporter:
                 self._task = self._progress.add_task(self.what, total=max(total, 1))
             self._progress.update(self._task, completed=done)
             return
-        while total and done * 10 >= total * self.next_tenth and self.next_tenth <= 10:
+        tenth = min(done * 10 // total, 10) if total else 0
+        if tenth >= self.next_tenth:
+            # One line for the tenth reached: a call that passes several (a fast copy)
+            # would otherwise print each with the same figures under its own percentage.
             elapsed = time.monotonic() - self.started
             rate = done / elapsed / 1e6 if elapsed > 0 else 0.0
-            self.err.write(
-                f"{self.what}: {self.next_tenth * 10}% ({done} bytes, {rate:.0f} MB/s)\n"
-            )
+            self.err.write(f"{self.what}: {tenth * 10}% ({done} bytes, {rate:.0f} MB/s)\n")
             self.err.flush()
-            self.next_tenth += 1
+            self.next_tenth = tenth + 1
 
     def stop(self) -> None:
         if self._progress is not None:
