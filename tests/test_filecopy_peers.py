@@ -596,6 +596,22 @@ def test_a_destination_directory_that_does_not_exist_is_refused_before_listening
     assert proc.stderr.splitlines() == [f"trio-multifd: error: {missing} is not a directory"]
 
 
+def test_a_destination_whose_directory_does_not_exist_is_refused_before_listening(
+    tmp_path: Path,
+) -> None:
+    dest = tmp_path / "no-such-dir" / "f.bin"
+    proc = subprocess.run(
+        [*_command("recv"), str(dest), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"trio-multifd: error: cannot receive into {dest}: {dest.parent} is not a directory"
+    ]
+
+
 def test_a_sender_gone_before_the_refusal_still_gets_the_receivers_own_error(
     tmp_path: Path,
 ) -> None:

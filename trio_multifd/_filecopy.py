@@ -524,14 +524,9 @@ async def receive_file(
     that never opens its channels, or stalls, cannot keep the receiver waiting. A
     manifest asking for more than ``max_channels`` channels is refused."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
-    if path.endswith(os.sep) and not _isdir(path):
-        raise CopyError(f"{path} is not a directory")
-    # A directory PATH takes the sender's name, checked once the manifest names it.
-    unreplaceable = None if _isdir(path) else _unreplaceable(path)
-    if unreplaceable:
-        raise CopyError(unreplaceable)
-    if not force and _destination(path, "-", "-")[2] and not _isdir(path):
-        raise CopyError(f"{path} exists: refusing to overwrite it without --force")
+    refused = _refused_before_listening(path, force=force)
+    if refused:
+        raise CopyError(refused)
     try:
         tcp = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -787,10 +782,22 @@ def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
         pass
 
 
-def _isdir(path: str) -> bool:
-    """Whether ``path`` is a directory, or a link to one (a local stat, as quick as the
-    rest of the receiver's checks before it listens)."""
-    return os.path.isdir(path)
+def _refused_before_listening(path: str, *, force: bool) -> str | None:
+    """Why ``recv`` cannot take ``path`` whatever a sender sends: found before it
+    listens, not once a sender has connected and sent its manifest."""
+    if os.path.isdir(path):
+        return None  # the sender's name in it is checked once the manifest gives it
+    if path.endswith(os.sep):
+        return f"{path} is not a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"cannot receive into {path}: {parent} is not a directory"
+    unreplaceable = _unreplaceable(path)
+    if unreplaceable:
+        return unreplaceable
+    if not force and os.path.lexists(path):
+        return f"{path} exists: refusing to overwrite it without --force"
+    return None
 
 
 _NODE_KINDS = [
