@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -246,6 +247,21 @@ def test_existing_destination_is_refused_without_force(tmp_path: Path) -> None:
         recv.communicate(timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
     assert (out_dir / "a.bin").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize(("source_mode", "copy_mode"), [(0o600, 0o600), (0o4751, 0o751)])
+def test_the_copy_takes_the_permission_bits_of_its_source_not_setuid(
+    tmp_path: Path, source_mode: int, copy_mode: int
+) -> None:
+    src, out_dir = random_file_and_out_dir(tmp_path, 8 * PAGE)
+    os.chmod(src, source_mode)
+    with receiving(out_dir) as (recv, port):
+        sent = send(src, port)
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    copy = out_dir / "a.bin"
+    assert copy.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == copy_mode
 
 
 def test_a_sender_asking_for_more_channels_than_max_channels_is_refused(

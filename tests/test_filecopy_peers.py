@@ -103,6 +103,8 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(nonzero_bytes=8193)).encode(), "field 'nonzero_bytes'"),
         (json.dumps(manifest(nonzero_bytes=None)).encode(), "field 'nonzero_bytes'"),
         (json.dumps(manifest(method="lz4")).encode(), "unknown compression method 'lz4'"),
+        (json.dumps(manifest(mode=0o4755)).encode(), "field 'mode' is 2541"),
+        (json.dumps(manifest(mode="0644")).encode(), "field 'mode'"),
         # UUID() takes these too; the uuid names the temporary file.
         (json.dumps(manifest(uuid="\n" + "1" * 31)).encode(), "field 'uuid'"),
         (json.dumps(manifest(uuid="urn:uuid:" + str(uuid.UUID(int=7)))).encode(), "field 'uuid'"),

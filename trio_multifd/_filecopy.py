@@ -53,6 +53,9 @@ CHECKING_INTERVAL = 5.0
 """How often a receiver computing the checksum tells the sender so (at most)."""
 MAX_SIZE = 2**63 - 1
 """The largest file size a manifest may declare (the largest ``off_t``)."""
+# The permission bits a copy takes from its source: not setuid, setgid or sticky.
+_MODE_BITS = 0o777
+_DEFAULT_MODE = 0o644
 MAX_CHANNELS = 16
 """The most channels a receiver accepts from a manifest by default (``--max-channels``).
 
@@ -245,6 +248,7 @@ async def send_file(
             "channels": channels,
             "uuid": str(transfer_uuid),
             "checksum": {"algorithm": CHECKSUM, "value": checksum},
+            "mode": stat.S_IMODE(status.st_mode) & _MODE_BITS,
         }
 
         async def open_stream() -> trio.abc.Stream:
@@ -487,6 +491,10 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     # file, and UUID() also takes braces, "urn:uuid:", blanks and non-ASCII digits.
     if manifest["uuid"] != canonical:
         raise bad("uuid")
+    # Optional (a sender before it sent none: the copy gets 0o644).
+    mode = manifest.setdefault("mode", _DEFAULT_MODE)
+    if type(mode) is not int or not 0 <= mode <= _MODE_BITS:
+        raise bad("mode")
     checksum = manifest.get("checksum")
     if (
         not isinstance(checksum, dict)
@@ -637,7 +645,8 @@ async def _receive_with(
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # Private while it is written: the source may be (its mode comes at the end).
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise await refusal(
             control, f"cannot create the file: {exc}", f"cannot create {temp}: {exc.strerror}"
@@ -723,6 +732,7 @@ async def _receive_with(
             error = f"checksum mismatch: the copy has {checksum}, the manifest says {expected}"
             await send_message(control, {"type": "verdict", "ok": False, "error": error})
             raise CopyError(error)
+        os.fchmod(fd, manifest["mode"])
         os.fsync(fd)
         # A cancel (Ctrl-C, SIGTERM) noticed by now aborts before the copy gets its name;
         # from the name on, the copy is done, and reported so even if a cancel comes.
