@@ -557,6 +557,24 @@ def test_runtime_error_is_one_line_exit_1(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", ["send", "recv"])
+def test_a_missing_tls_file_is_named_once_in_one_line(tmp_path: Path, command: str) -> None:
+    missing = tmp_path / "missing.pem"
+    source = tmp_path / "a.bin"
+    source.write_bytes(bytes(PAGE))
+    if command == "send":
+        argv = ["send", str(source), "127.0.0.1:9", "--tls-ca", str(missing)]
+    else:
+        # One PEM file for both the chain and the key: named once.
+        argv = ["recv", str(tmp_path), "--listen", "127.0.0.1:0"]
+        argv += ["--tls-cert", str(missing), "--tls-key", str(missing)]
+    proc = subprocess.run(_command(*argv), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"trio-multifd: error: cannot load TLS file {missing}: No such file or directory"
+    ]
+
+
 def test_an_error_naming_a_path_with_a_newline_is_one_line_the_json_keeps_the_name(
     tmp_path: Path,
 ) -> None:

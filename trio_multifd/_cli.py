@@ -631,8 +631,10 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         return server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
         files = [args.tls_ca] if args.command == "send" else [args.tls_cert, args.tls_key]
+        named = files[0] if len(set(files)) == 1 else ", ".join(files)
+        what = "file" if len(set(files)) == 1 else "files"
         raise CopyError(
-            f"cannot load TLS files {', '.join(files)}: {getattr(exc, 'strerror', None) or exc}"
+            f"cannot load TLS {what} {named}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
 
 
