@@ -9,6 +9,7 @@ subprocess.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -321,10 +322,11 @@ async def copy_in_process(
     *,
     checking: bool,
     during_check: Callable[[Path], None] = lambda src: None,
+    check_seconds: float = 3.5,
 ) -> tuple[BaseException | fc.Summary, BaseException | fc.Summary]:
-    """A copy whose receiver takes 3.5 s to check the file, with idle_timeout 1 s;
-    ``checking=False`` silences the receiver's "still checking" messages;
-    ``during_check(source path)`` runs as the receiver's check begins."""
+    """A copy whose receiver takes ``check_seconds`` to check the file, with
+    idle_timeout 1 s; ``checking=False`` silences the receiver's "still checking"
+    messages; ``during_check(source path)`` runs as the receiver's check begins."""
     src = tmp_path / "src"
     src.write_bytes(bytes(range(256)) * 64)
     real = extents.scan
@@ -337,7 +339,7 @@ async def copy_in_process(
         calls += 1
         if calls == 2:  # the receiver's, after the sender's own
             during_check(src)
-            time.sleep(3.5)
+            time.sleep(check_seconds)
         return real(fd, size, between_chunks, count_pages=count_pages)
 
     monkeypatch.setattr(extents, "scan", slow_second_call)
@@ -384,6 +386,35 @@ async def test_a_long_check_keeps_the_sender_waiting_for_its_verdict(
     sent, received = await copy_in_process(tmp_path, monkeypatch, checking=True)
     assert isinstance(sent, fc.Summary) and isinstance(received, fc.Summary)
     assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+
+
+def refusing_fchmod(code: int) -> Callable[[int, int], None]:
+    def fchmod(fd: int, mode: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fchmod
+
+
+async def test_a_file_system_that_keeps_no_permission_bits_still_gets_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vfat refuses, with EPERM, any mode but the one its mount gives every file.
+    monkeypatch.setattr(os, "fchmod", refusing_fchmod(errno.EPERM))
+    sent, received = await copy_in_process(tmp_path, monkeypatch, checking=True, check_seconds=0)
+    assert isinstance(sent, fc.Summary) and isinstance(received, fc.Summary)
+    assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+
+
+async def test_a_mode_that_cannot_be_set_is_named_on_both_sides_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "fchmod", refusing_fchmod(errno.EIO))
+    sent, received = await copy_in_process(tmp_path, monkeypatch, checking=True, check_seconds=0)
+    mode = (tmp_path / "src").stat().st_mode & 0o777
+    error = f"cannot give the copy mode {mode:#o}: Input/output error"
+    assert isinstance(received, CopyError) and str(received) == error
+    assert isinstance(sent, BaseException) and error in fc.describe(sent)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 async def test_the_sender_lets_its_file_go_once_its_pages_have_left(

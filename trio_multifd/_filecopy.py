@@ -12,6 +12,7 @@ least as sparse as the source.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import mmap
@@ -56,6 +57,8 @@ MAX_SIZE = 2**63 - 1
 # The permission bits a copy takes from its source: not setuid, setgid or sticky.
 _MODE_BITS = 0o777
 _DEFAULT_MODE = 0o644
+# What fchmod says on a file system that keeps no such bits (vfat says EPERM).
+_NO_PERMISSION_BITS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
 MAX_CHANNELS = 16
 """The most channels a receiver accepts from a manifest by default (``--max-channels``).
 
@@ -732,7 +735,16 @@ async def _receive_with(
             error = f"checksum mismatch: the copy has {checksum}, the manifest says {expected}"
             await send_message(control, {"type": "verdict", "ok": False, "error": error})
             raise CopyError(error)
-        os.fchmod(fd, manifest["mode"])
+        try:
+            os.fchmod(fd, manifest["mode"])
+        except OSError as exc:
+            # A file system without Unix permission bits (vfat, exFAT, some network
+            # mounts) refuses a mode it cannot keep: the copy, whole and checked, keeps
+            # the one it gives every file rather than being thrown away for it.
+            if exc.errno not in _NO_PERMISSION_BITS:
+                error = f"cannot give the copy mode {manifest['mode']:#o}: {exc.strerror}"
+                await send_message(control, {"type": "verdict", "ok": False, "error": error})
+                raise CopyError(error) from None
         os.fsync(fd)
         # A cancel (Ctrl-C, SIGTERM) noticed by now aborts before the copy gets its name;
         # from the name on, the copy is done, and reported so even if a cancel comes.
