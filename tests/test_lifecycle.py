@@ -542,6 +542,25 @@ async def test_shielded_waits_in_the_receivers_block_are_woken_when_the_transfer
     assert isinstance(outcomes["sync"].__cause__, m.MagicError) == (ending == "failure")
 
 
+async def test_a_shielded_sync_wakes_on_a_cancel_before_any_channel_joined() -> None:
+    outcome: list[RuntimeError] = []
+    with trio.fail_after(10), trio.CancelScope() as outside:
+        async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+            try:
+                outside.cancel()
+                await trio.sleep_forever()
+            finally:
+                # A deadline of its own: the test's fail_after cannot reach into the shield.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                    try:
+                        await receiver.sync()
+                    except RuntimeError as exc:
+                        outcome.append(exc)
+    assert [str(exc) for exc in outcome] == [
+        "the transfer was cancelled: round 1 did not complete"
+    ]
+
+
 async def test_a_receiver_made_directly_refuses_work_instead_of_waiting_for_ever() -> None:
     receiver = m.Receiver(
         [m.RAMBlock("mem", bytearray(PAGE))],

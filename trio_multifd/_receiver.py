@@ -240,12 +240,23 @@ class Receiver:
         while not condition():
             await self._changed.park()
 
+    async def _wake_waiters_when_cut_short(self) -> None:
+        # Ends only when the transfer's nursery is cancelled (a failure, an outside
+        # cancel, the block's exit). Waiting tasks are woken then, not at the block's
+        # exit, which waits for the block's own tasks (a shielded sync() in the
+        # application's cleanup would wait for ever), also before any channel joined.
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._cut_short = True
+            self._notify()
+
     def _all_ended(self) -> bool:
         return self._barrier.all_ended
 
     def _stopped(self) -> bool:
         # No page arrives any more, short of a clean end: the block is over, the transfer
-        # failed, or a channel task ended without one (a cancel from outside).
+        # failed, or its tasks were cancelled (from outside).
         return self._closed or self._cut_short or self._supervisor.error is not None
 
     def _over(self, waiting_for: str) -> RuntimeError:
@@ -528,12 +539,6 @@ class Receiver:
                 # The transfer completed: the sender gets its clean close, also when the
                 # application left first (say, on sync()'s TransferIncompleteError).
                 await transport.aclose()
-            else:
-                # Failed or cancelled: tasks waiting for a round or the end are woken now,
-                # not at the block's exit, which waits for the block's own tasks (a
-                # shielded sync() in the application's cleanup would wait for ever).
-                self._cut_short = True
-                self._notify()
             # A no-op once the stream was closed cleanly.
             await transport.reset()
 
@@ -932,7 +937,7 @@ async def open_receiver(
     )
 
     async def start(nursery: trio.Nursery) -> None:
-        pass
+        nursery.start_soon(receiver._wake_waiters_when_cut_short)
 
     async def finish() -> None:
         # Leaving never waits for peers: cancelling the channel tasks closes them all.
