@@ -20,6 +20,7 @@ from .helpers import (
     block_pair,
     memory_channels,
     pattern,
+    run_both_ends,
 )
 from .transfer import listening
 
@@ -646,3 +647,36 @@ async def test_a_connect_that_returns_one_stream_for_two_channels_fails_the_tran
             await sender.queue_pages(src, range(0, src.size, PAGE))
     assert info.value.channel in (0, 1)  # whichever connected second
     assert "a stream it returned for another channel" in str(info.value)
+
+
+class _GreedyStream(TrackedStream):
+    """Returns whatever it holds, however few bytes ``receive_some`` asked for: a stream
+    that breaks Trio's contract."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await super().receive_some(None)
+
+
+async def test_a_stream_returning_more_than_asked_fails_the_channel_with_a_transport_error() -> (
+    None
+):
+    # The sender writes a header and its payload in one send_all: the receiver's read of
+    # the header alone gets the payload too.
+    connect, ends = memory_channels(1)
+    src, dst = block_pair("mem", 8)
+
+    async def send() -> None:
+        async with m.open_sender(connect, channels=1) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    async def receive() -> None:
+        async with m.open_receiver([dst], channels=1) as receiver:
+            await receiver.add_channel(_GreedyStream(ends[0]))
+            await receiver.wait_closed()
+
+    with trio.fail_after(20):
+        _, error = await run_both_ends(send, receive)
+    assert isinstance(error, m.TransportError)
+    assert error.channel == 0
+    assert "when asked for at most" in str(error)
+    assert "_GreedyStream.receive_some" in str(error)

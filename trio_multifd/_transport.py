@@ -222,9 +222,19 @@ class Transport:
     async def _receive_some(self, max_bytes: int, what: str) -> bytes | bytearray:
         with _deadline_scope(self.receive_timeout) as scope:
             try:
-                return await self.stream.receive_some(max_bytes)
+                data = await self.stream.receive_some(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
+            # A stream that breaks receive_some's contract would otherwise fail the copy
+            # into the target with a bare ValueError, or, with the extra bytes dropped,
+            # leave the next structure read out of step.
+            if len(data) > max_bytes:
+                raise TransportError(
+                    f"the stream returned {len(data)} bytes of {what} when asked for at"
+                    f" most {max_bytes} (a bug in {type(self.stream).__name__}.receive_some)",
+                    channel=self.channel,
+                )
+            return data
         assert scope.cancelled_caught
         raise ReceiveTimeoutError(
             f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s",
