@@ -15,7 +15,7 @@ import trio
 import trio_multifd as m
 from trio_multifd._transport import SocketTransport, Turns, open_transport
 
-from .helpers import PAGE, block_pair, pattern, run_both_ends, shuffled
+from .helpers import PAGE, TrackedStream, block_pair, pattern, run_both_ends, shuffled
 from .proxy import TamperStream, TcpLink, damaged_pages, run_faulty_transfer
 from .test_engine import handshake, make_packet, sync_packet
 from .transfer import listening, transfer
@@ -315,3 +315,39 @@ async def test_a_receiver_has_a_thread_per_core_with_compression(
     _, dst = block_pair("mem", 1)
     async with m.open_receiver([dst], channels=8, compression=compression) as receiver:
         assert receiver._io_threads == threads
+
+
+class _SocketExposingStream(TrackedStream):
+    """An application's wrapper of a TCP stream that also exposes the socket beneath
+    (to read its options, say)."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        super().__init__(inner)
+        self.socket = inner.socket
+
+
+async def test_a_wrapper_exposing_its_socket_still_carries_every_packet() -> None:
+    # The fast path is for a SocketStream itself: taking it for any stream with a
+    # .socket would send the packets around the wrapper (its counting, limiting or
+    # transforming), the handshake alone through it.
+    src, dst = block_pair("mem", 64, seed=4)
+    wrappers: list[_SocketExposingStream] = []
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect_tcp):
+
+            async def connect(channel: int) -> trio.abc.Stream:
+                stream = await connect_tcp(channel)
+                assert isinstance(stream, trio.SocketStream)
+                wrappers.append(_SocketExposingStream(stream))
+                return wrappers[-1]
+
+            async with m.open_receiver([dst], channels=1) as receiver:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(receiver.serve, listeners)
+                    async with m.open_sender(connect, channels=1) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                await receiver.wait_closed()
+    assert bytes(dst.view) == bytes(src.view)
+    [wrapper] = wrappers
+    data_pages = sum(any(src.view[o : o + PAGE]) for o in range(0, src.size, PAGE))
+    assert wrapper.sent > data_pages * PAGE

@@ -694,7 +694,8 @@ async def open_sender(
 
     Args:
         connect: ``async connect(channel_id) -> trio.abc.Stream``; any stream works (TCP,
-            Unix sockets, TLS, memory streams). Socket streams take a zero-copy path.
+            Unix sockets, TLS, memory streams). A :class:`trio.SocketStream` takes a
+            zero-copy path.
         channels: How many parallel channels (1..255).
         uuid: The transfer's id, sent in every handshake; ``None`` for a fresh
             :func:`uuid.uuid4`.

@@ -750,14 +750,17 @@ def open_transport(
     send_timeout: float | None = None,
     receive_timeout: float | None = None,
 ) -> Transport:
-    """Wrap ``stream``: the zero-copy socket path when it exposes a trio socket.
+    """Wrap ``stream``: the zero-copy socket path when it is a :class:`trio.SocketStream`.
 
     Raises:
         TransportError: The socket could not be duplicated for the worker thread (the
             process is out of descriptors); ``stream`` is closed.
     """
-    sock = getattr(stream, "socket", None)
-    if isinstance(sock, trio.socket.SocketType) and hasattr(sock, "sendmsg"):
+    # Only a SocketStream itself (a final class): an application's stream that merely
+    # exposes its inner socket (to read its options, say) may count, limit or transform
+    # its bytes, and the fast path would go around it after the handshake.
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    if sock is not None and hasattr(sock, "sendmsg"):
         try:
             return SocketTransport(
                 stream,
