@@ -159,6 +159,15 @@ class Receiver:
         self._table = BlockTable(blocks, page_size=page_size)
         self.page_size = page_size
         self._page_count = page_count_for(page_size)
+        # The size of each channel's payload buffer, checked here: a method's bad bound
+        # is the application's error at open, not a failure of the first channel.
+        self._payload_bound = self._method.payload_bound(self._page_count * page_size)
+        if type(self._payload_bound) is not int or self._payload_bound < 1:
+            raise ValueError(
+                f"compression method {self._method.name!r}: payload_bound"
+                f"({self._page_count * page_size}) returned {self._payload_bound!r},"
+                " not a positive int"
+            )
         self.channels = channels
         self.uuid = uuid
         self.stats = TransferStats.for_channels(channels)
@@ -530,6 +539,11 @@ class Receiver:
         except MultiFDError as exc:
             await self._supervisor.channel_failed(exc, channel)
             raise
+        except Exception as exc:
+            # A bug (a third-party decoder's, say), recorded before the cleanup's awaits,
+            # where the teardown's Cancelled would replace it.
+            self._supervisor.fail(exc, channel=channel)
+            raise
         finally:
             if crew is not None:
                 await crew.worker.released()
@@ -547,8 +561,7 @@ class Receiver:
         if decoder is not None:
             # One bounded buffer per channel: payloads are checked (checksum) or
             # decoded from here, never larger than a full packet's bound.
-            bound = self._method.payload_bound(self._page_count * self.page_size)
-            payload = memoryview(bytearray(bound))
+            payload = memoryview(bytearray(self._payload_bound))
         return _Link(
             channel,
             transport,
@@ -753,7 +766,8 @@ class Receiver:
             # Uncompressed, the payload is the pages: read straight into them, it must be
             # their size exactly (and no method call on the fastest path).
             if self._method.compresses:
-                bound = self._method.payload_bound(expected)
+                # Never past the buffer, whatever the method's bound for fewer pages.
+                bound = min(self._method.payload_bound(expected), self._payload_bound)
                 fits = 1 <= payload <= bound
             else:
                 bound = expected

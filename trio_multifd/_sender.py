@@ -510,6 +510,12 @@ class Sender:
                 await failed.reset()
             await self._supervisor.channel_failed(exc, channel)
             raise
+        except Exception as exc:
+            # A bug (a third-party encoder's, say), recorded before the cleanup's awaits:
+            # there the teardown's Cancelled would replace it, and the application would
+            # see only that its last round was never written.
+            self._supervisor.fail(exc, channel=channel)
+            raise
         finally:
             if crew is not None:
                 await crew.worker.released()
@@ -579,7 +585,7 @@ class Sender:
         if not normal:
             payload = []
         elif encoder is not None:
-            payload = [encoder.encode(pages)]
+            payload = [self._encode(encoder, pages)]
         elif self._integrity:
             # The checksum must cover exactly the bytes sent, but the application may
             # change a page while it is in flight: checksum and send one copy.
@@ -588,6 +594,26 @@ class Sender:
             payload = [*pages]
         checksum = payload_checksum(payload) if self._integrity else 0
         return normal, zero, payload, checksum
+
+    def _encode(self, encoder: Encoder, pages: list[memoryview]) -> Buffer:
+        """The encoder's payload, checked as the receiver will check it: a method's bug
+        is raised here, not taken by the receiver for a fault of this sender's."""
+        payload = encoder.encode(pages)
+        method = self._method
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"compression method {method.name!r}: encode returned"
+                f" {type(payload).__name__}, not bytes, bytearray or memoryview"
+            )
+        page_bytes = sum(len(page) for page in pages)
+        bound = method.payload_bound(page_bytes)
+        size = len(payload)
+        if not 1 <= size <= bound:
+            raise ValueError(
+                f"compression method {method.name!r}: encode returned {size} bytes for"
+                f" {page_bytes} bytes of pages, outside 1..{bound} (its payload_bound)"
+            )
+        return payload
 
     def _worker(self, links: list[_Link]) -> None:
         """The packet loop of a worker thread and its channels, until the final SYNC."""

@@ -42,8 +42,8 @@ class Supervisor:
 
     def __init__(self, role: str) -> None:
         self.role = role
-        self.error: MultiFDError | None = None
-        self._errors: list[MultiFDError] = []
+        self.error: Exception | None = None
+        self._errors: list[Exception] = []
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -62,10 +62,15 @@ class Supervisor:
                 " block runs its channels"
             )
 
-    def fail(self, exc: MultiFDError, *, channel: int | None = None) -> None:
+    def fail(self, exc: Exception, *, channel: int | None = None) -> None:
         """Record ``exc`` (of ``channel``, when it names none yet); the first one
-        recorded cancels the whole transfer."""
-        if exc.channel is None:
+        recorded cancels the whole transfer. Any exception but a :class:`MultiFDError` is
+        a bug (say, of a third-party compression method) and gets a note naming the
+        channel."""
+        if not isinstance(exc, MultiFDError):
+            if channel is not None:
+                exc.add_note(f"raised in channel {channel} of the {self.role}")
+        elif exc.channel is None:
             exc.channel = channel
         self._errors.append(exc)
         if self.error is not None:
