@@ -615,32 +615,32 @@ def test_an_interrupted_receiver_still_prints_one_json_object(tmp_path: Path) ->
     assert json.loads(out) == {"ok": False, "command": "recv", "error": "interrupted"}
 
 
-def test_a_destination_directory_that_does_not_exist_is_refused_before_listening(
-    tmp_path: Path,
-) -> None:
-    missing = f"{tmp_path / 'no-such-dir'}/"
+def refused_before_listening(dest: str, *extra: str) -> list[str]:
+    """Run ``recv dest`` (with ``extra``): it must exit 1 at once; its stderr lines."""
     proc = subprocess.run(
-        [*_command("recv"), missing, "--listen", "127.0.0.1:0"],
+        [*_command("recv"), dest, "--listen", "127.0.0.1:0", *extra],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
     )
     assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [f"trio-multifd: error: {missing} is not a directory"]
+    return proc.stderr.splitlines()
+
+
+def test_a_destination_directory_that_does_not_exist_is_refused_before_listening(
+    tmp_path: Path,
+) -> None:
+    missing = f"{tmp_path / 'no-such-dir'}/"
+    assert refused_before_listening(missing) == [
+        f"trio-multifd: error: {missing} is not a directory"
+    ]
 
 
 def test_a_destination_whose_directory_does_not_exist_is_refused_before_listening(
     tmp_path: Path,
 ) -> None:
     dest = tmp_path / "no-such-dir" / "f.bin"
-    proc = subprocess.run(
-        [*_command("recv"), str(dest), "--listen", "127.0.0.1:0"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [
+    assert refused_before_listening(str(dest)) == [
         f"trio-multifd: error: cannot receive into {dest}: {dest.parent} is not a directory"
     ]
 
@@ -732,14 +732,7 @@ def test_a_fifo_or_socket_at_path_is_refused_before_listening_even_with_force(
 ) -> None:
     node = tmp_path / "dest"
     make_node(node, kind)
-    proc = subprocess.run(
-        [*_command("recv"), str(node), "--listen", "127.0.0.1:0", "--force"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [
+    assert refused_before_listening(str(node), "--force") == [
         f"trio-multifd: error: {node} is {kind}: it cannot be replaced by the copy"
     ]
     assert not node.is_file()

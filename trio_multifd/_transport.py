@@ -24,7 +24,7 @@ import select
 import socket as stdlib_socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, final
 
 import trio
@@ -123,16 +123,22 @@ class _Spinner:
         return poller.poll(_CANCEL_CHECK_MS)
 
 
-def _find_socket(stream: object) -> trio.socket.SocketType | None:
-    # SocketStream exposes .socket; SSLStream and friends wrap another stream in
-    # .transport_stream: walk down to the socket, if there is one.
+def _layers(stream: object) -> Iterator[object]:
+    """``stream`` and the streams it wraps, outermost first: SSLStream and friends hold
+    another stream in ``.transport_stream`` (at most 8 deep: a cycle must not hang)."""
     for _ in range(8):
-        sock = getattr(stream, "socket", None)
-        if isinstance(sock, trio.socket.SocketType):
-            return sock
+        yield stream
         stream = getattr(stream, "transport_stream", None)
         if stream is None:
-            return None
+            return
+
+
+def _find_socket(stream: object) -> trio.socket.SocketType | None:
+    # SocketStream exposes .socket: the one at the bottom of the layers, if any.
+    for layer in _layers(stream):
+        sock = getattr(layer, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            return sock
     return None
 
 
@@ -732,15 +738,11 @@ def lenient_tls(stream: trio.abc.Stream | trio.abc.Listener[trio.abc.Stream]) ->
     ``https_compatible=True``: its close sends no ``close_notify`` and it reads a bare
     TCP close as a clean end of stream, so a receiver's confirmation and its crash look
     alike. trio keeps the setting private."""
-    for _ in range(8):
-        lenient = getattr(stream, "_https_compatible", False)
-        if isinstance(stream, trio.SSLStream | trio.SSLListener) and lenient:
-            return True
-        inner = getattr(stream, "transport_stream", None)
-        if not isinstance(inner, trio.abc.Stream):
-            return False
-        stream = inner
-    return False
+    return any(
+        isinstance(layer, trio.SSLStream | trio.SSLListener)
+        and getattr(layer, "_https_compatible", False)
+        for layer in _layers(stream)
+    )
 
 
 def open_transport(
