@@ -543,6 +543,25 @@ async def test_shielded_waits_in_the_receivers_block_are_woken_when_the_transfer
     assert isinstance(outcomes["sync"].__cause__, m.MagicError) == (ending == "failure")
 
 
+async def test_a_refusal_uncaught_in_the_receivers_cleanup_leaves_as_the_transfers_error() -> None:
+    # The cleanup's RuntimeError only says the transfer failed: the block raises the
+    # transfer's own error, which an application catches as it would without it.
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+    with trio.fail_after(10), pytest.raises(m.MagicError) as info:
+        async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+            await receiver.add_channel(ends[0])
+            try:
+                await feed.send_all(bytes(m.header_size(128)))  # no magic
+                await trio.sleep_forever()
+            finally:
+                # A deadline of its own: the test's fail_after cannot reach into the shield.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                    await receiver.sync()
+    assert info.value.channel == 0
+
+
 async def test_a_shielded_sync_wakes_on_a_cancel_before_any_channel_joined() -> None:
     outcome: list[RuntimeError] = []
     with trio.fail_after(10), trio.CancelScope() as outside:

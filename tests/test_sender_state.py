@@ -192,6 +192,37 @@ async def test_shielded_calls_in_the_block_are_woken_when_the_transfer_fails() -
     assert outcomes["sync"].__cause__ is info.value
 
 
+@pytest.mark.parametrize("cleanup", ["sync", "queue_pages"])
+async def test_a_refusal_left_uncaught_in_the_blocks_cleanup_leaves_as_the_transfers_error(
+    cleanup: str,
+) -> None:
+    # The cleanup's RuntimeError only says the transfer failed: the block raises the
+    # transfer's own error, which an application catches as it would without it.
+    src = m.RAMBlock("mem", random_pages(64, seed=8))
+    with trio.fail_after(DEADLINE):
+        async with listening("tcp") as (listeners, connect):
+            with pytest.raises(m.TransportError) as info:
+                async with m.open_sender(connect, channels=1, send_timeout=None) as sender:
+                    peer = await listeners[0].accept()
+                    try:
+                        # Less than the queue holds: the call returns before the reset.
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                        peer.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        await peer.aclose()
+                        await trio.sleep_forever()
+                    finally:
+                        # A deadline of its own: fail_after cannot reach into the shield.
+                        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                            if cleanup == "sync":
+                                await sender.sync()
+                            # More than the queue holds: refused at the latest when full.
+                            for _ in range(100):
+                                await sender.queue_pages(src, range(0, src.size, PAGE))
+    assert info.value.channel == 0
+
+
 async def test_pages_queued_while_the_block_exits_are_refused_not_lost() -> None:
     src, dst = block_pair("mem", 2048, seed=6)
     refused: list[RuntimeError] = []

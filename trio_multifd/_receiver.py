@@ -275,10 +275,7 @@ class Receiver:
             what = "the receiver's block is over"
         else:
             what = "the transfer was cancelled"
-        error = RuntimeError(f"{what}: {waiting_for}")
-        error.__cause__ = self._supervisor.error
-        error.__suppress_context__ = True
-        return error
+        return self._supervisor.refusal(f"{what}: {waiting_for}")
 
     async def sync(self) -> int:
         """Wait for the next SYNC round: the lowest round that no other call has returned

@@ -129,7 +129,13 @@ class _JobQueue:
     Trio token only when it waits.
     """
 
-    def __init__(self, page_count: int, limit: int, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self,
+        page_count: int,
+        limit: int,
+        token: trio.lowlevel.TrioToken,
+        supervisor: Supervisor,
+    ) -> None:
         self._line: JobLine[_SyncRound] = JobLine(page_count, limit)
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
@@ -138,6 +144,7 @@ class _JobQueue:
         self._idle = 0
         self._waiter: trio.Event | None = None
         self._token = token
+        self._supervisor = supervisor
         self._closed = False
 
     def put(self, jobs: Iterable[PageBatch | _SyncRound]) -> None:
@@ -165,7 +172,7 @@ class _JobQueue:
                 waiter = self._waiter
             if closed:
                 await refuse_unless_cancelled(
-                    RuntimeError("the sender closed before these pages were sent")
+                    self._supervisor.refusal("the sender closed before these pages were sent")
                 )
             assert waiter is not None
             await waiter.wait()
@@ -260,7 +267,9 @@ class Sender:
         # Jobs go to the worker threads through a thread-safe queue (no Trio round trip
         # per packet); queueing waits while two packets per channel wait for a channel.
         self._token = trio.lowlevel.current_trio_token()
-        self._jobs = _JobQueue(self._page_count, 2 * channels * self._page_count, self._token)
+        self._jobs = _JobQueue(
+            self._page_count, 2 * channels * self._page_count, self._token, self._supervisor
+        )
         # Pages queued one by one gather here until they fill a packet.
         self._gatherer = PacketGatherer(self._page_count)
         self._packet_num = itertools.count()
@@ -307,9 +316,7 @@ class Sender:
     def _check_open(self, refused: str) -> None:
         self._supervisor.check_opened()
         if self._closing:
-            raise RuntimeError(
-                f"the sender is closing or closed: {refused}"
-            ) from self._supervisor.error
+            raise self._supervisor.refusal(f"the sender is closing or closed: {refused}")
 
     async def queue_page(self, block: RAMBlock, offset: SupportsIndex) -> None:
         """Queue the page at byte ``offset`` of ``block``.
@@ -404,11 +411,11 @@ class Sender:
         finally:
             self._unwritten.remove(sync_round)
         if not sync_round.all_written.is_set():
-            refused = RuntimeError(
-                f"the sender closed before round {sync_round.number} was written"
+            await refuse_unless_cancelled(
+                self._supervisor.refusal(
+                    f"the sender closed before round {sync_round.number} was written"
+                )
             )
-            refused.__cause__ = self._supervisor.error
-            await refuse_unless_cancelled(refused)
         self.stats.rounds = sync_round.number
         logger.debug("sender: round %d written on every channel", sync_round.number)
         return sync_round.number

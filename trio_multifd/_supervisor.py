@@ -44,6 +44,8 @@ class Supervisor:
         self.role = role
         self.error: Exception | None = None
         self._errors: list[Exception] = []
+        # RuntimeErrors of calls that the transfer's failure refused: see refusal().
+        self._refusals: list[RuntimeError] = []
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -61,6 +63,21 @@ class Supervisor:
                 f"this {self.role} was not opened: make it with open_{self.role}(), whose"
                 " block runs its channels"
             )
+
+    def refusal(self, message: str) -> RuntimeError:
+        """The ``RuntimeError`` of a call that the transfer's end refused or cut short,
+        with the transfer's error, if it failed, as its ``__cause__``.
+
+        Left uncaught in the block (a shielded ``sync()`` in its cleanup, say), such an
+        error only says that the transfer failed: the block raises the transfer's error
+        instead, as it would have without the cleanup.
+        """
+        refused = RuntimeError(message)
+        refused.__cause__ = self.error
+        refused.__suppress_context__ = True
+        if self.error is not None:
+            self._refusals.append(refused)
+        return refused
 
     def fail(self, exc: Exception, *, channel: int | None = None) -> None:
         """Record ``exc`` (of ``channel``, when it names none yet); the first one
@@ -91,7 +108,9 @@ class Supervisor:
     def _is_ours(self, exc: BaseException) -> bool:
         if isinstance(exc, BaseExceptionGroup):
             return all(self._is_ours(e) for e in exc.exceptions)
-        return isinstance(exc, trio.Cancelled) or any(exc is e for e in self._errors)
+        return isinstance(exc, trio.Cancelled) or any(
+            exc is e for e in (*self._errors, *self._refusals)
+        )
 
     def _outcome(self, exc: BaseException, body_exc: BaseException | None) -> BaseException:
         if body_exc is not None and not self._is_ours(body_exc):
