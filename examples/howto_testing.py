@@ -55,10 +55,13 @@ async def test_a_silent_peer_times_out(autojump_clock: trio.testing.MockClock) -
     _, receiver_end = trio.testing.memory_stream_pair()
     block = trio_multifd.RAMBlock("mem", bytearray(4096))
     try:
-        async with trio_multifd.open_receiver(
-            [block], channels=1, handshake_timeout=10.0
-        ) as receiver:
-            await receiver.add_channel(receiver_end)
+        # Virtual seconds too: without a deadline, a timeout that never fired would
+        # hang the test rather than fail it.
+        with trio.fail_after(60):
+            async with trio_multifd.open_receiver(
+                [block], channels=1, handshake_timeout=10.0
+            ) as receiver:
+                await receiver.add_channel(receiver_end)
     except trio_multifd.HandshakeTimeoutError as exc:
         assert trio.current_time() >= 10.0
         print(f"as expected: {type(exc).__name__}: {exc}")

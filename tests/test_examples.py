@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+
+import trio_multifd
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -101,3 +104,21 @@ async def test_howto_memory_streams() -> None:
 
 async def test_howto_timeout_with_autojump(autojump_clock: trio.testing.MockClock) -> None:
     await _howto_testing.test_a_silent_peer_times_out(autojump_clock)
+
+
+async def test_howto_timeout_test_fails_rather_than_hangs(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The how-to's timeout test must be able to fail: with a receiver whose
+    # handshake_timeout never fires, it raises instead of waiting for ever.
+    opened = trio_multifd.open_receiver
+
+    def without_timeout(*args: Any, **kwargs: Any) -> Any:
+        return opened(*args, **{**kwargs, "handshake_timeout": None})
+
+    monkeypatch.setattr(trio_multifd, "open_receiver", without_timeout)
+    with trio.move_on_after(3600):
+        with pytest.raises(trio.TooSlowError):
+            await _howto_testing.test_a_silent_peer_times_out(autojump_clock)
+        return
+    pytest.fail("the how-to's timeout test hangs when the timeout never fires")
