@@ -1,9 +1,9 @@
 """How-to: handle a failed transfer, and cancel one.
 
 Each end raises one exception, a :class:`trio_multifd.MultiFDError` subclass whose
-``channel`` names the channel at fault (``None`` for the transfer as a whole); the
-internal tasks' exception group is chained as its ``__cause__``. Cancelling from outside
-shuts every task and stream down and raises nothing of the library's own.
+``channel`` names the channel at fault (``None`` for the transfer as a whole), never the
+internal tasks' exception group. Cancelling from outside shuts every task and stream down
+and raises nothing of the library's own.
 
     python examples/howto_errors.py
 """
