@@ -19,6 +19,7 @@ import trio
 import trio_multifd
 
 SIZE = 8 * 2**20
+RECEIVER_DEADLINE = 10.0
 
 
 def describe(exc: trio_multifd.MultiFDError) -> str:
@@ -43,14 +44,20 @@ async def transfer(
 
     async def receive(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         block = trio_multifd.RAMBlock("buffer", target)
-        try:
-            async with trio_multifd.open_receiver(
-                [block], channels=2, compression=receiver_compression
-            ) as receiver:
-                await receiver.serve(listeners, task_status=task_status)
-                await receiver.wait_closed()
-        except trio_multifd.MultiFDError as exc:
-            print(f"  receiver: {describe(exc)}")
+        # A deadline of the receiver's own: a sender that gives up before its channels
+        # connect would leave serve() waiting for them for ever.
+        with trio.move_on_after(RECEIVER_DEADLINE) as scope:
+            try:
+                async with trio_multifd.open_receiver(
+                    [block], channels=2, compression=receiver_compression
+                ) as receiver:
+                    await receiver.serve(listeners, task_status=task_status)
+                    await receiver.wait_closed()
+            except trio_multifd.MultiFDError as exc:
+                print(f"  receiver: {describe(exc)}")
+                return
+        if scope.cancelled_caught:
+            print(f"  receiver: cancelled; no whole transfer within {RECEIVER_DEADLINE} s")
         else:
             print(f"  receiver: complete, verified: {target == source}")
 

@@ -102,6 +102,7 @@ def _load(name: str) -> ModuleType:
 
 # The testing how-to's functions are tests as they stand: run them in this suite too.
 _howto_testing = _load("howto_testing")
+_howto_errors = _load("howto_errors")
 
 
 async def test_howto_memory_streams() -> None:
@@ -128,3 +129,13 @@ async def test_howto_timeout_test_fails_rather_than_hangs(
             await _howto_testing.test_a_silent_peer_times_out(autojump_clock)
         return
     pytest.fail("the how-to's timeout test hangs when the timeout never fires")
+
+
+async def test_the_errors_example_ends_when_the_sender_gives_up_before_connecting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A sender cancelled before its handshakes reach the receiver: the receiver's own
+    # deadline ends its wait for channels that will never come.
+    monkeypatch.setattr(_howto_errors, "RECEIVER_DEADLINE", 0.5)
+    with trio.fail_after(20):
+        await _howto_errors.transfer(give_up_after=0)
