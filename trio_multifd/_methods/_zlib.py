@@ -44,7 +44,9 @@ class _ZlibEncoder(Encoder):
 
 # What Z_SYNC_FLUSH ends every packet's payload with: an empty stored block. Checked
 # because a stray byte after it would start a block that yields nothing yet, and the
-# next packet would be the one to fail.
+# next packet would be the one to fail. Not exact: a block header cut so that its last
+# bytes read 00 00 ff ff passes, as Python's inflate does not expose its block boundary
+# (no Z_BLOCK, no data_type).
 _SYNC_FLUSH_END = b"\x00\x00\xff\xff"
 
 
