@@ -575,6 +575,15 @@ def test_zlib_payload_that_ends_the_stream_is_rejected() -> None:
         get_method("zlib").new_decoder().decode_into(payload, [memoryview(bytearray(PAGE))])
 
 
+def test_zlib_stream_asking_for_a_preset_dictionary_is_named() -> None:
+    # inflate stops at the header's FDICT bit with a bare "Error 2 while decompressing".
+    deflate = zlib.compressobj(1, zdict=b"dictionary" * 10)
+    payload = deflate.compress(random.Random(7).randbytes(PAGE)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    with pytest.raises(DecompressionError, match=r"preset dictionary \(FDICT\)") as caught:
+        get_method("zlib").new_decoder().decode_into(payload, [memoryview(bytearray(PAGE))])
+    assert (caught.value.field, caught.value.limit) == ("payload", PAGE)
+
+
 @pytest.mark.parametrize("name", COMPRESSED)
 @pytest.mark.parametrize("damage", ["a stray byte", "the end cut off"])
 def test_a_payload_that_does_not_end_where_qemu_flushes_fails_on_its_own_packet(

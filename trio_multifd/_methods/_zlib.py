@@ -50,10 +50,21 @@ class _ZlibEncoder(Encoder):
 _SYNC_FLUSH_END = b"\x00\x00\xff\xff"
 
 
+def _asks_for_dictionary(header: bytes) -> bool:
+    """Whether ``header`` is a zlib header that inflate accepts up to its FDICT bit."""
+    if len(header) < 2:
+        return False
+    cmf, flg = header[0], header[1]
+    # inflate's order: the check bits, the method (8, deflate), the window (at most
+    # 32 KiB), and only then the preset dictionary.
+    return (cmf << 8 | flg) % 31 == 0 and cmf & 0x0F == 8 and cmf >> 4 <= 7 and bool(flg & 0x20)
+
+
 @final
 class _ZlibDecoder(StreamDecoder):
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj()
+        self._started = False
 
     def _decode(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
@@ -78,9 +89,18 @@ class _ZlibDecoder(StreamDecoder):
             # inside inflate, which would otherwise start the next packet's pages.
             surplus = len(inflate.decompress(rest, 1))
         except zlib.error as exc:
+            if not self._started and _asks_for_dictionary(bytes(payload[:2])):
+                # inflate reports this as a bare "Error 2" (Z_NEED_DICT).
+                raise DecompressionError(
+                    "zlib stream header asks for a preset dictionary (FDICT), which"
+                    " QEMU's deflateInit never sets",
+                    field="payload",
+                    limit=expected,
+                ) from exc
             raise DecompressionError(
                 f"corrupt zlib payload: {exc}", field="payload", limit=expected
             ) from exc
+        self._started = True
         if surplus:
             raise size_error(len(data) + surplus, expected, surplus=True)
         if inflate.eof:
