@@ -381,6 +381,25 @@ async def test_a_bad_header_on_a_zstd_channel_fails_it(
     assert_tampered_run_failed_cleanly(run, expected, run.channel)
 
 
+def last_normal_page_as_zero(raw: bytearray, parsed: m.PacketHeader) -> None:
+    """The same offsets, the last normal page counted as a zero page: the payload still
+    holds its data, one page more than the header's normal pages."""
+    put32(raw, 16, parsed.normal_pages - 1)
+    put32(raw, 32, parsed.zero_pages + 1)
+
+
+async def test_a_zlib_payload_decoding_past_its_pages_fails_its_channel_unwritten() -> None:
+    run = await run_tampered("tcp", header=on_pages(last_normal_page_as_zero), compression="zlib")
+    assert run.packet is not None and run.packet.normal_pages >= 2
+    # zlib scatters a packet's output only after its checks: none of its pages is written,
+    # the one now named a zero page included.
+    error = assert_tampered_run_failed_cleanly(run, m.DecompressionError, run.channel)
+    assert isinstance(error, m.DecompressionError)
+    assert error.packet_num == run.packet.packet_num
+    assert error.limit == (run.packet.normal_pages - 1) * PAGE
+    assert "decodes to more than" in str(error)
+
+
 async def test_a_compression_flag_on_a_packet_without_pages_is_accepted() -> None:
     # QEMU 7.2 sends empty packets with stale flags: only packets with pages are checked.
     def zstd_flag_on_syncs(raw: bytearray, parsed: m.PacketHeader) -> bool:
