@@ -622,21 +622,59 @@ async def test_a_handshake_that_ends_after_the_receivers_block_resets_its_connec
     assert await ours.receive_some() == b""
 
 
-async def test_serve_stops_when_the_receivers_block_ends_and_resets_late_handshakes() -> None:
-    async with listening("tcp") as (listeners, connect):
+async def assert_closed_as_a_failure(kind: str, stream: trio.abc.Stream) -> None:
+    """``stream``'s peer closed it as a failure: a reset, or on a Unix socket (which has
+    none) the failure byte then the end."""
+    try:
+        if kind == "tcp":
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some()
+        else:
+            assert await stream.receive_some() == b"!"
+            assert await stream.receive_some() == b""
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_serve_stops_when_the_receivers_block_ends_and_resets_handshakes_under_way(
+    kind: str,
+) -> None:
+    async with listening(kind) as (listeners, connect):
         with trio.fail_after(10):
             async with trio.open_nursery() as outside:
-                async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+                async with m.open_receiver(
+                    [m.RAMBlock("mem", bytearray(PAGE))], handshake_timeout=None
+                ) as receiver:
                     await outside.start(receiver.serve, listeners)
                     late = await connect(0)
                     await trio.testing.wait_all_tasks_blocked()  # reading the handshake
-                await late.send_all(
-                    m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0))
-                )
                 # The outside nursery exits only once serve() has returned.
-            with pytest.raises(trio.BrokenResourceError):
-                await late.receive_some()
-            await late.aclose()
+            await assert_closed_as_a_failure(kind, late)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_a_silent_connection_does_not_hold_serve_once_every_channel_is_set_up(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, dst = block_pair("mem", 16, seed=3)
+    async with listening(kind) as (listeners, connect):
+        with trio.fail_after(10):
+            async with m.open_receiver([dst], channels=2, handshake_timeout=None) as receiver:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(receiver.serve, listeners)
+                    silent = await connect(0)
+                    await trio.testing.wait_all_tasks_blocked()  # reading its handshake
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                await receiver.wait_closed()
+            await assert_closed_as_a_failure(kind, silent)
+    assert dst.view == src.view
+    assert any(
+        "dropped 1 connection(s) still in their handshake: all 2 channels are set up"
+        in record.getMessage()
+        for record in caplog.records
+    )
 
 
 async def test_serve_returns_at_once_when_every_channel_is_set_up() -> None:

@@ -463,9 +463,10 @@ class Receiver:
         At most 64 handshakes are read at once (the rest wait in the listen queue; with
         ``handshake_timeout=None`` a silent connection holds its place for ever), and a
         process out of descriptors pauses accepting for 0.1 s rather than fail.
-        Stopping the accept loop does not cancel handshakes already under way; one that
-        ends after the receiver's block is logged and its connection reset. Use with
-        ``nursery.start`` to know when it accepts.
+        Once every channel is set up or the block is over, handshakes still under way
+        (they could only be refused) are dropped, logged, and their connections reset,
+        so a silent connection never holds ``serve`` up. Use with ``nursery.start`` to
+        know when it accepts.
 
         Args:
             listeners: Where channels connect (e.g. from ``trio.open_tcp_listeners``, or
@@ -489,14 +490,23 @@ class Receiver:
             if not done():
                 for listener in listeners:
                     accepting.start_soon(accept_into, listener, handshakes, self._try, slots)
-                accepting.start_soon(self._wait_then_cancel, done, accepting.cancel_scope)
+                accepting.start_soon(self._stop_serving, done, handshakes)
             task_status.started()
 
-    async def _wait_then_cancel(
-        self, condition: Callable[[], bool], scope: trio.CancelScope
-    ) -> None:
-        await self._wait_until(condition)
-        scope.cancel()
+    async def _stop_serving(self, done: Callable[[], bool], handshakes: trio.Nursery) -> None:
+        await self._wait_until(done)
+        # A handshake still under way can only be refused now (every id is taken, or the
+        # block is over): waiting for it would hold serve() up to handshake_timeout, for
+        # ever without one.
+        if handshakes.child_tasks:
+            logger.warning(
+                "receiver: dropped %d connection(s) still in their handshake: %s",
+                len(handshakes.child_tasks),
+                "the receiver's block is over"
+                if self._closed
+                else f"all {self.channels} channels are set up",
+            )
+        handshakes.cancel_scope.cancel()
 
     async def _try(self, stream: trio.abc.Stream) -> None:
         """Start a channel on an accepted connection, or log why not and close it."""
