@@ -677,6 +677,32 @@ async def test_a_silent_connection_does_not_hold_serve_once_every_channel_is_set
     )
 
 
+async def test_a_listener_closed_under_serve_ends_it_with_its_own_error() -> None:
+    first = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    second = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    under_way: list[trio.SocketStream] = []
+
+    async def close_the_first_during_a_handshake_on_the_second() -> None:
+        port = second.socket.getsockname()[1]
+        under_way.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await trio.testing.wait_all_tasks_blocked()  # reading its handshake
+        await first.aclose()
+
+    try:
+        with trio.fail_after(10):
+            async with m.open_receiver(
+                [m.RAMBlock("mem", bytearray(PAGE))], handshake_timeout=None
+            ) as receiver:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(close_the_first_during_a_handshake_on_the_second)
+                    # Not inside a group of serve()'s nurseries: as the listener raised it.
+                    with pytest.raises(trio.ClosedResourceError):
+                        await receiver.serve([first, second])
+            await assert_closed_as_a_failure("tcp", under_way[0])
+    finally:
+        await second.aclose()
+
+
 async def test_serve_returns_at_once_when_every_channel_is_set_up() -> None:
     src, dst = block_pair("mem", 8, seed=8)
     connect, ends = memory_channels(1)

@@ -477,6 +477,10 @@ class Receiver:
         Raises:
             ValueError: A listener is a ``trio.SSLListener`` made with
                 ``https_compatible=True`` (see :meth:`add_channel`).
+            Exception: What a listener's ``accept`` raised (other than running out of
+                descriptors), as it was raised: ``trio.ClosedResourceError`` for one
+                closed while ``serve`` accepts. Accepting stops on every listener and
+                the handshakes under way are reset; channels already set up go on.
         """
         self._supervisor.check_opened()
         if any(lenient_tls(listener) for listener in listeners):
@@ -485,13 +489,25 @@ class Receiver:
         def done() -> bool:
             return len(self._connected) == self.channels or self._closed
 
+        # The first listener's failure, raised as is rather than in our nurseries' groups.
+        failed: list[Exception] = []
+
+        async def accept(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+            try:
+                await accept_into(listener, handshakes, self._try, slots)
+            except Exception as exc:
+                failed.append(exc)
+                handshakes.cancel_scope.cancel()
+
         slots = trio.Semaphore(ACCEPT_LIMIT)
         async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
             if not done():
                 for listener in listeners:
-                    accepting.start_soon(accept_into, listener, handshakes, self._try, slots)
+                    accepting.start_soon(accept, listener)
                 accepting.start_soon(self._stop_serving, done, handshakes)
             task_status.started()
+        if failed:
+            raise failed[0]
 
     async def _stop_serving(self, done: Callable[[], bool], handshakes: trio.Nursery) -> None:
         await self._wait_until(done)
