@@ -703,6 +703,32 @@ async def test_a_listener_closed_under_serve_ends_it_with_its_own_error() -> Non
         await second.aclose()
 
 
+async def test_serve_logs_a_refused_connection_with_its_peers_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with listening("tcp") as (listeners, connect):
+        with trio.fail_after(10):
+            async with (
+                m.open_receiver(
+                    [m.RAMBlock("mem", bytearray(PAGE))], uuid=uuid.uuid4()
+                ) as receiver,
+                trio.open_nursery() as nursery,
+            ):
+                await nursery.start(receiver.serve, listeners)
+                stray = await connect(0)
+                assert isinstance(stray, trio.SocketStream)
+                host, port = stray.socket.getsockname()
+                await stray.send_all(m.encode_handshake(m.Handshake(uuid.uuid4(), 0)))
+                await assert_closed_as_a_failure("tcp", stray)
+                await trio.testing.wait_all_tasks_blocked()  # done with it: logged
+                nursery.cancel_scope.cancel()
+    assert any(
+        f"refused a connection from {host}:{port}: channel 0: handshake uuid is"
+        in record.getMessage()
+        for record in caplog.records
+    )
+
+
 async def test_serve_returns_at_once_when_every_channel_is_set_up() -> None:
     src, dst = block_pair("mem", 8, seed=8)
     connect, ends = memory_channels(1)

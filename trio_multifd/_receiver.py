@@ -56,6 +56,7 @@ from ._transport import (
     accept_into,
     lenient_tls,
     open_transport,
+    peer_name,
     root_cause,
 )
 from ._wire import (
@@ -526,10 +527,14 @@ class Receiver:
 
     async def _try(self, stream: trio.abc.Stream) -> None:
         """Start a channel on an accepted connection, or log why not and close it."""
+        # Asked first: a peer that resets mid-handshake has no name after.
+        peer = peer_name(stream)
         try:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
-            logger.warning("receiver: refused a connection: %s", exc)
+            logger.warning(
+                "receiver: refused a connection%s: %s", f" from {peer}" if peer else "", exc
+            )
             return
         try:
             await self._start_channel(transport, channel)

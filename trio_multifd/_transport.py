@@ -47,6 +47,7 @@ __all__ = [
     "accept_into",
     "lenient_tls",
     "open_transport",
+    "peer_name",
 ]
 
 T = TypeVar("T")
@@ -140,6 +141,21 @@ def _find_socket(stream: object) -> trio.socket.SocketType | None:
         if isinstance(sock, trio.socket.SocketType):
             return sock
     return None
+
+
+def peer_name(stream: trio.abc.Stream) -> str:
+    """Who is at the other end of ``stream``: ``host:port`` over IP, else the peer's
+    socket path, or ``""`` when there is none to tell (an unbound Unix socket, a stream
+    with no socket, one already reset)."""
+    sock = _find_socket(stream)
+    try:
+        address = sock.getpeername() if sock is not None else None
+    except OSError:
+        return ""
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address if isinstance(address, str) else ""
 
 
 def root_cause(exc: BaseException) -> BaseException:
