@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -560,6 +560,49 @@ async def test_a_refusal_uncaught_in_the_receivers_cleanup_leaves_as_the_transfe
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     await receiver.sync()
     assert info.value.channel == 0
+
+
+@pytest.mark.parametrize("end", ["sender", "receiver"])
+async def test_a_cancel_from_outside_leaves_the_block_as_one_cancelled_not_a_group(
+    end: str,
+) -> None:
+    # What a plain await in the cancelled scope raises: code that inspects it (or a
+    # scope in between) sees no nursery group of every task's Cancelled.
+    src, dst = block_pair("mem", 64, seed=9)
+    scopes = {"sender": trio.CancelScope(), "receiver": trio.CancelScope()}
+    left: list[BaseException] = []
+    both_up = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def recorded(name: str) -> AsyncIterator[None]:
+        # The other end's failure (its peer left) is not what this test is about.
+        with scopes[name], contextlib.suppress(m.MultiFDError):
+            try:
+                yield
+            except BaseException as exc:
+                if name == end:
+                    left.append(exc)
+                raise
+
+    async def receive() -> None:
+        async with recorded("receiver"), m.open_receiver([dst], channels=2) as receiver:
+            await receiver.serve(listeners)  # returns once both channels have joined
+            both_up.set()
+            await receiver.wait_closed()
+
+    async def send() -> None:
+        async with recorded("sender"), m.open_sender(connect, channels=2) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+            await sender.sync()
+            await both_up.wait()
+            scopes[end].cancel()
+            await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            nursery.start_soon(send)
+    assert [type(exc) for exc in left] == [trio.Cancelled]
 
 
 async def test_a_shielded_sync_wakes_on_a_cancel_before_any_channel_joined() -> None:

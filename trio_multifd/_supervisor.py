@@ -36,6 +36,11 @@ async def refuse_unless_cancelled(error: RuntimeError) -> NoReturn:
     raise error
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 @final
 class Supervisor:
     """Owns a transfer's nursery and decides what leaves its ``async with``."""
@@ -130,6 +135,12 @@ class Supervisor:
             if exc is not self.error and (self.error.__cause__ is None or not self._is_ours(exc)):
                 self.error.__cause__ = exc
             return self.error
+        if isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None:
+            # Cancelled from outside: one Cancelled, as a plain await would raise, not
+            # the nursery's group of every task's (the body's own, when it has one).
+            if isinstance(body_exc, trio.Cancelled):
+                return body_exc
+            return _first_leaf(exc)
         return exc
 
     @asynccontextmanager
