@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -165,3 +167,81 @@ async def test_an_https_compatible_tls_stream_or_listener_is_refused_by_the_rece
         with pytest.raises(trio.ClosedResourceError):
             await left.send_all(b"x")  # add_channel closed the stream it refused
         await right.aclose()
+
+
+class _ResetStream(trio.abc.Stream):
+    """An application's stream over a raw socket: its errors are OSErrors (a
+    trio.SocketStream would have translated them), which SSLStream passes through."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.lowlevel.checkpoint()
+
+
+async def test_an_oserror_in_the_tls_handshake_is_a_transport_error_of_add_channel(
+    ca: trustme.CA,
+) -> None:
+    broken = _ResetStream()
+    with (
+        trio.fail_after(10),
+        pytest.raises(m.TransportError, match="TLS handshake failed") as info,
+    ):
+        async with m.open_receiver([m.RAMBlock("mem", pattern(PAGE))], channels=1) as receiver:
+            with pytest.raises(m.TransportError, match="ConnectionResetError"):
+                await receiver.add_channel(
+                    trio.SSLStream(broken, server_context(ca), server_side=True)
+                )
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert broken.closed
+
+
+class _FirstOneBroken(trio.abc.Listener[trio.abc.Stream]):
+    """Hands out a :class:`_ResetStream` first, then the connections of ``inner``."""
+
+    def __init__(self, inner: trio.abc.Listener[trio.SocketStream]) -> None:
+        self.inner = inner
+        self.broken: _ResetStream | None = None
+
+    async def accept(self) -> trio.abc.Stream:
+        if self.broken is None:
+            await trio.lowlevel.checkpoint()
+            self.broken = _ResetStream()
+            return self.broken
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_serve_refuses_a_connection_whose_tls_handshake_raises_oserror_and_goes_on(
+    ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, dst = block_pair("mem", 200, seed=3)
+    async with tls_listener(ca) as (listeners, connect):
+        listener = _FirstOneBroken(listeners[0].transport_listener)
+        with caplog.at_level(logging.WARNING, logger="trio_multifd"), trio.fail_after(20):
+            async with m.open_receiver([dst], channels=2) as receiver:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        receiver.serve, [trio.SSLListener(listener, server_context(ca))]
+                    )
+                    async with m.open_sender(connect, channels=2) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                await receiver.wait_closed()
+    assert dst.view == src.view
+    assert listener.broken is not None and listener.broken.closed
+    assert any(
+        "TLS handshake failed: ConnectionResetError" in r.getMessage() for r in caplog.records
+    )

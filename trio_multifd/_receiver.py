@@ -910,11 +910,12 @@ def _check_header_checksum(buffer: memoryview, seed: int) -> int:
 
 async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:
     # A TLS handshake counts against handshake_timeout too, and its failure is a
-    # transport error of this connection.
+    # transport error of this connection. SSLStream passes its transport stream's own
+    # exceptions through unchanged: an application's stream may raise OSError.
     if isinstance(stream, trio.SSLStream):
         try:
             await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise TransportError(f"TLS handshake failed: {root_cause(exc)!r}") from exc
 
 
