@@ -245,3 +245,23 @@ async def test_serve_refuses_a_connection_whose_tls_handshake_raises_oserror_and
     assert any(
         "TLS handshake failed: ConnectionResetError" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_receiver_that_never_answers_the_tls_handshake_stalls_the_senders_handshake(
+    ca: trustme.CA,
+) -> None:
+    # The SSLStream's handshake runs inside the sender's first send: send_timeout bounds
+    # it, and the error says it was the handshake, not a packet, that did not go out.
+    async with tls_listener(ca) as (listeners, connect):
+        with trio.fail_after(10), pytest.raises(m.SendStalledError) as info:
+            async with m.open_sender(connect, channels=1, send_timeout=0.5):
+                raise AssertionError("unreachable: the channel never came up")
+        silent = await listeners[0].transport_listener.accept()
+        with pytest.raises(trio.BrokenResourceError):  # the ClientHello, then a reset
+            while await silent.receive_some():
+                pass
+        await silent.aclose()
+    assert info.value.channel == 0
+    assert "sending the TLS and multifd handshakes took longer than send_timeout=0.5s" in str(
+        info.value
+    )

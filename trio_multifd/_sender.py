@@ -485,7 +485,12 @@ class Sender:
             handshake = encode_handshake(
                 Handshake(uuid=self.uuid, channel_id=channel, features=features)
             )
-            await transport.send_parts([handshake])
+            # A TLS stream's own handshake runs inside this first send: a receiver that
+            # accepted but never answers it stalls here, before any packet.
+            tls = isinstance(stream, trio.SSLStream)
+            await transport.send_parts(
+                [handshake], "the TLS and multifd handshakes" if tls else "the handshake"
+            )
             self.stats.channels[channel].bytes += HANDSHAKE_SIZE
             if self._method.compresses:
                 encoder = self._method.new_encoder(self._level)
@@ -741,7 +746,8 @@ async def open_sender(
             ``"none"`` when the receiver is a QEMU older than 9.0, which ignores the
             ``zero_pages`` field and would keep stale data in those pages.
         send_timeout: Seconds a socket channel may go without the peer accepting a byte
-            (other streams: seconds one packet may take), and how long the exit waits for
+            (other streams: seconds one packet may take, the first one a TLS stream's
+            handshake included), and how long the exit waits for
             the receiver's confirmation; ``None`` waits forever.
         integrity: End-to-end xxh3-64 checksums of every header and payload (a
             trio_multifd extension, announced in the handshake; the receiver must be

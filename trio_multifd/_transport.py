@@ -225,8 +225,8 @@ class Transport:
         err.__cause__ = exc
         return err
 
-    async def send_parts(self, parts: Sequence[Buffer]) -> None:
-        """Send every byte of ``parts`` in order."""
+    async def send_parts(self, parts: Sequence[Buffer], what: str = "a packet") -> None:
+        """Send every byte of ``parts`` (``what``, named in a timeout's message) in order."""
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         with _deadline_scope(self.send_timeout) as scope:
             try:
@@ -237,7 +237,7 @@ class Transport:
                 raise self._broken(exc, "sending") from exc
         if scope.cancelled_caught:
             raise SendStalledError(
-                f"sending a packet took longer than send_timeout={self.send_timeout}s",
+                f"sending {what} took longer than send_timeout={self.send_timeout}s",
                 channel=self.channel,
             )
 
