@@ -265,3 +265,44 @@ async def test_a_receiver_that_never_answers_the_tls_handshake_stalls_the_sender
     assert "sending the TLS and multifd handshakes took longer than send_timeout=0.5s" in str(
         info.value
     )
+
+
+async def test_a_failed_sender_over_tls_without_a_reset_is_named_by_its_failure_signal(
+    ca: trustme.CA,
+) -> None:
+    # Memory streams (as Unix sockets) have no reset: the failing sender writes its
+    # failure byte, then closes without close_notify, which TLS reports as an error of
+    # the read, not as the end that follows the byte on a plain stream.
+    src, dst = block_pair("mem", 128, seed=4)
+    ours, theirs = trio.testing.memory_stream_pair()
+    receiver_errors: list[m.MultiFDError] = []
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        return trio.SSLStream(ours, client_context(ca), server_hostname="multifd.test")
+
+    async def receive() -> None:
+        try:
+            async with m.open_receiver([dst], channels=1) as receiver:
+                await receiver.add_channel(
+                    trio.SSLStream(theirs, server_context(ca), server_side=True)
+                )
+                await receiver.wait_closed()
+        except m.MultiFDError as exc:
+            receiver_errors.append(exc)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            with pytest.raises(KeyError):
+                async with m.open_sender(connect, channels=1) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    await sender.sync()
+                    raise KeyError("the application failed")
+    [error] = receiver_errors
+    assert isinstance(error, m.TransportError)
+    assert error.channel == 0
+    assert error.message == (
+        "the sender failed or was cancelled: it wrote its failure signal and closed the channel"
+    )
+    assert dst.view == src.view  # round 1 landed whole before the failure

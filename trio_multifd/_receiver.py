@@ -690,8 +690,12 @@ class Receiver:
         channel, transport, buffer = link.channel, link.transport, link.header
         try:
             more = transport.receive_or_eof_sync(buffer, "a packet header")
-        except TruncatedError as exc:
-            if exc.value == len(FAILURE_SIGNAL) and buffer[:1] == FAILURE_SIGNAL:
+        except (TruncatedError, TransportError) as exc:
+            # A failure byte comes alone before the sender's close: a plain end after it,
+            # or over TLS an end without close_notify, which fails the read (no count).
+            # A stale one cannot be here: every header accepted starts with the magic.
+            alone = not isinstance(exc, TruncatedError) or exc.value == len(FAILURE_SIGNAL)
+            if alone and buffer[:1] == FAILURE_SIGNAL:
                 raise TransportError(
                     "the sender failed or was cancelled: it wrote its failure signal and"
                     " closed the channel",
