@@ -306,3 +306,46 @@ async def test_a_failed_sender_over_tls_without_a_reset_is_named_by_its_failure_
         "the sender failed or was cancelled: it wrote its failure signal and closed the channel"
     )
     assert dst.view == src.view  # round 1 landed whole before the failure
+
+
+@pytest.mark.parametrize(
+    ("sender_tls", "hint"),
+    [
+        (True, "(a TLS ClientHello: the sender uses TLS, this receiver does not)"),
+        (False, "(the peer does not speak TLS: does the sender use it?)"),
+    ],
+    ids=["tls-sender-plain-receiver", "plain-sender-tls-receiver"],
+)
+async def test_tls_on_one_end_only_is_named_at_the_receiver(
+    ca: trustme.CA, sender_tls: bool, hint: str
+) -> None:
+    src, dst = block_pair("mem", 8, seed=5)
+    tcp = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = tcp.socket.getsockname()[1]
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if sender_tls:
+            return trio.SSLStream(stream, client_context(ca), server_hostname="multifd.test")
+        return stream
+
+    async def receive() -> None:
+        async with m.open_receiver([dst], channels=1) as receiver:
+            stream: trio.abc.Stream = await tcp.accept()
+            if not sender_tls:
+                stream = trio.SSLStream(stream, server_context(ca), server_side=True)
+            await receiver.add_channel(stream)
+            await receiver.wait_closed()
+
+    async def send() -> None:
+        async with m.open_sender(connect, channels=1) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    async with tcp:
+        with trio.fail_after(20):
+            sender_error, receiver_error = await run_both_ends(send, receive)
+    assert isinstance(receiver_error, m.MagicError if sender_tls else m.TransportError)
+    assert str(receiver_error).endswith(hint)
+    assert isinstance(sender_error, m.TransportError)
+    assert sender_error.channel == 0
+    assert dst.view == pattern(dst.size)

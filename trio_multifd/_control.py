@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ._errors import CopyError
-from ._transport import ACCEPT_LIMIT, accept_into
+from ._transport import ACCEPT_LIMIT, NOT_TLS, accept_into
 
 __all__ = [
     "CONTROL_MAGIC",
@@ -213,9 +213,6 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
         # A TLS connection closed or reset before its ClientHello ends the same way.
         if not first and isinstance(cause, ssl.SSLEOFError | ConnectionResetError):
             raise _NotASender from None
-        # OpenSSL's names for first bytes that are not a TLS record (a plain sender):
-        # WRONG_VERSION_NUMBER up to 3.1, RECORD_LAYER_FAILURE from 3.2.
-        reason = getattr(cause, "reason", None)
-        plain = reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
+        plain = getattr(cause, "reason", None) in NOT_TLS
         hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
         raise CopyError(f"control stream failed: {cause or exc}{hint}") from None

@@ -51,6 +51,7 @@ from ._transport import (
     ACCEPT_LIMIT,
     CANCEL_CHECK,
     FAILURE_SIGNAL,
+    NOT_TLS,
     ReadySet,
     Transport,
     accept_into,
@@ -920,7 +921,10 @@ async def _complete_tls_handshake(stream: trio.abc.Stream) -> None:
         try:
             await stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(f"TLS handshake failed: {root_cause(exc)!r}") from exc
+            cause = root_cause(exc)
+            plain = getattr(cause, "reason", None) in NOT_TLS
+            hint = " (the peer does not speak TLS: does the sender use it?)" if plain else ""
+            raise TransportError(f"TLS handshake failed: {cause!r}{hint}") from exc
 
 
 @asynccontextmanager

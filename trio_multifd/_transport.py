@@ -40,6 +40,7 @@ from ._errors import (
 __all__ = [
     "ACCEPT_LIMIT",
     "FAILURE_SIGNAL",
+    "NOT_TLS",
     "ReadySet",
     "SocketTransport",
     "Transport",
@@ -61,6 +62,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 FAILURE_SIGNAL = b"!"
 """What a failing end writes, at a packet boundary, before closing a stream that cannot be
 reset: no header starts with it (a header starts with the magic)."""
+
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+"""OpenSSL's reasons for a TLS handshake whose first bytes are no TLS record (a peer
+without TLS): ``WRONG_VERSION_NUMBER`` up to 3.1, ``RECORD_LAYER_FAILURE`` from 3.2."""
 
 # Trio sets it on TCP streams where the socket module has it (see lift_send_cap).
 _NOTSENT_LOWAT: int | None = getattr(stdlib_socket, "TCP_NOTSENT_LOWAT", None)

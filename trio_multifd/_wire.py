@@ -303,9 +303,11 @@ def decode_handshake(
     magic, version, raw_uuid, channel_id, features, _, _, _ = _HANDSHAKE.unpack(data)
     if magic != MAGIC:
         # Not a multifd handshake at all (a port scanner, an HTTP client): its 25th byte
-        # names no channel.
+        # names no channel. 0x16 0x03 opens a TLS record carrying a ClientHello.
+        tls = magic >> 16 == 0x1603
+        hint = " (a TLS ClientHello: the sender uses TLS, this receiver does not)" if tls else ""
         raise MagicError(
-            f"handshake magic is {magic:#010x}, expected {MAGIC:#010x}",
+            f"handshake magic is {magic:#010x}, expected {MAGIC:#010x}{hint}",
             field="magic",
             value=magic,
             limit=MAGIC,
