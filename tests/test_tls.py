@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -349,3 +350,58 @@ async def test_tls_on_one_end_only_is_named_at_the_receiver(
     assert isinstance(sender_error, m.TransportError)
     assert sender_error.channel == 0
     assert dst.view == pattern(dst.size)
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close-notify", "bare-tcp-close"])
+async def test_without_in_band_end_only_a_close_notify_ends_a_tls_channel(
+    ca: trustme.CA, close_notify: bool
+) -> None:
+    # A sender that does not announce IN_BAND_END (QEMU) ends a channel by closing it
+    # after its last SYNC. Over TLS only the close_notify says that the peer closed; a
+    # bare TCP close (a cut by the network, a killed peer) may have dropped packets.
+    page = pattern(PAGE)
+    page[:5] = b"page!"
+    dst = m.RAMBlock("mem", pattern(4 * PAGE))
+    handshake = m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0))
+    pages = m.PacketHeader(
+        flags=0,
+        pages_alloc=128,
+        normal_pages=1,
+        next_packet_size=PAGE,
+        packet_num=0,
+        block_name="mem",
+        offsets=(2 * PAGE,),
+    )
+    sync = m.PacketHeader(
+        flags=m.Flag.SYNC, pages_alloc=128, normal_pages=0, next_packet_size=0, packet_num=1
+    )
+    sent = handshake + m.encode_packet_header(pages) + page + m.encode_packet_header(sync)
+    async with tls_listener(ca) as (listeners, connect):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def peer() -> None:
+                    stream = await connect(0)
+                    assert isinstance(stream, trio.SSLStream)
+                    await stream.send_all(sent)
+                    if close_notify:
+                        await stream.aclose()
+                    else:
+                        await stream.transport_stream.aclose()
+
+                nursery.start_soon(peer)
+                if close_notify:
+                    async with m.open_receiver([dst], channels=1) as receiver:
+                        await receiver.add_channel(await listeners[0].accept())
+                        await receiver.wait_closed()
+                else:
+                    with pytest.raises(
+                        m.TransportError, match="while receiving a packet header"
+                    ) as info:
+                        async with m.open_receiver([dst], channels=1) as receiver:
+                            await receiver.add_channel(await listeners[0].accept())
+                            await receiver.wait_closed()
+                    assert info.value.channel == 0
+    expected = pattern(4 * PAGE)
+    expected[2 * PAGE : 3 * PAGE] = page
+    assert dst.view == expected
