@@ -683,7 +683,7 @@ class Receiver:
             f"waiting at SYNC {link.parked}",
             plain_close_is_end=link.channel not in self._in_band_end,
         )
-        reading.mute(link.transport, link)
+        reading.mute(link.transport)
 
     def _receive_packet(self, link: _Link) -> None:
         """Read and apply one packet of ``link``'s channel (its first byte is there or

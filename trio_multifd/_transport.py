@@ -641,9 +641,10 @@ class ReadySet(Generic[T]):
         else:
             self._streams.remove(item)
 
-    def mute(self, transport: Transport, item: T) -> None:
+    def mute(self, transport: Transport) -> None:
         """Stop polling the parked ``transport`` until :meth:`unpark`, even for a
-        hang-up: its peer closed it, which poll would report again at every wait."""
+        hang-up: its peer closed it, which poll would report again at every wait. A
+        parked stream is not waited on in the first place."""
         if isinstance(transport, SocketTransport):
             self._poller.unregister(transport._fd)
             self._muted.add(transport._fd)
