@@ -284,7 +284,7 @@ class Transport:
                 # structure is ever read here, so no buffer of leftovers is needed.
                 data = await self._receive_some(len(view) - pos, what)
                 if not data:
-                    self._truncated(what, before + got + pos, before + total)
+                    raise self._truncated(what, before + got + pos, before + total)
                 view[pos : pos + len(data)] = data
                 pos += len(data)
             got += pos
@@ -333,8 +333,8 @@ class Transport:
         while idle and before its final SYNC; ``doing`` says when); only sockets can
         tell without reading."""
 
-    def _truncated(self, what: str, got: int, total: int) -> None:
-        raise TruncatedError(
+    def _truncated(self, what: str, got: int, total: int) -> TruncatedError:
+        return TruncatedError(
             f"stream ended inside {what} after {got} of {total} bytes",
             field="stream",
             value=got,
@@ -574,7 +574,7 @@ class SocketTransport(Transport):
             except OSError as exc:
                 raise self._broken(exc, f"receiving {what}") from exc
             if not n:
-                self._truncated(what, before + got, before + total)
+                raise self._truncated(what, before + got, before + total)
             got += n
             buffers = _advance(buffers, n)
             progress = time.monotonic()
