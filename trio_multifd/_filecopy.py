@@ -23,7 +23,7 @@ import ssl
 import stat
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -868,7 +868,7 @@ def _name_too_long(final: str) -> str | None:
     return None
 
 
-async def _watch_control(control: trio.abc.Stream) -> None:
+async def _watch_control(control: trio.abc.Stream) -> NoReturn:
     # The sender says nothing on the control stream until it reads the verdict: any
     # byte or end of stream before then means it gave up.
     try:
