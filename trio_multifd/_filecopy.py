@@ -44,7 +44,7 @@ from ._methods import get_method
 from ._receiver import open_receiver
 from ._sender import open_sender
 
-__all__ = ["Progress", "Summary", "describe", "receive_file", "send_file"]
+__all__ = ["MAX_CHANNELS", "Progress", "Summary", "describe", "receive_file", "send_file"]
 
 IDLE_TIMEOUT = 60.0
 """How long either side waits for its peer to make progress (the default of

@@ -39,6 +39,7 @@ from ._errors import (
 
 __all__ = [
     "ACCEPT_LIMIT",
+    "CANCEL_CHECK",
     "FAILURE_SIGNAL",
     "NOT_TLS",
     "ReadySet",
@@ -49,6 +50,7 @@ __all__ = [
     "lenient_tls",
     "open_transport",
     "peer_name",
+    "root_cause",
 ]
 
 T = TypeVar("T")
