@@ -55,6 +55,7 @@ from ._transport import (
     ReadySet,
     Transport,
     accept_into,
+    deadline_scope,
     lenient_tls,
     open_transport,
     peer_name,
@@ -390,7 +391,7 @@ class Receiver:
         try:
             buffer = bytearray(HANDSHAKE_SIZE)
             timeout = self._handshake_timeout
-            with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            with deadline_scope(timeout) as scope:
                 await _complete_tls_handshake(stream)
                 await transport.receive_into([memoryview(buffer)], "the handshake")
             if scope.cancelled_caught:

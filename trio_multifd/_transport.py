@@ -47,6 +47,7 @@ __all__ = [
     "Transport",
     "Turns",
     "accept_into",
+    "deadline_scope",
     "lenient_tls",
     "open_transport",
     "peer_name",
@@ -184,7 +185,8 @@ def _advance(buffers: list[memoryview], sent: int) -> list[memoryview]:
     return buffers
 
 
-def _deadline_scope(timeout: float | None) -> trio.CancelScope:
+def deadline_scope(timeout: float | None) -> trio.CancelScope:
+    """A ``move_on_after(timeout)``, where ``None`` never expires."""
     return trio.move_on_after(math.inf if timeout is None else timeout)
 
 
@@ -235,7 +237,7 @@ class Transport:
     async def send_parts(self, parts: Sequence[Buffer], what: str = "a packet") -> None:
         """Send every byte of ``parts`` (``what``, named in a timeout's message) in order."""
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        with _deadline_scope(self.send_timeout) as scope:
+        with deadline_scope(self.send_timeout) as scope:
             try:
                 self._send_interrupted = True
                 await self.stream.send_all(data)
@@ -249,7 +251,7 @@ class Transport:
             )
 
     async def _receive_some(self, max_bytes: int, what: str) -> bytes | bytearray:
-        with _deadline_scope(self.receive_timeout) as scope:
+        with deadline_scope(self.receive_timeout) as scope:
             try:
                 data = await self.stream.receive_some(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -359,7 +361,7 @@ class Transport:
                 raise DeliveryError(
                     f"could not half-close the stream: {exc!r}", channel=self.channel
                 ) from exc
-        with _deadline_scope(within) as scope:
+        with deadline_scope(within) as scope:
             try:
                 data = await self.stream.receive_some(1)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
