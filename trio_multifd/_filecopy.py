@@ -116,7 +116,7 @@ Progress = Callable[[int, int], None]
 # -- files ------------------------------------------------------------------------------------
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _SourceLease:
     """A read lease on the file being sent, so that nobody truncates it under the mapping.
 

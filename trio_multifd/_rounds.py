@@ -10,6 +10,8 @@ threads: the receiver calls it and does the waking.
 
 from __future__ import annotations
 
+from typing import final
+
 import attrs
 
 from ._errors import TransferIncompleteError
@@ -17,7 +19,8 @@ from ._errors import TransferIncompleteError
 __all__ = ["RoundBarrier"]
 
 
-@attrs.define
+@final
+@attrs.define(eq=False)
 class RoundBarrier:
     """Which SYNC rounds are complete on a transfer's ``channels`` channels."""
 
