@@ -266,8 +266,9 @@ class BlockTable:
     """The receiver's blocks by name; checks a packet's block and offsets.
 
     Raises:
-        ValueError: Two blocks share a name, a block's page size differs from
-            ``page_size``, or a buffer is read-only.
+        TypeError: A block is not a :class:`RAMBlock`.
+        ValueError: No blocks, two blocks share a name, a block's page size differs
+            from ``page_size``, or a buffer is read-only.
     """
 
     def __init__(self, blocks: Iterable[RAMBlock], *, page_size: int) -> None:
