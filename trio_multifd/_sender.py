@@ -44,6 +44,7 @@ from ._supervisor import Supervisor, logger, refuse_unless_cancelled
 from ._threads import WorkerRun, io_thread_count, thread_slot
 from ._transport import (
     CANCEL_CHECK,
+    Buffer,
     SocketTransport,
     Transport,
     Turns,
@@ -64,8 +65,6 @@ from ._wire import (
     seal_header,
     stored_header_checksum,
 )
-
-Buffer = bytes | bytearray | memoryview
 
 __all__ = ["Connector", "Sender", "open_sender"]
 

@@ -42,6 +42,7 @@ __all__ = [
     "CANCEL_CHECK",
     "FAILURE_SIGNAL",
     "NOT_TLS",
+    "Buffer",
     "ReadySet",
     "SocketTransport",
     "Transport",
@@ -57,6 +58,7 @@ __all__ = [
 T = TypeVar("T")
 
 Buffer = bytes | bytearray | memoryview
+"""What a channel sends: any bytes-like object, not copied on the socket path."""
 
 _TCP_FAMILIES = (stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
 # Closing with SO_LINGER {on, 0} sends a TCP reset: how the receiver tells a sender that
