@@ -56,7 +56,7 @@ def test_the_bad_offset_of_a_list_is_named(bad: int) -> None:
 
 
 def test_an_offset_that_is_no_integer_is_refused() -> None:
-    with pytest.raises(TypeError, match="an offset is an integer, got float"):
+    with pytest.raises(TypeError, match="an offset must be an integer, got float"):
         checked_offsets(A, [0, 1.0])  # type: ignore[list-item]
 
 

@@ -87,7 +87,7 @@ def test_block_rejects_non_buffer() -> None:
 
 @pytest.mark.parametrize("flag", [False, True])
 def test_a_bool_is_not_an_offset(flag: bool) -> None:
-    with pytest.raises(TypeError, match="an offset is an integer, got bool"):
+    with pytest.raises(TypeError, match="an offset must be an integer, got bool"):
         m.RAMBlock("a", bytearray(8192)).check_offset(flag)
 
 

@@ -372,11 +372,11 @@ async def test_a_bad_offset_in_a_list_queues_none_of_its_pages() -> None:
             await sender.queue_pages(src, [PAGE, 8 * PAGE])
         with pytest.raises(ValueError, match="page-aligned"):
             await sender.queue_page(src, -PAGE)
-        with pytest.raises(TypeError, match="an offset is an integer, got float"):
+        with pytest.raises(TypeError, match="an offset must be an integer, got float"):
             await sender.queue_pages(src, [0, float(PAGE)])  # type: ignore[list-item]
-        with pytest.raises(TypeError, match="an offset is an integer, got str"):
+        with pytest.raises(TypeError, match="an offset must be an integer, got str"):
             await sender.queue_page(src, "0")  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="an offset is an integer, got bool"):
+        with pytest.raises(TypeError, match="an offset must be an integer, got bool"):
             await sender.queue_pages(src, [PAGE, False])
         await sender.queue_page(src, 3 * PAGE)
 

@@ -339,6 +339,9 @@ def test_encoder_rejects_channel_id_beyond_a_byte() -> None:
         ({"offsets": (0, 4096.0)}, "offset"),
         ({"block_name": b"b"}, "block_name"),
         ({"offsets": 4096}, "offsets"),
+        # A bool has __index__, but True is no page count and False no offset.
+        ({"normal_pages": True}, "normal_pages must be an integer, got bool"),
+        ({"offsets": (False, 4096)}, "an offset must be an integer, got bool"),
     ],
 )
 def test_header_encoder_names_a_field_of_the_wrong_type_with_a_type_error(

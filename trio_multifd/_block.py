@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import operator
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -16,7 +15,7 @@ import cffi  # type: ignore[import-untyped]
 
 from ._errors import MappingError, OffsetError, TransportError, UnknownBlockError
 from ._pages import page_runs
-from ._wire import BLOCK_NAME_SIZE, PacketHeader, page_count_for
+from ._wire import BLOCK_NAME_SIZE, PacketHeader, as_integer, page_count_for
 
 __all__ = ["BlockTable", "RAMBlock", "index_of", "make_present", "raise_mapping_fault"]
 
@@ -41,13 +40,7 @@ def index_of(offset: object) -> int:
     Raises:
         TypeError: ``offset`` is not an integer, or is a ``bool``.
     """
-    if offset.__class__ is bool:
-        # A bool has __index__, but False would silently stand for the block's first page.
-        raise TypeError("an offset is an integer, got bool")
-    try:
-        return operator.index(offset)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"an offset is an integer, got {type(offset).__name__}") from None
+    return as_integer("an offset", offset)
 
 
 def _as_bytes_view(buffer: object) -> memoryview:

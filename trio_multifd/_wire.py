@@ -42,6 +42,7 @@ __all__ = [
     "Flag",
     "Handshake",
     "PacketHeader",
+    "as_integer",
     "chain_start",
     "check_transfer_args",
     "decode_handshake",
@@ -258,9 +259,20 @@ def encode_handshake(handshake: Handshake) -> bytes:
     return _HANDSHAKE.pack(MAGIC, VERSION, handshake.uuid.bytes, channel_id, features, 0, 0, 0)
 
 
-def _integer(name: str, value: object) -> int:
-    # Checked here rather than left to struct or to arithmetic: their errors say neither
-    # which field nor that it is the caller's mistake, and attrs classes check no types.
+def as_integer(name: str, value: object) -> int:
+    """Return ``value`` as an ``int``: anything with ``__index__`` (numpy's integers)
+    qualifies, floats and bools do not.
+
+    Checked here rather than left to struct or to arithmetic: their errors say neither
+    which field nor that it is the caller's mistake, and attrs classes check no types.
+
+    Raises:
+        TypeError: ``value`` is not an integer, or is a ``bool``; the message names
+            ``name``.
+    """
+    if value.__class__ is bool:
+        # A bool has __index__, but False would silently stand for 0 (a page, a count).
+        raise TypeError(f"{name} must be an integer, got bool")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -268,7 +280,7 @@ def _integer(name: str, value: object) -> int:
 
 
 def _checked_uint(name: str, value: object, limit: int) -> int:
-    number = _integer(name, value)
+    number = as_integer(name, value)
     if not 0 <= number <= limit:
         raise ValueError(f"{name} must be 0..{limit}, got {number}")
     return number
@@ -383,7 +395,7 @@ def encode_packet_header(header: PacketHeader, *, page_size: int | None = None) 
         raise ValueError(f"{given} offsets given for {used} pages")
     offsets = [_checked_uint("an offset", offset, _U64_MAX) for offset in header.offsets]
     if page_size is not None:
-        page_size = _integer("page_size", page_size)
+        page_size = as_integer("page_size", page_size)
         page_count_for(page_size)
         misaligned = next((offset for offset in offsets if offset % page_size), None)
         if misaligned is not None:
