@@ -608,6 +608,27 @@ def test_a_payload_that_does_not_end_where_qemu_flushes_fails_on_its_own_packet(
     assert target == image
 
 
+def test_a_zlib_payload_cut_in_a_block_header_that_reads_like_a_flush_fails_on_its_own() -> None:
+    # A dynamic block's header cut after 48 bits whose last four bytes read 00 00 ff ff:
+    # the pages decode in full, but the stream stopped inside a block.
+    image = random.Random(13).randbytes(2 * PAGE)
+    deflate = zlib.compressobj(1)
+    first, second = (
+        deflate.compress(image[start : start + PAGE]) + deflate.flush(zlib.Z_SYNC_FLUSH)
+        for start in (0, PAGE)
+    )
+    decoder = get_method("zlib").new_decoder()
+    target = bytearray(2 * PAGE)
+    with pytest.raises(DecompressionError, match="zlib payload ends inside a block"):
+        decoder.decode_into(first + b"\x04\x00\x00\x00\xff\xff", runs_of(target, [0]))
+    assert target == bytes(2 * PAGE)  # checked before a byte is written
+    # The undamaged stream decodes, the second packet included.
+    decoder = get_method("zlib").new_decoder()
+    decoder.decode_into(first, runs_of(target, [0]))
+    decoder.decode_into(second, runs_of(target, [1]))
+    assert target == image
+
+
 def test_a_zstd_channel_whose_first_payload_is_no_frame_is_rejected() -> None:
     raw_block = (PAGE << 3).to_bytes(3, "little") + bytes(PAGE)
     with pytest.raises(DecompressionError, match="does not start with a zstd frame header"):

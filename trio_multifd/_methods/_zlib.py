@@ -44,10 +44,29 @@ class _ZlibEncoder(Encoder):
 
 # What Z_SYNC_FLUSH ends every packet's payload with: an empty stored block. Checked
 # because a stray byte after it would start a block that yields nothing yet, and the
-# next packet would be the one to fail. Not exact: a block header cut so that its last
-# bytes read 00 00 ff ff passes, as Python's inflate does not expose its block boundary
-# (no Z_BLOCK, no data_type).
+# next packet would be the one to fail. The cheap first test, with the clearer message;
+# _ends_between_blocks() is the exact one.
 _SYNC_FLUSH_END = b"\x00\x00\xff\xff"
+# An empty final block (fixed Huffman codes, end of block at once), byte-aligned: what a
+# stream that stopped between blocks can take next, then its adler32 trailer.
+_LAST_EMPTY_BLOCK = b"\x03\x00"
+
+
+def _ends_between_blocks(inflate: zlib._Decompress, adler: int) -> bool:
+    """Whether ``inflate`` stopped between two blocks, ``adler`` being the adler32 of
+    everything it has output.
+
+    Python's inflate does not say where it stopped (no ``Z_BLOCK``, no ``data_type``),
+    so a copy of it is ended there: only a stream between blocks takes an empty last
+    block and then the right trailer. A payload cut inside a block header whose last
+    four bytes happen to read ``00 00 ff ff`` fails here, on its own packet.
+    """
+    probe = inflate.copy()
+    try:
+        rest = probe.decompress(_LAST_EMPTY_BLOCK + adler.to_bytes(4, "big"))
+    except zlib.error:
+        return False
+    return probe.eof and not rest and not probe.unused_data
 
 
 def _asks_for_dictionary(header: bytes) -> bool:
@@ -65,6 +84,8 @@ class _ZlibDecoder(StreamDecoder):
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj()
         self._started = False
+        # adler32 of the stream's output so far: the trailer _ends_between_blocks needs.
+        self._adler = 1
 
     def _decode(
         self, payload: bytes | bytearray | memoryview, runs: Sequence[memoryview], expected: int
@@ -110,6 +131,14 @@ class _ZlibDecoder(StreamDecoder):
             )
         if len(data) != expected:
             raise size_error(len(data), expected)
+        adler = zlib.adler32(data, self._adler)
+        if not _ends_between_blocks(inflate, adler):
+            raise DecompressionError(
+                "zlib payload ends inside a block, not where QEMU's sync flush ends it",
+                field="payload",
+                limit=expected,
+            )
+        self._adler = adler
         scatter(memoryview(data), runs)
 
 
