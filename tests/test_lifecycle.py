@@ -605,6 +605,40 @@ async def test_a_cancel_from_outside_leaves_the_block_as_one_cancelled_not_a_gro
     assert [type(exc) for exc in left] == [trio.Cancelled]
 
 
+async def test_a_stream_added_after_the_transfer_completed_is_refused_without_failing_it() -> None:
+    # The sender left its block with delivery confirmed: a stray connection (a scanner, a
+    # late retry) is not part of that transfer and must not fail it after the fact.
+    src, dst = block_pair("mem", 64, seed=10)
+    refused: list[RuntimeError] = []
+    with trio.fail_after(10):
+        async with listening("tcp") as (listeners, connect):
+
+            async def send() -> None:
+                async with m.open_sender(connect, channels=2) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+
+            async def receive() -> None:
+                async with m.open_receiver([dst], channels=2) as receiver:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(receiver.serve, listeners)
+                        await receiver.wait_closed()
+                    stray = await connect(0)
+                    await stray.send_all(
+                        m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0))
+                    )
+                    with pytest.raises(RuntimeError) as info:
+                        await receiver.add_channel(await listeners[0].accept())
+                    refused.append(info.value)
+                    # Closed, unread: the stray sees its connection reset.
+                    with pytest.raises(trio.BrokenResourceError):
+                        await stray.receive_some(1)
+                    await stray.aclose()
+
+            assert await run_both_ends(send, receive) == (None, None)
+    assert dst.view == src.view
+    assert [str(exc) for exc in refused] == ["the transfer is complete: no channel can be added"]
+
+
 async def test_a_shielded_sync_wakes_on_a_cancel_before_any_channel_joined() -> None:
     outcome: list[RuntimeError] = []
     with trio.fail_after(10), trio.CancelScope() as outside:

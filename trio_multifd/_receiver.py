@@ -355,8 +355,9 @@ class Receiver:
         Raises:
             ProtocolError: A subclass naming what was wrong with the handshake.
             HandshakeTimeoutError: No complete handshake within ``handshake_timeout``.
-            RuntimeError: The receiver's ``async with`` block is over: ``stream`` is closed,
-                as a failure, without being read, or after its handshake when that ended
+            RuntimeError: The receiver's ``async with`` block is over, or the transfer is
+                complete (every channel has ended): ``stream`` is closed, as a failure,
+                without being read, and the transfer is not failed; or the handshake ended
                 after the block.
             ValueError: ``stream`` was added before (it is left to its first channel),
                 or is a TLS stream made with ``https_compatible=True`` (it is closed): its
@@ -375,6 +376,11 @@ class Receiver:
         if self._closed:
             await open_transport(stream, channel=None).reset()
             raise self._over("no channel can be added")
+        if self._all_ended():
+            # Whatever it is, it is not part of a transfer that completed and confirmed
+            # delivery: refused here, it must not fail that transfer after the fact.
+            await open_transport(stream, channel=None).reset()
+            raise RuntimeError("the transfer is complete: no channel can be added")
         self._streams.append(stream)
         try:
             transport, channel = await self._handshake(stream)
