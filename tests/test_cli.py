@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -646,6 +647,32 @@ def test_only_a_regular_file_is_sent(tmp_path: Path, source: str) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"trio-multifd: error: {path} is not a regular file"]
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path: Path) -> None:
+    # Opening it would let a writer waiting for a reader through, to a closed pipe.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer_through = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb"):  # waits for a reader
+            writer_through.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        proc = subprocess.run(
+            _command("send", str(fifo), "127.0.0.1:9"),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert proc.stderr.splitlines() == [f"trio-multifd: error: {fifo} is not a regular file"]
+        assert not writer_through.wait(0.5)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+        thread.join(TIMEOUT)
 
 
 def failed_json(proc: subprocess.CompletedProcess[str]) -> str:

@@ -209,9 +209,14 @@ async def send_file(
     ``idle_timeout`` bounds each wait for the receiver: its go-ahead, and after the last
     page its verdict (renewed by each message saying it is still checking)."""
     try:
+        # Checked before the open, which is not harmless for every node: it lets a
+        # writer waiting on a FIFO through (to meet a closed pipe), arms a watchdog,
+        # rewinds a tape. The fstat after it still decides, should the node be replaced.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CopyError(f"{path} is not a regular file")
         try:
-            # Non-blocking: opening a FIFO would otherwise wait for a writer before the
-            # regular-file check below.
+            # Non-blocking: a FIFO put there since the check would otherwise wait for a
+            # writer before the regular-file check below.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except BlockingIOError:
             # A regular file under another process's write lease (an SMB oplock, an NFS
