@@ -379,12 +379,13 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(small)], check=True)
 
 
-def half_received(recv: subprocess.Popen[str]) -> None:
-    """Return once ``recv`` reports half the pages in place: a stalled sender has then
-    begun its pause, and sends no page before it ends."""
+def half_received(recv: subprocess.Popen[str], reported: str = "50%") -> None:
+    """Return once ``recv`` reports half the pages in place (``reported``, the tenth that
+    half of them reach): a stalled sender has then begun its pause, and sends no page
+    before it ends."""
     assert recv.stderr is not None
     for line in recv.stderr:
-        if line.startswith("receiving: 50%"):
+        if line.startswith(f"receiving: {reported}"):
             return
     raise AssertionError("the receiver ended before half the pages arrived")
 
@@ -416,6 +417,33 @@ def test_a_destination_filled_during_the_copy_is_a_clear_error_not_a_crash(
             err.splitlines()[-1],
         ), err
         assert sender.returncode == 1
+        assert [p.name for p in small.iterdir()] == ["filler"]
+
+
+def test_a_destination_filled_before_the_last_partial_page_is_an_error_both_ends_name(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "a.bin"
+    # Zero pages, which the receiver never writes, then a partial page, which it writes
+    # with pwrite once the pages are in: only that needs room.
+    src.write_bytes(bytes(64 * PAGE) + b"tail" * 25)
+    with small_tmpfs(tmp_path) as small:
+        with (
+            receiving(small) as (recv, port),
+            stalled_sender(src, port, small, stall=3) as sender,
+        ):
+            half_received(recv, "40%")  # 32 of the 65 pages: the tail page comes last
+            with pytest.raises(OSError, match="No space left"):  # another writer
+                (small / "filler").write_bytes(bytes(2 << 20))
+            _, recv_err = recv.communicate(timeout=TIMEOUT)
+            _, send_err = sender.communicate(timeout=TIMEOUT)
+        error = "cannot write the copy's last partial page: No space left on device"
+        assert recv.returncode == 1
+        assert recv_err.splitlines()[-1] == f"trio-multifd: error: {error}"
+        assert sender.returncode == 1
+        assert send_err.splitlines()[-1] == (
+            f"trio-multifd: error: the receiver rejected the copy: {error}"
+        )
         assert [p.name for p in small.iterdir()] == ["filler"]
 
 

@@ -730,16 +730,23 @@ async def _receive_with(
             _unmap(mapping, blocks)
             mapping = None
         if tail_len and any(tail[:tail_len]):
-            os.pwrite(fd, tail[:tail_len], whole)
+            try:
+                os.pwrite(fd, tail[:tail_len], whole)
+            except OSError as exc:
+                # Another writer may have filled the disk since the free-space check.
+                raise await _rejection(
+                    control, f"cannot write the copy's last partial page: {exc.strerror}"
+                ) from None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
             checksum, _ = await scan_in_thread(fd, size, count_pages=False)
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
-            error = f"checksum mismatch: the copy has {checksum}, the manifest says {expected}"
-            await send_message(control, {"type": "verdict", "ok": False, "error": error})
-            raise CopyError(error)
+            raise await _rejection(
+                control,
+                f"checksum mismatch: the copy has {checksum}, the manifest says {expected}",
+            )
         try:
             os.fchmod(fd, manifest["mode"])
         except OSError as exc:
@@ -747,10 +754,15 @@ async def _receive_with(
             # mounts) refuses a mode it cannot keep: the copy, whole and checked, keeps
             # the one it gives every file rather than being thrown away for it.
             if exc.errno not in _NO_PERMISSION_BITS:
-                error = f"cannot give the copy mode {manifest['mode']:#o}: {exc.strerror}"
-                await send_message(control, {"type": "verdict", "ok": False, "error": error})
-                raise CopyError(error) from None
-        os.fsync(fd)
+                raise await _rejection(
+                    control, f"cannot give the copy mode {manifest['mode']:#o}: {exc.strerror}"
+                ) from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise await _rejection(
+                control, f"cannot write the copy to its file system: {exc.strerror}"
+            ) from None
         # A cancel (Ctrl-C, SIGTERM) noticed by now aborts before the copy gets its name;
         # from the name on, the copy is done, and reported so even if a cancel comes.
         await trio.lowlevel.checkpoint()
@@ -762,9 +774,9 @@ async def _receive_with(
                 os.link(temp, final)
                 os.unlink(temp)
         except OSError as exc:
-            error = f"cannot rename the copy to {final}: {exc.strerror}"
-            await send_message(control, {"type": "verdict", "ok": False, "error": error})
-            raise CopyError(error) from None
+            raise await _rejection(
+                control, f"cannot rename the copy to {final}: {exc.strerror}"
+            ) from None
         renamed = True
         with trio.move_on_after(idle_timeout, shield=True):
             try:
@@ -795,6 +807,12 @@ async def _receive_with(
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+
+
+async def _rejection(control: trio.abc.Stream, error: str) -> CopyError:
+    """Tell the sender that the copy failed and why, and return the error to raise here."""
+    await send_message(control, {"type": "verdict", "ok": False, "error": error})
+    return CopyError(error)
 
 
 def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
