@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -701,6 +702,29 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path: Path) -> None:
     finally:
         os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
         thread.join(TIMEOUT)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
+def test_a_source_the_sender_cannot_map_is_an_error_naming_it(tmp_path: Path) -> None:
+    src, out_dir = tmp_path / "big.img", tmp_path / "out"
+    out_dir.mkdir()
+    with open(src, "wb") as file:
+        file.truncate(4 << 30)  # a hole: only the mapping needs the address space
+        file.write(b"data")
+    with receiving(out_dir) as (recv, port):
+        sent = subprocess.run(
+            ["prlimit", f"--as={2 << 30}", *_command("send", str(src), f"127.0.0.1:{port}")],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=_env(),
+        )
+        recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 1
+    assert sent.stderr.splitlines() == [
+        f"trio-multifd: error: cannot map {src}: Cannot allocate memory"
+    ]
+    assert list(out_dir.iterdir()) == []
 
 
 def failed_json(proc: subprocess.CompletedProcess[str]) -> str:

@@ -303,7 +303,12 @@ async def send_file(
             if (now.st_size, now.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
                 raise CopyError(f"{path} changed after its checksum, before the copy began")
             if whole:
-                mapping = mmap.mmap(fd, whole, prot=mmap.PROT_READ)
+                try:
+                    mapping = mmap.mmap(fd, whole, prot=mmap.PROT_READ)
+                except OSError as exc:
+                    # An address-space limit, a file system without mmap (FUSE with
+                    # direct I/O): found only now, as the receiver's own mapping is.
+                    raise CopyError(f"cannot map {path}: {exc.strerror}") from None
                 blocks.append(RAMBlock("data", mapping))
             tail_block = RAMBlock("tail", tail)
 
