@@ -5,7 +5,9 @@ from __future__ import annotations
 import mmap
 import os
 import random
-from collections.abc import Awaitable, Callable, Iterable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,20 @@ def mapped_file(path: Path, data: bytes | bytearray) -> mmap.mmap:
         return mmap.mmap(fd, len(data), prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (mounting one needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 class TrackedStream(trio.abc.HalfCloseableStream):

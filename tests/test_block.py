@@ -15,7 +15,7 @@ import trio_multifd as m
 from trio_multifd import _block
 from trio_multifd._block import BlockTable, make_present
 
-from .helpers import system_4k_pages
+from .helpers import small_tmpfs, system_4k_pages
 
 
 def header(name: str = "a", offsets: tuple[int, ...] = (0,)) -> m.PacketHeader:
@@ -206,8 +206,13 @@ def test_pages_past_the_end_of_a_mapped_file_are_an_error_not_a_sigbus(
         make_present(block, [(0, 4096), (8192, 8192)], write=write)
     assert str(caught.value) == (
         f"block 'a': cannot {'write' if write else 'read'} pages 0x2000..0x4000 of its"
-        " mapped file: " + ("its file system is full or " if write else "") + "the file was"
-        " truncated"
+        " mapped file: "
+        + (
+            "its file system is full or the file was truncated"
+            if write
+            else "the file was truncated, or its file system is full (tmpfs gives a hole a"
+            " page when it is read)"
+        )
     )
     assert block.view[:4096] == bytes(range(256)) * 16
 
@@ -279,3 +284,25 @@ def test_a_memfd_mapping_is_guarded_as_a_file() -> None:
     make_present(block, [(0, 4096)], write=True)
     with pytest.raises(m.MappingError, match=r"the file was truncated$"):
         make_present(block, [(4096, 4096)], write=True)
+
+
+def test_a_hole_read_on_a_full_tmpfs_is_a_mapping_error_that_names_the_full_file_system(
+    tmp_path: Path,
+) -> None:
+    # tmpfs gives a hole a page when a shared mapping reads it: no truncation involved.
+    with small_tmpfs(tmp_path) as small:
+        size = 2 << 20  # twice the file system
+        with open(small / "sparse", "w+b") as file:
+            file.truncate(size)
+            mapping = mmap.mmap(file.fileno(), size, prot=mmap.PROT_READ)
+        block = m.RAMBlock("a", mapping)
+        try:
+            with pytest.raises(m.MappingError) as fault:
+                make_present(block, [(0, size)], write=False)
+        finally:
+            block.view.release()
+            mapping.close()  # the file system is unmounted next
+    assert str(fault.value) == (
+        "block 'a': cannot read pages 0x0..0x200000 of its mapped file: the file was"
+        " truncated, or its file system is full (tmpfs gives a hole a page when it is read)"
+    )

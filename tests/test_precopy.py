@@ -675,7 +675,7 @@ async def test_hash_detection_over_a_mapped_file_cut_short_is_a_mapping_error(
     assert await tracker.collect() == {block: list(range(0, block.size, PAGE))}
     os.truncate(path, 10 * PAGE)
     with pytest.raises(
-        m.MappingError, match=r"cannot read pages 0x0\.\.0x40000 .*: the file was truncated$"
+        m.MappingError, match=r"cannot read pages 0x0\.\.0x40000 .*: the file was truncated, or"
     ):
         await tracker.collect()
 

@@ -244,7 +244,10 @@ def _mapping_error(
         cause = (
             "its file system is full or the file was truncated"
             if write
-            else "the file was truncated"
+            # tmpfs gives a hole a page when a shared mapping reads it: a full tmpfs
+            # fails a read too.
+            else "the file was truncated, or its file system is full (tmpfs gives a hole"
+            " a page when it is read)"
         )
     else:
         cause = os.strerror(error)
