@@ -716,6 +716,21 @@ def test_a_source_the_sender_cannot_map_is_an_error_naming_it(tmp_path: Path) ->
     assert list(out_dir.iterdir()) == []
 
 
+def test_a_file_holding_more_than_its_size_is_refused(tmp_path: Path) -> None:
+    # /proc's files have size 0: the copy would be empty and pass its checksum.
+    proc = subprocess.run(
+        _command("send", "/proc/version", "127.0.0.1:9"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "trio-multifd: error: /proc/version holds more than its size of 0 bytes (a file of"
+        " /proc, or one that grows): it cannot be sent"
+    ]
+
+
 def failed_json(proc: subprocess.CompletedProcess[str]) -> str:
     """The error of a command that failed with ``--json``: exit 1, one object."""
     assert proc.returncode == 1

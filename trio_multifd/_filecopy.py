@@ -242,6 +242,13 @@ async def send_file(
         checksum, nonzero_pages = await scan_in_thread(
             fd, size, count_pages=True, check=lease.check
         )
+        if os.pread(fd, 1, size):
+            # The copy would end at the size, and its checksum agree: an empty copy of
+            # /proc/cpuinfo (size 0) would pass for a good one.
+            raise CopyError(
+                f"{path} holds more than its size of {size} bytes (a file of /proc, or one"
+                " that grows): it cannot be sent"
+            )
         if os.environ.get(_CORRUPT_ENV):
             checksum = ("0" if checksum[0] != "0" else "1") + checksum[1:]
         transfer_uuid = uuid_mod.uuid4()
