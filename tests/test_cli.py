@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import itertools
 import json
 import os
 import re
@@ -785,6 +786,23 @@ def test_extents_and_checksum(tmp_path: Path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_file_system_whose_seek_data_does_not_move_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lseek = os.lseek
+
+    def noop_llseek(fd: int, pos: int, how: int) -> int:
+        # As Linux's noop_llseek: the file position (0), whatever the offset and whence.
+        return 0 if how in (os.SEEK_DATA, os.SEEK_HOLE) else lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", noop_llseek)
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (3 * PAGE))
+    with path.open("rb") as file:
+        found = list(itertools.islice(data_extents(file.fileno(), 3 * PAGE), 3))
+    assert found == [(0, 3 * PAGE)]
 
 
 def test_the_checksum_calls_its_hook_before_every_chunk_even_in_holes(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ CHECKSUM = "xxh3_128"
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """Yield ``(start, end)`` byte ranges holding data, by ``SEEK_DATA``/``SEEK_HOLE``
-    (the whole file when the file system cannot tell)."""
+    (the rest of the file from where the file system cannot tell)."""
     pos = 0
     while pos < size:
         try:
@@ -47,6 +47,12 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
                 return
             raise
         end = os.lseek(fd, start, os.SEEK_HOLE)
+        if start < pos or end <= start:
+            # A file system that ignores the whence (Linux's noop_llseek returns the file
+            # position) or a FUSE server's wrong answer: without progress the loop would
+            # never end.
+            yield pos, size
+            return
         yield start, min(end, size)
         pos = end
 
