@@ -599,6 +599,15 @@ async def test_mark_covers_every_page_its_range_touches() -> None:
     assert await tracker.collect() == {block: []}
 
 
+async def test_marks_default_length_is_one_page_of_the_trackers_size() -> None:
+    page_size = 512  # smaller than the 4 KiB the default once was
+    block = m.RAMBlock("ram", bytearray(8 * page_size), page_size=page_size)
+    tracker = DirtyTracker([block])
+    tracker.mark(block, 0)
+    tracker.mark(block, 7 * page_size)  # the last page: its one page is inside the block
+    assert await tracker.collect() == {block: [0, 7 * page_size]}
+
+
 async def test_collect_swaps_marks_so_a_mark_during_it_belongs_to_the_next() -> None:
     # Hash detection makes collect() long enough to mark while it runs; the marked page
     # is not written, so only the mark can report it.

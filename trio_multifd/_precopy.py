@@ -196,7 +196,9 @@ class DirtyTracker:
         """The tracked blocks, in the order given."""
         return self._blocks
 
-    def mark(self, block: RAMBlock, offset: SupportsIndex, length: SupportsIndex = 4096) -> None:
+    def mark(
+        self, block: RAMBlock, offset: SupportsIndex, length: SupportsIndex | None = None
+    ) -> None:
         """Mark the pages of ``block`` that overlap ``[offset, offset + length)`` dirty.
 
         Call it after the write, never before: a mark made before its write may be
@@ -207,7 +209,8 @@ class DirtyTracker:
         Args:
             block: One of the tracked blocks.
             offset: The first byte written.
-            length: How many bytes were written (default one 4 KiB page).
+            length: How many bytes were written; ``None`` (the default) for one page
+                of :attr:`page_size` bytes.
 
         Raises:
             TypeError: ``block`` is not a :class:`~trio_multifd.RAMBlock`, or
@@ -220,6 +223,10 @@ class DirtyTracker:
         index = self._index.get(block)
         if index is None:
             raise ValueError(f"block {block.name!r} is not tracked by this DirtyTracker")
+        # Not a fixed 4096: with smaller pages that marked the neighbours too, and was
+        # refused for the last 4 KiB of a block.
+        if length is None:
+            length = self.page_size
         # As Sender.queue_page: numpy's integers are integers, a bool is not (True
         # would silently mark from byte 1).
         try:
