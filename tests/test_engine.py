@@ -315,6 +315,29 @@ async def test_stats_count_packets_pages_and_bytes_per_channel() -> None:
     assert sum(c.syncs for c in sent.channels) == 2
 
 
+async def test_round_figures_are_each_rounds_pages_until_sync_has_returned_a_later_round() -> None:
+    src, dst = block_pair("mem", 64, seed=22)
+    connect, ends = memory_channels(2)
+    with trio.fail_after(20):
+        async with m.open_receiver([dst], channels=2) as receiver:
+            async with trio.open_nursery() as nursery:
+                for end in ends:
+                    nursery.start_soon(receiver.add_channel, end)
+                async with m.open_sender(connect, channels=2) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+                    await sender.sync()
+                    await sender.queue_pages(src, range(0, PAGE * 8, PAGE))
+            # Recorded at completion (round 2 is the exit's), known before any sync().
+            before = [receiver.round_figures(number) for number in (1, 2, 3)]
+            assert await receiver.sync() == 1
+            assert await receiver.sync() == 2
+            after = [receiver.round_figures(number) for number in (1, 2)]
+            await receiver.wait_closed()
+    assert [None if f is None else f[0] for f in before] == [64, 8, None]
+    assert all(f is not None and f[1] > 0 for f in before[:2])
+    assert after == [None, before[1]]
+
+
 async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None:
     src, dst = block_pair("mem", 64, seed=21)
     finals: list[int | None] = []

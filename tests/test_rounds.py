@@ -83,3 +83,18 @@ def test_a_sync_past_another_channels_end_is_incomplete() -> None:
     with pytest.raises(TransferIncompleteError, match="channel 0 ended after round 0"):
         barrier.arrive(1, final_round=False)
     assert barrier.completed == 0
+
+
+def test_a_rounds_pages_are_those_its_channels_brought_before_their_sync() -> None:
+    # Channel 0 runs ahead into round 2 before channel 1 completes round 1: its pages of
+    # round 2 are not round 1's.
+    barrier = RoundBarrier(2)
+    barrier.count_pages(0, 5)
+    barrier.arrive(0, final_round=False)
+    barrier.count_pages(0, 7)
+    barrier.count_pages(1, 3)
+    barrier.arrive(1, final_round=False)
+    assert (barrier.completed, barrier.completed_pages) == (1, 8)
+    barrier.arrive(0, final_round=False)
+    barrier.arrive(1, final_round=False)
+    assert (barrier.completed, barrier.completed_pages) == (2, 7)

@@ -75,8 +75,8 @@ class PrecopyRound:
             as in QEMU's accounting; the wire bytes are in the transfer's stats).
         seconds: Sender: from queueing the round's first page to its ``sync()``
             returning. Receiver: from the previous round's completion to this one's (for
-            the first round the receiving side sees, from the first call of
-            :func:`receive_precopy` on that receiver).
+            round 1, from the first channel's handshake), as the channel tasks saw them,
+            however late :func:`receive_precopy` asks.
         dirty_after: Sender: pages found dirty when the round ended (``0`` for the final
             round, whose writers are stopped). ``None`` on the receiver.
         expected_downtime: Sender: the seconds a stop-and-copy right after this round
@@ -580,8 +580,9 @@ async def receive_precopy(
     receiver.wait_closed()`` before leaving the receiver, so the sender's exit gets its
     delivery confirmation.
 
-    The receiver's figures are approximate: the channel tasks may already be writing
-    pages of the next round when a round's completion is recorded.
+    The receiver's figures are those the channel tasks recorded when each round
+    completed (:meth:`Receiver.round_figures`): a round's pages are exactly those its
+    packets brought, also when this side lags rounds behind.
 
     Args:
         receiver: An open receiver whose sender runs :func:`precopy`.
@@ -613,13 +614,12 @@ async def receive_precopy(
 @attrs.define(eq=False)
 class _Follower:
     """What :func:`receive_precopy` knows of a receiver's rounds between its calls: the
-    rounds recorded and not yet delivered (their ``on_round`` has not returned), and the
-    figures at the last one. A call that is cancelled or whose callback raises leaves
-    them here for the next call, which delivers them before it waits for more."""
+    rounds recorded and not yet delivered (their ``on_round`` has not returned). A call
+    that is cancelled or whose callback raises leaves them here for the next call, which
+    delivers them before it waits for more."""
 
     # Not the receiver itself: a value that refers to its weak key keeps it alive.
     backlog: deque[PrecopyRound] = attrs.Factory(deque)
-    last: tuple[int, int, float] | None = None
 
     async def follow(self, receiver: Receiver, on_round: RoundCallback | None) -> PrecopyRound:
         backlog = self.backlog
@@ -630,9 +630,6 @@ class _Follower:
             # Rounds are recorded as soon as they complete, so a slow on_round delays only
             # the callbacks; no sync() beyond the final round, so the receiver's round
             # counter is not consumed beyond it.
-            stats = receiver.stats
-            if self.last is None:
-                self.last = stats.pages, stats.page_bytes, time.perf_counter()
             while not (backlog and backlog[-1].final):
                 try:
                     number = await receiver.sync()
@@ -640,20 +637,22 @@ class _Follower:
                     ended.append(exc)
                     changed.unpark_all()
                     return
-                last_pages, last_bytes, last_time = self.last
-                now, pages, page_bytes = time.perf_counter(), stats.pages, stats.page_bytes
+                # Taken by the channel tasks at the round's completion, however late
+                # this side asks; known right after sync() returned the round.
+                figures = receiver.round_figures(number)
+                assert figures is not None, "sync() just returned the round"
+                pages, seconds = figures
                 backlog.append(
                     PrecopyRound(
                         number=number,
-                        pages=pages - last_pages,
-                        bytes=page_bytes - last_bytes,
-                        seconds=now - last_time,
+                        pages=pages,
+                        bytes=pages * receiver.page_size,
+                        seconds=seconds,
                         dirty_after=None,
                         expected_downtime=None,
                         final=receiver.is_final_round(number),
                     )
                 )
-                self.last = pages, page_bytes, now
                 changed.unpark_all()
 
         outcome: PrecopyRound | None = None

@@ -16,7 +16,9 @@ import heapq
 import mmap
 import re
 import threading
+import time
 import uuid as uuid_mod
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import final
@@ -193,6 +195,11 @@ class Receiver:
         self._sync_calls = 0
         # Round numbers of sync() calls that were cancelled, for the next calls to take.
         self._given_back: list[int] = []
+        # (number, pages, seconds) of the complete rounds that sync() may still return,
+        # in order: taken at completion, for round_figures() to answer however late it
+        # is asked. Kept from the first channel's handshake, when round 1 starts.
+        self._completions: deque[tuple[int, int, float]] = deque()
+        self._last_completion: float | None = None
         # A known-zero block gets a zero page written only over a page written before.
         # A byte per page, in anonymous memory that the kernel backs only where pages
         # were written: a sparse 1 TiB file would otherwise cost 256 MiB up front.
@@ -241,6 +248,22 @@ class Receiver:
         :func:`~trio_multifd.receive_precopy` does).
         """
         return number in self._barrier.final_rounds
+
+    def round_figures(self, number: int) -> tuple[int, float] | None:
+        """The figures of round ``number``, recorded by the channel tasks when it
+        completed: how many pages it brought (every channel's pages before its SYNC of
+        it, zero pages included, none of a later round) and the seconds from the
+        previous round's completion (for round 1, from the first channel's handshake).
+
+        Known from the round's completion until :meth:`sync` has returned a later round
+        (so a call right after ``sync()`` returned ``number`` always answers); ``None``
+        before and after.
+        """
+        completions = self._completions
+        if not completions or not 0 <= number - completions[0][0] < len(completions):
+            return None
+        _, pages, seconds = completions[number - completions[0][0]]
+        return pages, seconds
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -313,6 +336,10 @@ class Receiver:
             heapq.heappush(self._given_back, number)
             raise
         if self.rounds_completed >= number:
+            # Rounds below every round a call may still return are asked for no more.
+            keep = min(number, self._given_back[0]) if self._given_back else number
+            while self._completions and self._completions[0][0] < keep:
+                self._completions.popleft()
             return number
         if self._all_ended():
             raise TransferIncompleteError(
@@ -437,6 +464,8 @@ class Receiver:
             raise
         if self.uuid is None:
             self.uuid = handshake.uuid
+        if self._last_completion is None:
+            self._last_completion = time.perf_counter()
         self._connected.add(channel)
         self._chains[channel] = chain_start(buffer)
         self._notify()
@@ -879,6 +908,12 @@ class Receiver:
             if complete:
                 self._progress.notify_all()
         if complete:
+            now = time.perf_counter()
+            assert self._last_completion is not None, "a SYNC came after a handshake"
+            self._completions.append(
+                (number, self._barrier.completed_pages, now - self._last_completion)
+            )
+            self._last_completion = now
             self.stats.rounds = number
             logger.debug("receiver: round %d complete", number)
             self._notify()

@@ -30,6 +30,8 @@ class RoundBarrier:
     final_rounds: set[int] = attrs.Factory(set)
     """Every complete round that every channel's SYNC marked final: several migrations
     may share the channels, and a lagging follower must still find its own."""
+    completed_pages: int = 0
+    """The pages of round :attr:`completed`: every channel's pages before its SYNC of it."""
     _synced: list[int] = attrs.field(init=False)
     # Pages each channel has received since its last SYNC.
     _open_pages: list[int] = attrs.field(init=False)
@@ -37,6 +39,8 @@ class RoundBarrier:
     _ended: dict[int, int] = attrs.Factory(dict)
     # How many channels marked each incomplete round final.
     _final_marks: dict[int, int] = attrs.Factory(dict)
+    # The pages each incomplete round has from the channels that reached its SYNC.
+    _round_pages: dict[int, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self._synced = [0] * self.channels
@@ -60,6 +64,7 @@ class RoundBarrier:
         """
         number = self._synced[channel] + 1
         self._synced[channel] = number
+        self._round_pages[number] = self._round_pages.get(number, 0) + self._open_pages[channel]
         self._open_pages[channel] = 0
         for other, last in self._ended.items():
             if last < number:
@@ -73,6 +78,7 @@ class RoundBarrier:
         if self._final_marks.pop(number, 0) == self.channels:
             self.final_rounds.add(number)
         self.completed = number
+        self.completed_pages = self._round_pages.pop(number)
         return number, True
 
     def end(self, channel: int) -> int:
