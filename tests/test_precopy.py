@@ -272,6 +272,96 @@ async def test_blocks_written_by_several_tasks_and_a_thread_arrive_with_their_la
     assert b_target_bytes == b_bytes
 
 
+@pytest.mark.parametrize(
+    ("seed", "compression", "integrity", "max_rounds"),
+    [(40, "none", False, 5), (41, "zstd", True, 3), (42, "zlib", False, 1)],
+)
+async def test_random_writes_from_a_task_and_a_thread_arrive_byte_for_byte(
+    seed: int, compression: str, integrity: bool, max_rounds: int
+) -> None:
+    # Writes of every shape (inside a page, across pages, whole pages zeroed, the same
+    # few pages over and over), each marked after it, from a task and a thread, while
+    # the rounds run, over a known-zero target; no time bound on convergence.
+    rng = random.Random(seed)
+    source_bytes = random_pages(SMALL, zero_every=5, seed=seed)
+    target_bytes = bytearray(len(source_bytes))
+    source = m.RAMBlock("ram", source_bytes)
+    target = m.RAMBlock("ram", target_bytes, zeroed=True)
+    tracker = DirtyTracker([source])
+    hot = [0, 1, SMALL // 2, SMALL - 1]
+
+    def write(rng: random.Random) -> None:
+        kind = rng.random()
+        if kind < 0.1:
+            offset, length = rng.randrange(SMALL) * PAGE, PAGE
+            source_bytes[offset : offset + length] = bytes(PAGE)
+        else:
+            if kind < 0.3:
+                offset, length = rng.choice(hot) * PAGE + rng.randrange(PAGE - 8), 8
+            elif kind < 0.4:
+                offset, length = rng.randrange(len(source_bytes) - 3 * PAGE), 3 * PAGE - 1
+            else:
+                offset, length = rng.randrange(len(source_bytes) - 8), 8
+            source_bytes[offset : offset + length] = rng.randbytes(length)
+        tracker.mark(source, offset, length)
+
+    stop_requested = False
+    task_stopped = trio.Event()
+    stop_thread = threading.Event()
+
+    async def task_writer() -> None:
+        writer_rng = random.Random(rng.random())
+        try:
+            while not stop_requested:
+                for _ in range(writer_rng.randint(1, 64)):
+                    write(writer_rng)
+                await trio.lowlevel.checkpoint()
+        finally:
+            task_stopped.set()
+
+    def thread_writer(writer_rng: random.Random) -> None:
+        while not stop_thread.wait(0.0001):
+            write(writer_rng)
+
+    thread = threading.Thread(target=thread_writer, args=(random.Random(rng.random()),))
+
+    async def on_stop() -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        await task_stopped.wait()
+        stop_thread.set()
+        await trio.to_thread.run_sync(thread.join)
+
+    options: dict[str, Any] = {"compression": compression, "integrity": integrity}
+    try:
+        with trio.fail_after(30):
+            async with m.open_receiver([target], channels=3, **options) as receiver:
+                async with (
+                    listening("tcp") as (listeners, connect),
+                    trio.open_nursery() as nursery,
+                ):
+                    await nursery.start(receiver.serve, listeners)
+                    nursery.start_soon(task_writer)
+                    thread.start()
+                    async with m.open_sender(connect, channels=3, **options) as sender:
+                        report = await precopy(
+                            sender,
+                            tracker,
+                            on_stop=on_stop,
+                            downtime_limit=0.0,
+                            max_rounds=max_rounds,
+                        )
+                    final = await receive_precopy(receiver)
+                    await receiver.wait_closed()
+    finally:  # a failed migration must not leave the thread writing for ever
+        stop_thread.set()
+        if thread.is_alive():
+            thread.join()
+    check_completed(report, final)
+    assert len(report.rounds) <= max_rounds
+    assert target_bytes == source_bytes
+
+
 async def test_hash_detection_finds_writes_nobody_marks() -> None:
     source, target, source_bytes, target_bytes = blocks(BIG, seed=3)
     tracker = DirtyTracker([source], detect="hash")
