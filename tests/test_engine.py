@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import trio_multifd as m
+from trio_multifd import _receiver
 
 from .helpers import PAGE, block_pair, landed, memory_channels, pattern, random_pages, shuffled
 from .proxy import TcpLink, unread_bytes
@@ -336,6 +337,28 @@ async def test_round_figures_are_each_rounds_pages_until_sync_has_returned_a_lat
     assert [None if f is None else f[0] for f in before] == [64, 8, None]
     assert all(f is not None and f[1] > 0 for f in before[:2])
     assert after == [None, before[1]]
+
+
+async def test_round_figures_are_kept_for_a_bounded_number_of_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An application that never calls sync(), against a peer that rounds for ever, must
+    # not keep a tuple per round: the oldest figures go first.
+    monkeypatch.setattr(_receiver, "_KEPT_ROUND_FIGURES", 8)
+    src, dst = block_pair("mem", 4, seed=23)
+    connect, ends = memory_channels(1)
+    with trio.fail_after(20):
+        async with m.open_receiver([dst], channels=1) as receiver:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver.add_channel, ends[0])
+                async with m.open_sender(connect, channels=1) as sender:
+                    for _ in range(20):
+                        await sender.queue_page(src, 0)
+                        await sender.sync()
+            await receiver.wait_closed()
+            kept = [receiver.round_figures(number) is not None for number in range(1, 22)]
+    # 21 rounds (the exit's last one included), the last 8 kept.
+    assert kept == [False] * 13 + [True] * 8
 
 
 async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None:

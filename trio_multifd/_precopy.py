@@ -582,7 +582,8 @@ async def receive_precopy(
 
     The receiver's figures are those the channel tasks recorded when each round
     completed (:meth:`Receiver.round_figures`): a round's pages are exactly those its
-    packets brought, also when this side lags rounds behind.
+    packets brought, also when this side lags rounds behind (up to 4096 rounds; the
+    figures of older rounds are no longer kept and read 0 pages in 0 s).
 
     Args:
         receiver: An open receiver whose sender runs :func:`precopy`.
@@ -639,9 +640,9 @@ class _Follower:
                     return
                 # Taken by the channel tasks at the round's completion, however late
                 # this side asks; known right after sync() returned the round.
-                figures = receiver.round_figures(number)
-                assert figures is not None, "sync() just returned the round"
-                pages, seconds = figures
+                # None only for a follower more than 4096 rounds behind, whose oldest
+                # rounds' figures the receiver no longer keeps.
+                pages, seconds = receiver.round_figures(number) or (0, 0.0)
                 backlog.append(
                     PrecopyRound(
                         number=number,

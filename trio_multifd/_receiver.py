@@ -92,6 +92,8 @@ _ZERO_VIEW = memoryview(ZEROS)
 # The known-zero bitmap: one byte per page, 1 once the page was written.
 _WRITTEN_PAGE = b"\x01"
 _WRITTEN_PAGES = re.compile(b"\x01+")
+# The figures of this many complete rounds are kept for round_figures() at most.
+_KEPT_ROUND_FIGURES = 4096
 
 # Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
 _FINAL_ROUND = int(Flag.FINAL_ROUND)
@@ -197,8 +199,10 @@ class Receiver:
         self._given_back: list[int] = []
         # (number, pages, seconds) of the complete rounds that sync() may still return,
         # in order: taken at completion, for round_figures() to answer however late it
-        # is asked. Kept from the first channel's handshake, when round 1 starts.
-        self._completions: deque[tuple[int, int, float]] = deque()
+        # is asked. Kept from the first channel's handshake, when round 1 starts. At
+        # most _KEPT_ROUND_FIGURES: an application that never calls sync() must not
+        # keep a tuple per round of a peer that rounds for ever.
+        self._completions: deque[tuple[int, int, float]] = deque(maxlen=_KEPT_ROUND_FIGURES)
         self._last_completion: float | None = None
         # A known-zero block gets a zero page written only over a page written before.
         # A byte per page, in anonymous memory that the kernel backs only where pages
@@ -256,8 +260,9 @@ class Receiver:
         previous round's completion (for round 1, from the first channel's handshake).
 
         Known from the round's completion until :meth:`sync` has returned a later round
-        (so a call right after ``sync()`` returned ``number`` always answers); ``None``
-        before and after.
+        (so a call right after ``sync()`` returned ``number`` always answers, unless the
+        application lags more than 4096 rounds behind: the oldest figures go first);
+        ``None`` before and after.
         """
         completions = self._completions
         if not completions or not 0 <= number - completions[0][0] < len(completions):
