@@ -6,16 +6,26 @@ Each case must end promptly with every page delivered or a clear error, never a 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 import trio_multifd as m
 
-from .helpers import PAGE, block_pair, landed, memory_channels, pattern, random_pages
+from .helpers import (
+    PAGE,
+    TrackedStream,
+    block_pair,
+    landed,
+    memory_channels,
+    pattern,
+    random_pages,
+)
 from .transfer import listening, transfer
 
 DEADLINE = 20
@@ -51,6 +61,104 @@ async def test_two_tasks_queueing_page_by_page_both_finish() -> None:
     with trio.fail_after(DEADLINE):
         await transfer([src], [dst], body, channels=1)
     assert dst.view == src.view
+
+
+class GatedStream(TrackedStream):
+    """Sends the handshake, then nothing more until ``gate`` is set."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.gate = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.sent:
+            await self.gate.wait()
+        await super().send_all(data)
+
+
+async def cancel_when_blocked(scope: trio.CancelScope) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()
+
+
+async def gated_transfer(
+    target: m.RAMBlock, body: Callable[[m.Sender, GatedStream], Awaitable[None]]
+) -> list[int]:
+    """Run ``body`` on a one-channel sender whose stream holds back every packet until its
+    gate opens; return the rounds the receiving application saw."""
+    gated: list[GatedStream] = []
+
+    def wrap(channel: int, stream: trio.abc.Stream) -> trio.abc.Stream:
+        gated.append(GatedStream(stream))
+        return gated[-1]
+
+    connect, ends = memory_channels(1, wrap=wrap)
+    seen: list[int] = []
+    with trio.fail_after(DEADLINE):
+        async with m.open_receiver([target], channels=1) as receiver:
+
+            async def follow_rounds() -> None:
+                with contextlib.suppress(m.TransferIncompleteError):
+                    while True:
+                        seen.append(await receiver.sync())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow_rounds)
+                nursery.start_soon(receiver.add_channel, ends[0])
+                async with m.open_sender(connect, channels=1) as sender:
+                    await body(sender, gated[0])
+                await receiver.wait_closed()
+    return seen
+
+
+async def test_queue_pages_cancelled_while_waiting_for_room_has_queued_every_page() -> None:
+    src, dst = block_pair("mem", 1024, seed=6)
+    unsynced: list[int] = []
+
+    async def body(sender: m.Sender, stream: GatedStream) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_when_blocked, scope)
+                # More pages than the queue holds, none sent: the call waits for room.
+                await sender.queue_pages(src, range(0, src.size, PAGE))
+        assert scope.cancelled_caught
+        unsynced.append(sender.unsynced_pages)
+        stream.gate.set()
+
+    assert await gated_transfer(dst, body) == [1]
+    assert unsynced == [1024]
+    assert dst.view == src.view
+
+
+async def test_sync_cancelled_while_waiting_still_starts_its_round() -> None:
+    numbers: list[int] = []
+
+    async def body(sender: m.Sender, stream: GatedStream) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_when_blocked, scope)
+                await sender.sync()  # its SYNC packet waits behind the gate
+        assert scope.cancelled_caught
+        stream.gate.set()
+        numbers.append(await sender.sync())
+
+    assert await gated_transfer(m.RAMBlock("mem", pattern(PAGE)), body) == [1, 2, 3]
+    assert numbers == [2]
+
+
+async def test_sync_cancelled_before_it_starts_starts_no_round() -> None:
+    numbers: list[int] = []
+
+    async def body(sender: m.Sender, stream: GatedStream) -> None:
+        stream.gate.set()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sender.sync()
+        assert scope.cancelled_caught
+        numbers.append(await sender.sync())
+
+    assert await gated_transfer(m.RAMBlock("mem", pattern(PAGE)), body) == [1, 2]
+    assert numbers == [1]
 
 
 async def open_and_leave(how: str) -> m.Sender:

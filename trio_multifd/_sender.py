@@ -321,7 +321,9 @@ class Sender:
         """Queue the page at byte ``offset`` of ``block``.
 
         The page is not copied: it is read when its packet is sent, at the latest before
-        the next :meth:`sync` returns. Waits while every channel is busy.
+        the next :meth:`sync` returns. Waits while every channel is busy; a call cancelled
+        while it waits has queued the page all the same (it is sent, and counted in
+        :attr:`unsynced_pages`), one cancelled before it started has not.
 
         Raises:
             ValueError: ``offset`` is not a page-aligned offset in the block, or the
@@ -344,7 +346,8 @@ class Sender:
         Costs no Python-level work per page on the Trio side: a ``range`` is checked by
         its ends and queued as it is, other offsets are checked and copied in one go, and
         the worker threads cut them into packets. Every offset is checked before any
-        page is queued.
+        page is queued. Like :meth:`queue_page`, it waits while every channel is busy,
+        and a call cancelled while it waits has queued every page all the same.
 
         Raises:
             ValueError: An offset is not a page-aligned offset in the block, or the
@@ -374,13 +377,18 @@ class Sender:
         sockets: into the kernel). The receiver's round with the same number completes
         once it has every page queued before this call.
 
+        A call cancelled while it waits has started its round all the same: the round is
+        written, the receiver completes it, and the next call returns the number after
+        it. Its pages may still be read until a later call returns, so change them only
+        then. A call cancelled before it started (already when called) starts no round.
+
         Args:
             final_round: Mark this round as the last of a pre-copy migration (flag
                 ``FINAL_ROUND`` on its SYNC packets, which QEMU ignores); the receiver
                 records it in :attr:`Receiver.final_round`.
 
         Returns:
-            The round number: 1 for the first call, then 2, ...
+            The round number: 1 for the first round, then 2, ...
 
         Raises:
             RuntimeError: The sender's ``async with`` block has exited or is exiting (its
