@@ -674,6 +674,11 @@ async def test_precopy_rejects_bad_arguments() -> None:
                 async with m.open_sender(connect, channels=1) as sender:
                     with pytest.raises(ValueError, match="max_rounds"):
                         await precopy(sender, tracker, on_stop=on_stop, max_rounds=0)
+                    # No round could converge: it would give up before sending anything.
+                    with pytest.raises(ValueError, match="needs force_stop=True"):
+                        await precopy(
+                            sender, tracker, on_stop=on_stop, max_rounds=1, force_stop=False
+                        )
                     for limit in (-1, True):
                         with pytest.raises(ValueError, match="downtime_limit"):
                             await precopy(sender, tracker, on_stop=on_stop, downtime_limit=limit)
@@ -1048,6 +1053,30 @@ async def test_receive_precopy_outside_the_receivers_block_raises_its_plain_erro
 
                 outside.start_soon(follow)
                 await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_second_receive_precopy_at_once_is_refused_and_the_first_goes_on() -> None:
+    # Two would share the receiver's sync() calls, each seeing only some of the rounds.
+    source, target, _, _ = blocks(SMALL, seed=25)
+    tracker = DirtyTracker([source])
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+            async with m.open_receiver([target], channels=1) as receiver:
+                await nursery.start(receiver.serve, listeners)
+                finals: list[PrecopyRound] = []
+
+                async def follow() -> None:
+                    finals.append(await receive_precopy(receiver))
+
+                nursery.start_soon(follow)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(RuntimeError, match="another receive_precopy"):
+                    await receive_precopy(receiver)
+                async with m.open_sender(connect, channels=1) as sender:
+                    await precopy(sender, tracker, on_stop=lambda: None)
+                await receiver.wait_closed()
+    assert [final.final for final in finals] == [True]
+    assert target.view == source.view
 
 
 async def test_a_base_exception_from_the_receiving_callback_passes_through_unwrapped() -> None:

@@ -432,8 +432,9 @@ async def precopy(
     Raises:
         TypeError: ``sender``, ``tracker``, ``on_stop`` or ``on_round`` is of the wrong
             type.
-        ValueError: A bad ``downtime_limit`` or ``max_rounds``, or the tracker's page
-            size differs from the sender's.
+        ValueError: A bad ``downtime_limit`` or ``max_rounds`` (``max_rounds=1`` with
+            ``force_stop=False`` too: it would give up before sending anything), or the
+            tracker's page size differs from the sender's.
         MultiFDError: The transfer failed (raised by the sender).
     """
     if not isinstance(sender, Sender):
@@ -445,6 +446,13 @@ async def precopy(
     _check_on_round(on_round)
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+    if max_rounds == 1 and not force_stop:
+        # No round before the final one, so nothing could converge: it would give up
+        # before sending a page, and the receiver would see an abandoned migration.
+        raise ValueError(
+            "max_rounds=1 is plain stop-and-copy, which needs force_stop=True: without it"
+            " the migration would give up before sending anything"
+        )
     if (
         isinstance(downtime_limit, bool)
         or not isinstance(downtime_limit, int | float)
@@ -573,7 +581,8 @@ async def receive_precopy(
     figures as soon as the round completes, so a slow ``on_round`` delays only the
     callbacks. The final round is known from its SYNC packets' ``FINAL_ROUND`` flag,
     which the channel tasks record even while this side lags behind. Do not call
-    ``receiver.sync()`` concurrently, nor two of these. A call that is cancelled, or whose
+    ``receiver.sync()`` concurrently; a second call of this function for the same
+    receiver while one runs raises ``RuntimeError``. A call that is cancelled, or whose
     ``on_round`` raises, loses no round: the next call delivers first what it did not
     (the round whose callback raised, again). After it returns, the target holds every
     page as it was when the sender's ``on_stop`` returned; ``await
@@ -601,7 +610,8 @@ async def receive_precopy(
         PrecopyAbortedError: Every channel ended without a final round: the sender gave
             up (``force_stop=False``) or closed without running :func:`precopy` to its end.
         RuntimeError: The receiver's ``async with`` block is over (see
-            :meth:`~trio_multifd.Receiver.sync`).
+            :meth:`~trio_multifd.Receiver.sync`), or another call for this receiver is
+            running.
     """
     if not isinstance(receiver, Receiver):
         raise TypeError(f"receiver must be a Receiver, got {type(receiver).__name__}")
@@ -621,8 +631,20 @@ class _Follower:
 
     # Not the receiver itself: a value that refers to its weak key keeps it alive.
     backlog: deque[PrecopyRound] = attrs.Factory(deque)
+    following: bool = False
 
     async def follow(self, receiver: Receiver, on_round: RoundCallback | None) -> PrecopyRound:
+        if self.following:
+            # Two would share the receiver's sync() calls: each would see only some of
+            # the rounds, and either could take the final one from the other.
+            raise RuntimeError("another receive_precopy() of this receiver is running")
+        self.following = True
+        try:
+            return await self._follow(receiver, on_round)
+        finally:
+            self.following = False
+
+    async def _follow(self, receiver: Receiver, on_round: RoundCallback | None) -> PrecopyRound:
         backlog = self.backlog
         changed = trio.lowlevel.ParkingLot()
         ended: list[Exception] = []
