@@ -732,6 +732,26 @@ def test_a_file_holding_more_than_its_size_is_refused(tmp_path: Path) -> None:
     ]
 
 
+SYSFS_FILE = Path("/sys/devices/system/cpu/online")
+
+
+@pytest.mark.skipif(not SYSFS_FILE.exists(), reason="no sysfs here")
+def test_a_file_holding_less_than_its_size_is_refused_by_name() -> None:
+    # sysfs's files have size 4096 whatever they hold: the read ends early.
+    proc = subprocess.run(
+        _command("send", str(SYSFS_FILE), "127.0.0.1:9"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(
+        f"trio-multifd: error: {SYSFS_FILE} holds less than its size of 4096 bytes: it ended"
+        " at byte "
+    )
+
+
 def failed_json(proc: subprocess.CompletedProcess[str]) -> str:
     """The error of a command that failed with ``--json``: exit 1, one object."""
     assert proc.returncode == 1

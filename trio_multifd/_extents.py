@@ -68,10 +68,16 @@ def file_checksum(fd: int, size: int, between_chunks: Callable[[], object] = lam
 
 
 def scan(
-    fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool
+    fd: int,
+    size: int,
+    between_chunks: Callable[[], object],
+    *,
+    count_pages: bool,
+    name: str = "the file",
 ) -> tuple[str, int]:
     """:func:`file_checksum`, and with ``count_pages`` how many of the file's pages hold
-    a byte that is not zero: the pages a receiver writes (it skips zero pages)."""
+    a byte that is not zero: the pages a receiver writes (it skips zero pages).
+    ``name`` says which file in an error."""
     import xxhash
 
     digest = xxhash.xxh3_128()
@@ -91,7 +97,13 @@ def scan(
             else:
                 n = os.preadv(fd, [view[: min(len(buffer), end - pos)]], pos)
                 if not n:
-                    raise CopyError(f"file shrank while reading it (at byte {pos})")
+                    # Truncated meanwhile, or a file of /sys: 4096 bytes by its size,
+                    # fewer to read.
+                    raise CopyError(
+                        f"{name} holds less than its size of {size} bytes: it ended at"
+                        f" byte {pos} while being read (truncated meanwhile, or a file of"
+                        " /sys)"
+                    )
                 digest.update(view[:n])
                 if count_pages:
                     counted, last_page = nonzero_pages(buffer, n, pos, last_page)
@@ -135,14 +147,19 @@ def nonzero_pages(data: bytearray, length: int, pos: int, last_page: int) -> tup
 
 
 async def scan_in_thread(
-    fd: int, size: int, *, count_pages: bool, check: Callable[[], None] = lambda: None
+    fd: int,
+    size: int,
+    *,
+    count_pages: bool,
+    name: str,
+    check: Callable[[], None] = lambda: None,
 ) -> tuple[str, int]:
     def between_chunks() -> None:
         trio.from_thread.check_cancelled()
         check()
 
     return await trio.to_thread.run_sync(
-        functools.partial(scan, fd, size, between_chunks, count_pages=count_pages)
+        functools.partial(scan, fd, size, between_chunks, count_pages=count_pages, name=name)
     )
 
 

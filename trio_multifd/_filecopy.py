@@ -240,7 +240,7 @@ async def send_file(
             os.preadv(fd, [memoryview(tail)[:tail_len]], whole)
         data_bytes = sum(e - s for s, e in ranges) + (PAGE if tail_len else 0)
         checksum, nonzero_pages = await scan_in_thread(
-            fd, size, count_pages=True, check=lease.check
+            fd, size, count_pages=True, name=str(path), check=lease.check
         )
         if os.pread(fd, 1, size):
             # The copy would end at the size, and its checksum agree: an empty copy of
@@ -751,7 +751,7 @@ async def _receive_with(
                 ) from None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
-            checksum, _ = await scan_in_thread(fd, size, count_pages=False)
+            checksum, _ = await scan_in_thread(fd, size, count_pages=False, name="the copy")
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
