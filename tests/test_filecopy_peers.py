@@ -333,14 +333,14 @@ async def copy_in_process(
     calls = 0
 
     def slow_second_call(
-        fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool
+        fd: int, size: int, between_chunks: Callable[[], object], *, count_pages: bool, name: str
     ) -> tuple[str, int]:
         nonlocal calls
         calls += 1
         if calls == 2:  # the receiver's, after the sender's own
             during_check(src)
             time.sleep(check_seconds)
-        return real(fd, size, between_chunks, count_pages=count_pages)
+        return real(fd, size, between_chunks, count_pages=count_pages, name=name)
 
     monkeypatch.setattr(extents, "scan", slow_second_call)
     if not checking:
