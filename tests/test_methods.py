@@ -885,7 +885,7 @@ def test_names_and_flags_must_not_clash(registered: list[str]) -> None:
         register_method(variant(name="zstd", flag=0xC))
 
 
-@pytest.mark.parametrize("flag", [0x0, 0x1, 0x40, 0x3F, 0x100, -2, True])
+@pytest.mark.parametrize("flag", [0x0, 0x1, 0x40, 0x3F, 0x100, -2])
 def test_flags_outside_the_field_are_rejected(flag: int) -> None:
     with pytest.raises(ValueError, match="flag must be"):
         register_method(variant(flag=flag))
@@ -904,7 +904,7 @@ def test_hardware_flags_need_a_qemu_compatible_method(flag: int, registered: lis
 @pytest.mark.parametrize(
     ("attributes", "message"),
     [
-        ({"name": ""}, "non-empty str"),
+        ({"name": ""}, "must not be empty"),
         ({"compresses": False}, "uncompressed"),
         ({"default_level": 1}, "default level without levels"),
         ({"levels": range(1, 4), "default_level": 0}, "not in range"),
@@ -913,6 +913,22 @@ def test_hardware_flags_need_a_qemu_compatible_method(flag: int, registered: lis
 )
 def test_inconsistent_methods_are_rejected(attributes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        register_method(variant(**attributes))
+    assert "xor-test" not in methods()
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"name": b"xor"}, "name must be a str"),
+        ({"flag": 2.0}, "flag must be an int"),
+        ({"flag": True}, "flag must be an int, got bool"),
+    ],
+)
+def test_a_method_whose_name_or_flag_has_the_wrong_type_is_a_type_error(
+    attributes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
         register_method(variant(**attributes))
     assert "xor-test" not in methods()
 

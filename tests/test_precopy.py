@@ -674,6 +674,8 @@ async def test_precopy_rejects_bad_arguments() -> None:
                 async with m.open_sender(connect, channels=1) as sender:
                     with pytest.raises(ValueError, match="max_rounds"):
                         await precopy(sender, tracker, on_stop=on_stop, max_rounds=0)
+                    with pytest.raises(TypeError, match="max_rounds"):
+                        await precopy(sender, tracker, on_stop=on_stop, max_rounds=2.0)  # type: ignore[arg-type]
                     # No round could converge: it would give up before sending anything.
                     with pytest.raises(ValueError, match="needs force_stop=True"):
                         await precopy(

@@ -381,15 +381,6 @@ async def test_a_packet_of_more_buffers_than_one_system_call_takes_is_sent(
     assert dst.view == landed(src.view, range(0, size // 512, 2), page_size=512)
 
 
-@pytest.mark.parametrize("option", ["channels", "io_threads"])
-async def test_true_is_not_a_count(option: str) -> None:
-    connect, _ends = memory_channels(1)
-    options = {"channels": 1, option: True}
-    with pytest.raises(ValueError, match=option):
-        async with m.open_sender(connect, **options):  # type: ignore[arg-type]
-            pass
-
-
 async def test_any_failure_of_connect_is_the_channels_transport_error() -> None:
     async def connect(channel: int) -> trio.abc.Stream:
         raise trio.TooSlowError  # say, its own timeout

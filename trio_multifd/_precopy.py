@@ -39,6 +39,7 @@ from ._block import RAMBlock, index_of, make_present
 from ._errors import PrecopyAbortedError, TransferIncompleteError
 from ._receiver import Receiver
 from ._sender import Sender
+from ._wire import checked_count
 
 __all__ = ["DirtyTracker", "PrecopyReport", "PrecopyRound", "precopy", "receive_precopy"]
 
@@ -431,7 +432,7 @@ async def precopy(
 
     Raises:
         TypeError: ``sender``, ``tracker``, ``on_stop`` or ``on_round`` is of the wrong
-            type.
+            type, or ``max_rounds`` is not an int.
         ValueError: A bad ``downtime_limit`` or ``max_rounds`` (``max_rounds=1`` with
             ``force_stop=False`` too: it would give up before sending anything), or the
             tracker's page size differs from the sender's.
@@ -444,8 +445,7 @@ async def precopy(
     if not callable(on_stop):
         raise TypeError("on_stop must be a function")
     _check_on_round(on_round)
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+    checked_count("max_rounds", max_rounds, 1)
     if max_rounds == 1 and not force_stop:
         # No round before the final one, so nothing could converge: it would give up
         # before sending a page, and the receiver would see an abandoned migration.

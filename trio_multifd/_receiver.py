@@ -1017,8 +1017,8 @@ async def open_receiver(
         ValueError: A bad argument (no blocks, read-only or mixed page sizes, two blocks
             with one name, channel count, method, timeouts).
         TypeError: An argument of the wrong type (a block that is not a
-            :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a method name
-            not a str).
+            :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a channel
+            count or ``io_threads`` that is not an int, a method name not a str).
         MemoryError: The bitmap of a known-zero block (a byte per page, reserved up
             front, backed only where pages are written) cannot be allocated.
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.

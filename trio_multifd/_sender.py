@@ -769,7 +769,8 @@ async def open_sender(
     Raises:
         ValueError: A bad argument (channel count, method, level, page size).
         TypeError: An argument of the wrong type (a ``uuid`` that is not a
-            :class:`uuid.UUID`, a level that is not an int, a method name not a str).
+            :class:`uuid.UUID`, a channel count, ``io_threads`` or level that is not an
+            int, a method name not a str).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     sender = Sender(

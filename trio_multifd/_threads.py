@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from ._transport import SocketTransport, Transport
+from ._wire import checked_count
 
 __all__ = ["WorkerRun", "default_io_threads", "io_thread_count", "shared_slot", "thread_slot"]
 
@@ -41,8 +42,8 @@ def io_thread_count(io_threads: int | None, channels: int, *, compressing: bool)
     worker threads the channels over sockets share: never more than the channels."""
     if io_threads is None:
         io_threads = default_io_threads(compressing)
-    elif type(io_threads) is not int or not 1 <= io_threads <= 255:
-        raise ValueError(f"io_threads must be 1..255 or None, got {io_threads!r}")
+    else:
+        checked_count("io_threads", io_threads, 1, 255)
     return min(io_threads, channels)
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "as_integer",
     "chain_start",
     "check_transfer_args",
+    "checked_count",
     "decode_handshake",
     "decode_packet_header",
     "encode_handshake",
@@ -149,16 +150,31 @@ def _offsets_struct(count: int) -> struct.Struct:
     return struct.Struct(f">{count}Q")
 
 
+def checked_count(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Return ``value``, a count the caller gave: an ``int`` from ``low`` to ``high``
+    (no upper bound when ``None``).
+
+    Raises:
+        TypeError: ``value`` is not an ``int`` (a ``bool`` is not one here).
+        ValueError: ``value`` is outside the bounds.
+    """
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"{low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
 def check_transfer_args(channels: object, uuid: object) -> None:
     """Check what both ends are given: a channel count that the handshake's id (one
     byte) can number, and a uuid that is a :class:`uuid.UUID` or ``None``.
 
     Raises:
-        ValueError: ``channels`` is not an int from 1 to 255.
-        TypeError: ``uuid`` is something else.
+        TypeError: ``channels`` is not an int, or ``uuid`` is neither a UUID nor None.
+        ValueError: ``channels`` is not from 1 to 255.
     """
-    if type(channels) is not int or not 1 <= channels <= 255:
-        raise ValueError(f"channels must be 1..255, got {channels!r}")
+    checked_count("channels", channels, 1, 255)
     if uuid is not None and not isinstance(uuid, uuid_mod.UUID):
         raise TypeError(f"uuid must be a uuid.UUID or None, got {type(uuid).__name__}")
 

@@ -66,10 +66,12 @@ def _check(method: Method) -> None:
             f" {', '.join(missing)}"
         )
     name, flag = method.name, method.flag
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a method's name must be a non-empty str, got {name!r}")
-    if not isinstance(flag, int) or isinstance(flag, bool):
-        raise ValueError(f"method {name!r}: flag must be an int, got {flag!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"a method's name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("a method's name must not be empty")
+    if type(flag) is not int:
+        raise TypeError(f"method {name!r}: flag must be an int, got {type(flag).__name__}")
     if flag == 0 or flag & ~COMPRESSION_MASK:
         raise ValueError(
             f"method {name!r}: flag must be a nonzero value inside the compression field"
@@ -112,8 +114,9 @@ def register_method(method: Method) -> None:
             only for a method whose payloads are QEMU's (``qemu_compatible = True``).
 
     Raises:
-        TypeError: ``method`` is not a :class:`Method`, or its class does not set one of
-            ``name``, ``flag``, ``levels``, ``default_level`` and ``compresses``.
+        TypeError: ``method`` is not a :class:`Method`, its class does not set one of
+            ``name``, ``flag``, ``levels``, ``default_level`` and ``compresses``, or its
+            name is not a str or its flag not an int.
         ValueError: The name or the flag is taken or invalid, the levels are
             inconsistent, or the method does not compress.
     """
