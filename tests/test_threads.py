@@ -21,43 +21,24 @@ from .test_engine import handshake, make_packet, sync_packet
 from .transfer import listening, transfer
 
 
+@pytest.mark.parametrize("option", ["channels", "io_threads"])
 @pytest.mark.parametrize(
-    ("io_threads", "error"),
+    ("value", "error"),
     [(0, ValueError), (256, ValueError), (1.5, TypeError), ("2", TypeError), (True, TypeError)],
 )
-async def test_io_threads_outside_1_to_255_or_not_an_int_is_refused_at_open(
-    io_threads: Any, error: type[Exception]
+async def test_a_count_outside_1_to_255_or_not_an_int_is_refused_at_open(
+    option: str, value: Any, error: type[Exception]
 ) -> None:
     _, dst = block_pair("mem", 1)
 
     async def never(channel: int) -> trio.abc.Stream:
         raise AssertionError("must not connect")
 
-    with pytest.raises(error, match="io_threads"):
-        async with m.open_sender(never, io_threads=io_threads):
+    with pytest.raises(error, match=option):
+        async with m.open_sender(never, **{option: value}):
             pass
-    with pytest.raises(error, match="io_threads"):
-        async with m.open_receiver([dst], io_threads=io_threads):
-            pass
-
-
-@pytest.mark.parametrize(
-    ("channels", "error"),
-    [(0, ValueError), (256, ValueError), (2.0, TypeError), ("2", TypeError), (True, TypeError)],
-)
-async def test_a_channel_count_outside_1_to_255_or_not_an_int_is_refused_at_open(
-    channels: Any, error: type[Exception]
-) -> None:
-    _, dst = block_pair("mem", 1)
-
-    async def never(channel: int) -> trio.abc.Stream:
-        raise AssertionError("must not connect")
-
-    with pytest.raises(error, match="channels"):
-        async with m.open_sender(never, channels=channels):
-            pass
-    with pytest.raises(error, match="channels"):
-        async with m.open_receiver([dst], channels=channels):
+    with pytest.raises(error, match=option):
+        async with m.open_receiver([dst], **{option: value}):
             pass
 
 
