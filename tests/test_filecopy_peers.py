@@ -150,6 +150,28 @@ def test_a_control_message_that_is_not_utf8_json_is_a_clear_error(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_long_bad_field_is_quoted_cut_short_even_to_a_sender_that_does_not_read(
+    tmp_path: Path,
+) -> None:
+    # Each "é" is 2 bytes in the manifest and 6 in the refusal's JSON, \u00e9: the
+    # whole name quoted would make a refusal of 180 KB, past MAX_MESSAGE and more than a
+    # socket that is not read takes, which left recv blocked for ever.
+    body = json.dumps(manifest(name="\u00e9" * 30000 + "/"), ensure_ascii=False).encode()
+    with receiving(tmp_path) as (proc, port):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(control.CONTROL_MAGIC + frame(body))
+            code, lines = finished(proc)  # before a byte is read
+            sock.settimeout(TIMEOUT)
+            reply = read_message(sock)
+    complaint = "bad manifest: field 'name' is '" + "\u00e9" * 99 + "... (29903 more characters)"
+    assert reply == {"type": "refuse", "error": complaint}
+    assert code == 1
+    assert lines == [f"trio-multifd: error: {complaint}"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_receiver_whose_sender_never_opens_its_channels_gives_up(tmp_path: Path) -> None:
     with receiving(tmp_path, "--idle-timeout", "1") as (proc, port):
         with open_control(port, json.dumps(manifest()).encode()) as sock:
@@ -306,6 +328,17 @@ def test_a_refusal_with_control_characters_is_printed_on_one_line(tmp_path: Path
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         "trio-multifd: error: the receiver refused: 'nope\\ntrio-multifd: sent OK'"
+    ]
+
+
+def test_a_long_refusal_is_printed_cut_short(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    with fake_receiver({"type": "refuse", "error": "n" * 60000}) as port:
+        proc = send(src, port)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "trio-multifd: error: the receiver refused: " + "n" * 5000 + "... (55000 more characters)"
     ]
 
 

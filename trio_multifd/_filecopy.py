@@ -468,10 +468,10 @@ def _manifest_name(path: str) -> str:
 
 def _check_manifest(manifest: dict[str, Any]) -> None:
     def bad(field: str) -> CopyError:
-        return CopyError(f"bad manifest: field {field!r} is {manifest.get(field)!r}")
+        return CopyError(f"bad manifest: field {field!r} is {_quoted(manifest.get(field))}")
 
     if manifest.get("type") != "manifest":
-        raise CopyError(f"expected a manifest, got a {manifest.get('type')!r} message")
+        raise CopyError(f"expected a manifest, got a {_quoted(manifest.get('type'))} message")
     name = manifest.get("name")
     if (
         not isinstance(name, str)
@@ -497,11 +497,15 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     channels = manifest.get("channels")
     if type(channels) is not int or not 1 <= channels <= 255:
         raise bad("channels")
-    if not isinstance(manifest.get("method"), str):
+    method = manifest.get("method")
+    if not isinstance(method, str):
         raise bad("method")
     try:
-        get_method(manifest["method"])
+        get_method(method)
     except ValueError as exc:
+        # get_method's error quotes the whole name, which may fill the manifest.
+        if len(method) > _QUOTED_LIMIT:
+            raise bad("method") from None
         raise CopyError(f"cannot receive: {exc}") from None
     try:
         canonical = str(uuid_mod.UUID(manifest.get("uuid")))
@@ -525,10 +529,30 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
         raise bad("checksum")
 
 
+# A peer's values and words are quoted in errors at most this long (in characters):
+# a manifest's field may fill most of 64 KiB, and each escape of a refusal's JSON
+# multiplies it, past what one control message may hold and one line should.
+_QUOTED_LIMIT = 100
+# A receiver's own words may name a path of up to PATH_MAX (4096 bytes).
+_SHOWN_LIMIT = 5000
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _quoted(value: object) -> str:
+    """A value from the peer, as Python writes it, cut to :data:`_QUOTED_LIMIT`."""
+    return _cut(repr(value), _QUOTED_LIMIT)
+
+
 def _shown(text: object) -> str:
-    """A peer's text as one line: printable as it is, else quoted with escapes."""
+    """A peer's text as one line: printable as it is, else quoted with escapes; cut to
+    :data:`_SHOWN_LIMIT`."""
     text = str(text)
-    return text if text.isprintable() else repr(text)
+    return _cut(text if text.isprintable() else repr(text), _SHOWN_LIMIT)
 
 
 async def receive_file(
@@ -899,7 +923,7 @@ def _name_too_long(final: str) -> str | None:
     except OSError:
         return None  # creating the file will say what is wrong with the directory
     if len(os.fsencode(base)) > limit:
-        return f"the name {base!r} is too long for the file system of {directory}"
+        return f"the name {_quoted(base)} is too long for the file system of {directory}"
     return None
 
 
