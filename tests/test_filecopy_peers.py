@@ -949,3 +949,22 @@ async def test_a_control_stream_that_wins_as_the_wait_is_cancelled_is_closed() -
             await control.accept_control([OneListener(stream)], TIMEOUT)
     assert outside.cancelled_caught
     assert stream.closed
+
+
+async def test_a_refusal_to_a_sender_that_stopped_reading_is_given_up_after_its_patience(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # recv's refusals and rejections are bounded so by --idle-timeout.
+    ours, _theirs = trio.testing.lockstep_stream_pair()
+    start = trio.current_time()
+    with trio.fail_after(60):
+        error = await control.refusal(ours, "no room", patience=5)
+    assert trio.current_time() - start == pytest.approx(5)
+    assert str(error) == "no room"
+
+
+async def test_a_rejection_to_a_sender_that_is_gone_leaves_this_sides_error_standing() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.aclose()
+    with trio.fail_after(TIMEOUT):
+        await control.tell(ours, {"type": "verdict", "ok": False, "error": "mismatch"}, 5)

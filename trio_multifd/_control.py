@@ -40,6 +40,7 @@ __all__ = [
     "refusal",
     "send_message",
     "server_context",
+    "tell",
 ]
 
 CONTROL_MAGIC = b"TMFDCTL\x01"
@@ -109,11 +110,21 @@ def client_context(ca: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca)
 
 
-async def refusal(control: trio.abc.Stream, error: str, here: str | None = None) -> CopyError:
-    """Tell the sender why the receiver will not take its file, if it still listens, and
+async def tell(control: trio.abc.Stream, message: dict[str, Any], patience: float) -> None:
+    """Send ``message`` if the peer still listens, for at most ``patience`` seconds: the
+    error that this side is about to raise is its own, and a peer that stopped reading
+    must not hold it."""
+    with trio.move_on_after(patience):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await send_message(control, message)
+
+
+async def refusal(
+    control: trio.abc.Stream, error: str, here: str | None = None, *, patience: float
+) -> CopyError:
+    """Tell the sender why the receiver will not take its file (see :func:`tell`), and
     return the error to raise here (``here``, or the same words)."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await send_message(control, {"type": "refuse", "error": error})
+    await tell(control, {"type": "refuse", "error": error}, patience)
     return CopyError(here or error)
 
 

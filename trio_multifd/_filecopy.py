@@ -37,6 +37,7 @@ from ._control import (
     receive_message,
     refusal,
     send_message,
+    tell,
 )
 from ._errors import CopyError, MappingError, MultiFDError
 from ._extents import CHECKSUM, PAGE, page_ranges, scan_in_thread
@@ -659,13 +660,21 @@ async def _receive_with(
     idle_timeout: float,
     io_threads: int | None,
 ) -> Summary:
+    async def refuse(error: str, here: str | None = None) -> CopyError:
+        return await refusal(control, error, here, patience=idle_timeout)
+
+    async def reject(error: str) -> CopyError:
+        """Tell the sender that the copy failed and why (see :func:`tell`), and return
+        the error to raise here."""
+        await tell(control, {"type": "verdict", "ok": False, "error": error}, idle_timeout)
+        return CopyError(error)
+
     try:
         _check_manifest(manifest)
     except CopyError as exc:
-        raise await refusal(control, str(exc)) from None
+        raise await refuse(str(exc)) from None
     if manifest["channels"] > max_channels:
-        raise await refusal(
-            control,
+        raise await refuse(
             f"the sender asks for {manifest['channels']} channels, more than this"
             f" receiver's --max-channels {max_channels}",
         )
@@ -674,10 +683,9 @@ async def _receive_with(
     # to use --force, which would not help.
     unreplaceable = _unreplaceable(final)
     if unreplaceable:
-        raise await refusal(control, unreplaceable)
+        raise await refuse(unreplaceable)
     if exists and not force:
-        raise await refusal(
-            control,
+        raise await refuse(
             f"{final} exists (use --force on the receiver)",
             f"{final} exists: refusing to overwrite it without --force",
         )
@@ -685,15 +693,15 @@ async def _receive_with(
     # fail only after the whole copy.
     too_long = _name_too_long(final)
     if too_long:
-        raise await refusal(control, too_long)
+        raise await refuse(too_long)
     size: int = manifest["size"]
     channels: int = manifest["channels"]
     try:
         # Private while it is written: the source may be (its mode comes at the end).
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise await refusal(
-            control, f"cannot create the file: {exc}", f"cannot create {temp}: {exc.strerror}"
+        raise await refuse(
+            f"cannot create the file: {exc}", f"cannot create {temp}: {exc.strerror}"
         ) from None
     renamed = False
     mapping: mmap.mmap | None = None
@@ -701,17 +709,14 @@ async def _receive_with(
         try:
             os.ftruncate(fd, size)
         except OSError as exc:
-            raise await refusal(
-                control, f"cannot make a file of {size} bytes: {exc.strerror}"
-            ) from None
+            raise await refuse(f"cannot make a file of {size} bytes: {exc.strerror}") from None
         # Refused up front rather than found out mid-copy (a MappingError when the
         # engine faults pages in that the file system has no room for): another writer
         # can still fill the disk during the copy (see docs/cli.rst).
         vfs = os.fstatvfs(fd)
         free = vfs.f_bavail * vfs.f_frsize
         if free < manifest["nonzero_bytes"]:
-            raise await refusal(
-                control,
+            raise await refuse(
                 f"not enough space for the copy: its data needs {manifest['nonzero_bytes']}"
                 f" bytes, the file system has {free} free",
             )
@@ -723,9 +728,7 @@ async def _receive_with(
                 mapping = mmap.mmap(fd, whole)
             except OSError as exc:
                 # A file system may take a size that the address space cannot map.
-                raise await refusal(
-                    control, f"cannot map a file of {size} bytes: {exc.strerror}"
-                ) from None
+                raise await refuse(f"cannot map a file of {size} bytes: {exc.strerror}") from None
             blocks.append(RAMBlock("data", mapping, zeroed=True))
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))
@@ -745,9 +748,7 @@ async def _receive_with(
                     )
                 )
             except MemoryError as exc:
-                raise await refusal(
-                    control, f"cannot receive a file of {size} bytes: {exc}"
-                ) from None
+                raise await refuse(f"cannot receive a file of {size} bytes: {exc}") from None
             await send_message(control, {"type": "go"})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
@@ -770,8 +771,8 @@ async def _receive_with(
                 os.pwrite(fd, tail[:tail_len], whole)
             except OSError as exc:
                 # Another writer may have filled the disk since the free-space check.
-                raise await _rejection(
-                    control, f"cannot write the copy's last partial page: {exc.strerror}"
+                raise await reject(
+                    f"cannot write the copy's last partial page: {exc.strerror}"
                 ) from None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
@@ -779,8 +780,7 @@ async def _receive_with(
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
         if checksum != expected:
-            raise await _rejection(
-                control,
+            raise await reject(
                 f"checksum mismatch: the copy has {checksum}, the manifest says {expected}",
             )
         try:
@@ -790,14 +790,14 @@ async def _receive_with(
             # mounts) refuses a mode it cannot keep: the copy, whole and checked, keeps
             # the one it gives every file rather than being thrown away for it.
             if exc.errno not in _NO_PERMISSION_BITS:
-                raise await _rejection(
-                    control, f"cannot give the copy mode {manifest['mode']:#o}: {exc.strerror}"
+                raise await reject(
+                    f"cannot give the copy mode {manifest['mode']:#o}: {exc.strerror}"
                 ) from None
         try:
             os.fsync(fd)
         except OSError as exc:
-            raise await _rejection(
-                control, f"cannot write the copy to its file system: {exc.strerror}"
+            raise await reject(
+                f"cannot write the copy to its file system: {exc.strerror}"
             ) from None
         # A cancel (Ctrl-C, SIGTERM) noticed by now aborts before the copy gets its name;
         # from the name on, the copy is done, and reported so even if a cancel comes.
@@ -810,15 +810,13 @@ async def _receive_with(
                 os.link(temp, final)
                 os.unlink(temp)
         except OSError as exc:
-            raise await _rejection(
-                control, f"cannot rename the copy to {final}: {exc.strerror}"
-            ) from None
+            raise await reject(f"cannot rename the copy to {final}: {exc.strerror}") from None
         renamed = True
-        with trio.move_on_after(idle_timeout, shield=True):
-            try:
-                await send_message(control, {"type": "verdict", "ok": True, "checksum": checksum})
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the sender is gone; the copy is whole and named all the same
+        # The sender may be gone or stalled: the copy is whole and named all the same.
+        with trio.CancelScope(shield=True):
+            await tell(
+                control, {"type": "verdict", "ok": True, "checksum": checksum}, idle_timeout
+            )
 
         return Summary(
             path=final,
@@ -843,12 +841,6 @@ async def _receive_with(
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
-
-
-async def _rejection(control: trio.abc.Stream, error: str) -> CopyError:
-    """Tell the sender that the copy failed and why, and return the error to raise here."""
-    await send_message(control, {"type": "verdict", "ok": False, "error": error})
-    return CopyError(error)
 
 
 def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
