@@ -97,6 +97,7 @@ def finished(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
         (json.dumps(manifest(size=True)).encode(), "field 'size' is True"),
         (json.dumps(manifest(channels=True)).encode(), "field 'channels' is True"),
         (json.dumps(manifest(size=10**30)).encode(), "field 'size'"),
+        (json.dumps(manifest(page_size=4096.0)).encode(), "field 'page_size' is 4096.0"),
         (json.dumps(manifest(name="a\0b")).encode(), "field 'name'"),
         (json.dumps(manifest(name="a\ud800")).encode(), "field 'name'"),
         (json.dumps(manifest(name="a\nb")).encode(), "field 'name'"),

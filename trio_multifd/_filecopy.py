@@ -493,7 +493,8 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
             raise bad(field)
     if manifest["nonzero_bytes"] > manifest["data_bytes"]:
         raise bad("nonzero_bytes")
-    if manifest.get("page_size") != PAGE:
+    # 4096.0 == 4096: an integer is what the framing says, as for the sizes.
+    if type(manifest.get("page_size")) is not int or manifest["page_size"] != PAGE:
         raise bad("page_size")
     channels = manifest.get("channels")
     if type(channels) is not int or not 1 <= channels <= 255:
