@@ -173,6 +173,22 @@ def test_a_long_bad_field_is_quoted_cut_short_even_to_a_sender_that_does_not_rea
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sender_writing_on_its_control_stream_mid_transfer_is_named_so(
+    tmp_path: Path,
+) -> None:
+    with receiving(tmp_path) as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            assert read_message(sock) == {"type": "go"}
+            sock.sendall(frame(b'{"type": "verdict", "ok": true}'))
+            code, lines = finished(proc)  # the control stream is still open
+    assert code == 1
+    assert lines == [
+        "trio-multifd: error: the sender wrote on its control stream mid-transfer (nothing"
+        " may come from it between the manifest and the verdict)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_receiver_whose_sender_never_opens_its_channels_gives_up(tmp_path: Path) -> None:
     with receiving(tmp_path, "--idle-timeout", "1") as (proc, port):
         with open_control(port, json.dumps(manifest()).encode()) as sock:

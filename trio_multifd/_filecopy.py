@@ -921,12 +921,17 @@ def _name_too_long(final: str) -> str | None:
 
 
 async def _watch_control(control: trio.abc.Stream) -> NoReturn:
-    # The sender says nothing on the control stream until it reads the verdict: any
-    # byte or end of stream before then means it gave up.
+    # The sender says nothing on the control stream until it reads the verdict: an end
+    # of stream before then means it gave up, and a byte that it breaks the framing.
     try:
-        await control.receive_some(1)
+        data = await control.receive_some(1)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        data = b""
+    if data:
+        raise CopyError(
+            "the sender wrote on its control stream mid-transfer (nothing may come from"
+            " it between the manifest and the verdict)"
+        )
     raise PeerGone("the sender went away (its control stream closed mid-transfer)")
 
 
