@@ -11,6 +11,7 @@ import trio
 import trio_multifd as m
 
 from .helpers import PAGE, TrackedStream, block_pair, memory_channels, pattern, run_both_ends
+from .proxy import At, CuttingProxy, TcpLink, run_faulty_transfer
 from .transfer import transfer
 
 
@@ -239,3 +240,36 @@ async def test_a_checksummed_channels_packets_replayed_on_another_channel_fail()
                 await receiver.add_channel(end)
             await receiver.sync()
     assert info.value.channel == 1
+
+
+async def test_a_checksummed_tcp_channel_cut_cleanly_after_a_sync_fails_the_receiver() -> None:
+    # A relay may pass a crashed sender's reset on as a plain end of stream. Right after
+    # a SYNC, that end broke no chain and passed for the end of the transfer: a
+    # checksummed channel ends in band, over TCP too.
+    src, dst = block_pair("mem", 256, seed=5)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size // 2, PAGE))
+        await sender.sync()
+        await sender.queue_pages(src, range(src.size // 2, src.size, PAGE))
+
+    with trio.fail_after(15):
+        async with TcpLink.open() as link:
+            proxy = CuttingProxy(link.port, At("sync", 0, HEADER), "close", link=link)
+            async with proxy.running():
+                link.route[0] = proxy.port
+                options = {"integrity": True}
+                outcome = await run_faulty_transfer(
+                    link,
+                    [src],
+                    [dst],
+                    channels=1,
+                    body=body,
+                    sender_options=options,
+                    receiver_options=options,
+                )
+    assert type(outcome.receiver) is m.TransportError, repr(outcome.receiver)
+    assert outcome.receiver.channel == 0
+    assert "ended before the sender's final SYNC" in str(outcome.receiver)
+    assert outcome.receiver_object is not None
+    assert outcome.receiver_object.rounds_completed == 1

@@ -420,8 +420,8 @@ async def test_a_sender_cancelled_inside_send_all_is_never_taken_for_a_finished_
     [error] = receiver_errors
     assert isinstance(error, m.TransportError)
     assert error.message == (
-        "the stream ended before the sender's final SYNC (its stream has no reset, so the"
-        " end comes in band): the sender failed or was cancelled"
+        "the stream ended before the sender's final SYNC (its handshake announced an"
+        " in-band end): the sender failed or was cancelled"
     )
 
 

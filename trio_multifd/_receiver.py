@@ -747,8 +747,8 @@ class Receiver:
         if not more:
             if channel in self._in_band_end:
                 raise TransportError(
-                    "the stream ended before the sender's final SYNC (its stream has no"
-                    " reset, so the end comes in band): the sender failed or was cancelled",
+                    "the stream ended before the sender's final SYNC (its handshake"
+                    " announced an in-band end): the sender failed or was cancelled",
                     channel=channel,
                 )
             trio.from_thread.run_sync(self._end_channel, channel)

@@ -486,6 +486,11 @@ class Sender:
                     channel=channel,
                 )
             transport = open_transport(stream, channel=channel, send_timeout=self._send_timeout)
+            if self._integrity:
+                # Checksums promise that a cut stream is found, TCP's too: a relay (socat,
+                # ssh -L, a TCP proxy) may pass a crashed sender's reset on as a plain
+                # end, which right after a SYNC would pass for the end of the transfer.
+                transport.ends_in_band = True
             features = Feature.CHECKSUMS if self._integrity else 0
             if transport.ends_in_band:
                 features |= Feature.IN_BAND_END
@@ -759,7 +764,9 @@ async def open_sender(
         integrity: End-to-end xxh3-64 checksums of every header and payload (a
             trio_multifd extension, announced in the handshake; the receiver must be
             opened with the same setting). Pages are copied once per packet so the
-            checksum covers exactly what is sent. With ``False`` the stream is
+            checksum covers exactly what is sent. Every channel's end then comes in
+            band, TCP's too (its final SYNC flags it): a clean close before it is a
+            failure, whatever a relay made of a reset. With ``False`` the stream is
             byte-identical to QEMU's.
         io_threads: How many worker threads move the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a

@@ -222,7 +222,7 @@ class Transport:
     must not pass for the end of the transfer. The failure byte cannot stand in: it
     cannot follow a ``send_all`` cut short by a cancel, nor go in while the receiver is
     behind and the stream's buffer full. Not so for TCP (a reset), nor for QEMU, which
-    knows nothing of it."""
+    knows nothing of it; but a sender with checksums sets it on every stream."""
 
     @property
     def can_half_close(self) -> bool:

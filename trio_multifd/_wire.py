@@ -92,8 +92,8 @@ class Flag(enum.IntFlag):
     DEVICE_STATE = 0x40
     """QEMU 10's device-state packets, not supported here and always rejected."""
     END_OF_STREAM = 0x20000000
-    """This SYNC is the sender's last, on streams without a reset, all but TCP
-    (trio_multifd)."""
+    """This SYNC is the sender's last, on streams without a reset (all but TCP) and on
+    every stream with checksums (trio_multifd)."""
     FINAL_ROUND = 0x40000000
     """This SYNC closes the final pre-copy round (trio_multifd)."""
     CHECKSUMS = 0x80000000
@@ -120,7 +120,8 @@ class Feature(enum.IntFlag):
     """The channel's final SYNC carries ``END_OF_STREAM``, and an end of stream before it
     is the sender's failure: for streams without a reset (all but TCP: Unix sockets, TLS,
     memory and custom streams), where a failure byte may not go in (a ``send_all`` cut
-    short, a full buffer before a receiver that is behind)."""
+    short, a full buffer before a receiver that is behind), and for every stream with
+    ``CHECKSUMS`` (a relay may pass a TCP reset on as a plain end)."""
 
 
 # Plain ints for the per-packet checks: operators on enum members cost a microsecond each.
