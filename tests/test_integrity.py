@@ -273,3 +273,23 @@ async def test_a_checksummed_tcp_channel_cut_cleanly_after_a_sync_fails_the_rece
     assert "ended before the sender's final SYNC" in str(outcome.receiver)
     assert outcome.receiver_object is not None
     assert outcome.receiver_object.rounds_completed == 1
+
+
+async def test_a_header_checksum_error_names_the_packets_place_in_its_channel() -> None:
+    # The header cannot be trusted to name itself (its packet_num may be the damage).
+    handshake = _checksummed_handshake(0)
+    syncs = _chained(handshake, [_packet(m.Flag.SYNC | m.Flag.CHECKSUMS)] * 3)
+    damaged = bytearray(syncs[1])
+    damaged[100] ^= 1
+    _, dst = block_pair("mem", 4)
+    connect, ends = memory_channels(1)
+    await (await connect(0)).send_all(handshake + syncs[0] + damaged + syncs[2])
+    with trio.fail_after(10), pytest.raises(m.IntegrityError) as info:
+        async with m.open_receiver([dst], channels=1, integrity=True) as receiver:
+            await receiver.add_channel(ends[0])
+            await receiver.wait_closed()
+    assert info.value.packet_num is None
+    assert str(info.value).startswith(
+        f"channel 0: header checksum of the channel's packet 2 (at byte {64 + HEADER} of"
+        " its stream)"
+    )

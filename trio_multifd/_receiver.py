@@ -754,10 +754,10 @@ class Receiver:
             trio.from_thread.run_sync(self._end_channel, channel)
             link.ended = True
             return
-        if self._integrity:
-            link.chain = _check_header_checksum(buffer, link.chain)
-        header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
         stats = link.stats
+        if self._integrity:
+            link.chain = _check_header_checksum(buffer, link.chain, stats)
+        header = decode_packet_header(buffer, page_count=self._page_count, channel=channel)
         stats.packets += 1
         stats.bytes += len(buffer)
         try:
@@ -943,16 +943,19 @@ def _written_bitmap(block: RAMBlock) -> mmap.mmap:
         ) from exc
 
 
-def _check_header_checksum(buffer: memoryview, seed: int) -> int:
+def _check_header_checksum(buffer: memoryview, seed: int, stats: ChannelStats) -> int:
     """Check a header's checksum, chained to the channel's previous one; return it."""
     # Before any other check or write: a header with a flipped bit must not be trusted
-    # for anything, not even to name its own fields.
+    # for anything, not even to name its own fields (its packet_num). The error names
+    # the packet by its place in the channel's stream instead, which the receiver counted.
     stored = stored_header_checksum(buffer)
     actual = header_checksum(buffer, seed)
     if actual != stored:
         raise IntegrityError(
-            f"header checksum is {actual:#018x}, the header says {stored:#018x}: the"
-            " header was changed, or a packet of this channel was lost, repeated or moved",
+            f"header checksum of the channel's packet {stats.packets + 1} (at byte"
+            f" {stats.bytes} of its stream) is {actual:#018x}, the header says"
+            f" {stored:#018x}: the header was changed, or a packet of this channel was"
+            " lost, repeated or moved",
             field="header_checksum",
             value=actual,
             limit=stored,
