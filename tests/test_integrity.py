@@ -57,17 +57,18 @@ async def test_transfer_with_integrity_lands_every_page(compression: str, via: s
 
 
 @pytest.mark.parametrize(
-    ("features", "receiver_on"),
+    ("features", "receiver_on", "why"),
     [
-        (1, False),
-        (0, True),
-        (1 | 2, False),  # the in-band end changes nothing of the settings to agree on
-        (2, True),
-        (2 | 4, False),  # a bit nobody knows, next to a known one
+        (1, False, "the sender sends checksums, this receiver was opened with integrity=False"),
+        (0, True, "the sender sends no checksums, this receiver was opened with integrity=True"),
+        # The in-band end changes nothing of the settings to agree on.
+        (1 | 2, False, "the sender sends checksums, this receiver was opened with"),
+        (2, True, "the sender sends no checksums, this receiver was opened with"),
+        (2 | 4, False, "bits 0x4 are unknown to this receiver"),  # next to a known one
     ],
 )
 async def test_integrity_setting_mismatch_fails_at_the_handshake(
-    features: int, receiver_on: bool
+    features: int, receiver_on: bool, why: str
 ) -> None:
     _, dst = block_pair("mem", 4)
     transfer_uuid = uuid.uuid4()
@@ -81,6 +82,7 @@ async def test_integrity_setting_mismatch_fails_at_the_handshake(
             await receiver.add_channel(ends[1])
     assert info.value.channel == 1
     assert info.value.field == "features"
+    assert f"the sender announces features {features:#x}: {why}" in str(info.value)
 
 
 async def _transfer_with_flip(

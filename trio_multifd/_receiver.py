@@ -455,10 +455,20 @@ class Receiver:
                 )
             wanted = Feature.CHECKSUMS if self._integrity else 0
             # IN_BAND_END says what kind of stream the sender has, not a setting to agree on.
-            if handshake.features & ~int(Feature.IN_BAND_END) != wanted:
+            features = handshake.features & ~int(Feature.IN_BAND_END)
+            if features != wanted:
+                unknown = features & ~int(Feature.CHECKSUMS)
+                if unknown:
+                    why = f"bits {unknown:#x} are unknown to this receiver"
+                else:
+                    # The one setting to agree on, said in the words of both ends' options.
+                    theirs = "sends checksums" if features else "sends no checksums"
+                    why = (
+                        f"the sender {theirs}, this receiver was opened with"
+                        f" integrity={self._integrity}: open both ends with the same setting"
+                    )
                 raise FeatureError(
-                    f"the sender announces features {handshake.features:#x}, this receiver"
-                    f" was opened for {wanted:#x} (integrity={self._integrity})",
+                    f"the sender announces features {handshake.features:#x}: {why}",
                     field="features",
                     value=handshake.features,
                     limit=int(wanted),
