@@ -1021,6 +1021,7 @@ async def open_receiver(
             must match, else :class:`FeatureError` at the handshake). Headers are checked
             before anything else and payloads before any byte of them is written; a
             mismatch is an :class:`IntegrityError` and its round never completes.
+            The checksums find damage, not a forger: they are not keyed (use TLS for that).
         io_threads: How many worker threads read the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
             thread each); ``None`` for one per core with compression, else half the
