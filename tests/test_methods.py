@@ -635,6 +635,13 @@ def test_a_zstd_channel_whose_first_payload_is_no_frame_is_rejected() -> None:
         get_method("zstd").new_decoder().decode_into(raw_block, [memoryview(bytearray(PAGE))])
 
 
+def test_a_zstd_first_payload_cut_inside_its_frame_header_names_the_header() -> None:
+    # The descriptor asks for an 8-byte content size after the window byte: 14 bytes.
+    cut = zstandard.FRAME_HEADER + bytes([0xC0, 0x38]) + bytes(3)
+    with pytest.raises(DecompressionError, match=r"ends inside its frame header \(9 of its 14"):
+        get_method("zstd").new_decoder().decode_into(cut, [memoryview(bytearray(PAGE))])
+
+
 def zstd_frame(window_log: int, content: bytes) -> bytes:
     """A hand-made frame start: the window's exponent, then one raw, not-last block."""
     descriptor = (window_log - 10) << 3

@@ -166,6 +166,8 @@ def _block_error(payload: bytes | bytearray | memoryview, frame_start: bool) -> 
             + _DICT_ID_SIZES[descriptor & 3]
             + (_CONTENT_SIZE_SIZES[descriptor >> 6] or single_segment)
         )
+        if pos > end:
+            return f"ends inside its frame header ({end} of its {pos} bytes)"
     while pos < end:
         if end - pos < 3:
             return f"ends inside a block header ({end - pos} of its 3 bytes)"
