@@ -458,6 +458,50 @@ def test_zstd_bomb_does_not_grow_the_resident_set() -> None:
     assert bounded < 8 * 2**20
 
 
+_CLOSE_SCRIPT = """
+import zstandard
+from trio_multifd._methods import get_method
+
+def resident():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+# The largest window allowed, filled by 64 packets of four 128 KiB run-length blocks.
+header = zstandard.FRAME_HEADER + bytes([0x00, 15 << 3])
+packet = b"".join((2**17 << 3 | 1 << 1).to_bytes(3, "little") + bytes([i]) for i in range(4))
+decoder = get_method("zstd").new_decoder()
+pages = memoryview(bytearray(2**19))
+before = resident()
+for n in range(64):
+    decoder.decode_into(header + packet if n == 0 else packet, [pages])
+filled = resident()
+decoder.close()
+print(filled - before, resident() - before)
+"""
+
+
+def test_closing_a_zstd_decoder_frees_its_window_while_the_decoder_lives_on() -> None:
+    # The receiver closes each channel's decoder, but a failed transfer's reference
+    # cycles keep the decoder itself until the cyclic collector runs.
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc/self/status (VmRSS)")
+    result = subprocess.run(
+        [sys.executable, "-c", _CLOSE_SCRIPT], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    filled, closed = map(int, result.stdout.split())
+    assert filled > 24 * 2**20
+    assert closed < 4 * 2**20
+
+
+def test_a_closed_zstd_decoder_refuses_to_decode() -> None:
+    decoder = get_method("zstd").new_decoder()
+    decoder.close()
+    with pytest.raises(ValueError, match="closed"):
+        decoder.decode_into(zstd_frame(19, bytes(PAGE)), [memoryview(bytearray(PAGE))])
+
+
 # -- corruption and wrong sizes -----------------------------------------------------------
 
 

@@ -223,9 +223,9 @@ class _ZstdDecoder(StreamDecoder):
 
     def __init__(self) -> None:
         self._source = _PayloadSource()
-        self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE).stream_reader(
-            cast(IO[bytes], self._source)
-        )
+        self._reader: zstandard.ZstdDecompressionReader | None = zstandard.ZstdDecompressor(
+            max_window_size=MAX_WINDOW_SIZE
+        ).stream_reader(cast(IO[bytes], self._source))
         # Pages that are not one run are decoded here first, then scattered.
         self._scratch = memoryview(bytearray(PACKET_SIZE))
         self._surplus = memoryview(bytearray(1))
@@ -246,11 +246,13 @@ class _ZstdDecoder(StreamDecoder):
         # Not zstandard's stream_writer with a sink that raises at the first surplus
         # byte: 0.25 then leaks the writer's output buffer, which a peer could repeat at
         # will.
+        reader, source = self._reader, self._source
+        if reader is None:
+            raise ValueError("the zstd decoder is closed")
         problem = _block_error(payload, frame_start=not self._frame_started)
         if problem is not None:
             raise DecompressionError(f"zstd payload {problem}", field="payload", limit=expected)
         self._frame_started = True
-        reader, source = self._reader, self._source
         window = runs[0] if len(runs) == 1 else self._scratch[:expected]
         decoded = 0
         source.payload = memoryview(payload) if len(payload) else None
@@ -278,6 +280,12 @@ class _ZstdDecoder(StreamDecoder):
             raise size_error(decoded, expected)
         if len(runs) > 1:
             scatter(window, runs)
+
+    def close(self) -> None:
+        # libzstd's window (up to MAX_WINDOW_SIZE, resident once filled) goes with the
+        # reader, freed here rather than at collection: a failed transfer's reference
+        # cycles can keep the decoder until the cyclic collector runs.
+        self._reader = None
 
 
 @final
