@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -316,18 +318,32 @@ async def test_stats_count_packets_pages_and_bytes_per_channel() -> None:
     assert sum(c.syncs for c in sent.channels) == 2
 
 
+@contextlib.asynccontextmanager
+async def sent_to(
+    dst: m.RAMBlock, channels: int, body: Callable[[m.Sender], Awaitable[None]]
+) -> AsyncIterator[m.Receiver]:
+    """A receiver into ``dst`` whose sender (over memory streams) has run ``body`` and
+    left its block; the receiver's block is still open, no round yet taken by sync()."""
+    connect, ends = memory_channels(channels)
+    async with m.open_receiver([dst], channels=channels) as receiver:
+        async with trio.open_nursery() as nursery:
+            for end in ends:
+                nursery.start_soon(receiver.add_channel, end)
+            async with m.open_sender(connect, channels=channels) as sender:
+                await body(sender)
+        yield receiver
+
+
 async def test_round_figures_are_each_rounds_pages_until_sync_has_returned_a_later_round() -> None:
     src, dst = block_pair("mem", 64, seed=22)
-    connect, ends = memory_channels(2)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+        await sender.sync()
+        await sender.queue_pages(src, range(0, PAGE * 8, PAGE))
+
     with trio.fail_after(20):
-        async with m.open_receiver([dst], channels=2) as receiver:
-            async with trio.open_nursery() as nursery:
-                for end in ends:
-                    nursery.start_soon(receiver.add_channel, end)
-                async with m.open_sender(connect, channels=2) as sender:
-                    await sender.queue_pages(src, range(0, src.size, PAGE))
-                    await sender.sync()
-                    await sender.queue_pages(src, range(0, PAGE * 8, PAGE))
+        async with sent_to(dst, 2, body) as receiver:
             # Recorded at completion (round 2 is the exit's), known before any sync().
             before = [receiver.round_figures(number) for number in (1, 2, 3)]
             assert await receiver.sync() == 1
@@ -346,15 +362,14 @@ async def test_round_figures_are_kept_for_a_bounded_number_of_rounds(
     # not keep a tuple per round: the oldest figures go first.
     monkeypatch.setattr(_receiver, "_KEPT_ROUND_FIGURES", 8)
     src, dst = block_pair("mem", 4, seed=23)
-    connect, ends = memory_channels(1)
+
+    async def body(sender: m.Sender) -> None:
+        for _ in range(20):
+            await sender.queue_page(src, 0)
+            await sender.sync()
+
     with trio.fail_after(20):
-        async with m.open_receiver([dst], channels=1) as receiver:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(receiver.add_channel, ends[0])
-                async with m.open_sender(connect, channels=1) as sender:
-                    for _ in range(20):
-                        await sender.queue_page(src, 0)
-                        await sender.sync()
+        async with sent_to(dst, 1, body) as receiver:
             await receiver.wait_closed()
             kept = [receiver.round_figures(number) is not None for number in range(1, 22)]
     # 21 rounds (the exit's last one included), the last 8 kept.
@@ -371,14 +386,8 @@ async def test_final_round_mark_reaches_the_receiver_even_when_it_lags() -> None
         await sender.queue_pages(src, range(0, PAGE * 8, PAGE))
         assert await sender.sync(final_round=True) == 2
 
-    connect, ends = memory_channels(2)
     with trio.fail_after(20):
-        async with m.open_receiver([dst], channels=2) as receiver:
-            async with trio.open_nursery() as nursery:
-                for end in ends:
-                    nursery.start_soon(receiver.add_channel, end)
-                async with m.open_sender(connect, channels=2) as sender:
-                    await body(sender)
+        async with sent_to(dst, 2, body) as receiver:
             # The application only now looks at the rounds: the mark is already known.
             finals.append(receiver.final_round)
             marked = [receiver.is_final_round(number) for number in (1, 2, 3)]

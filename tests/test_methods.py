@@ -442,17 +442,23 @@ print(bounded, peak() - before, unbounded)
 """
 
 
-def test_zstd_bomb_does_not_grow_the_resident_set() -> None:
-    # zstd's own buffers are invisible to tracemalloc, so this measures the peak resident
-    # set of a fresh process. Not getrusage's ru_maxrss: Linux carries the parent's peak
-    # into it across exec, which would hide any growth below pytest's own peak.
+def memory_figures(script: str) -> list[int]:
+    """The integers ``script`` prints, run in a fresh process: zstd's own buffers are
+    invisible to tracemalloc, so these tests read /proc/self/status there."""
     if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs Linux's /proc/self/status (VmHWM)")
+        pytest.skip("needs Linux's /proc/self/status")
     result = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, check=False
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    bounded, unbounded_growth, unbounded = map(int, result.stdout.split())
+    return [int(figure) for figure in result.stdout.split()]
+
+
+def test_zstd_bomb_does_not_grow_the_resident_set() -> None:
+    # The peak resident set (VmHWM) of a fresh process. Not getrusage's ru_maxrss: Linux
+    # carries the parent's peak into it across exec, which would hide any growth below
+    # pytest's own peak.
+    bounded, unbounded_growth, unbounded = memory_figures(_RSS_SCRIPT)
     assert unbounded == BOMB_SIZE
     assert unbounded_growth > 32 * 2**20
     assert bounded < 8 * 2**20
@@ -484,13 +490,7 @@ print(filled - before, resident() - before)
 def test_closing_a_zstd_decoder_frees_its_window_while_the_decoder_lives_on() -> None:
     # The receiver closes each channel's decoder, but a failed transfer's reference
     # cycles keep the decoder itself until the cyclic collector runs.
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs Linux's /proc/self/status (VmRSS)")
-    result = subprocess.run(
-        [sys.executable, "-c", _CLOSE_SCRIPT], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    filled, closed = map(int, result.stdout.split())
+    filled, closed = memory_figures(_CLOSE_SCRIPT)
     assert filled > 24 * 2**20
     assert closed < 4 * 2**20
 
