@@ -65,6 +65,18 @@ def test_block_rejects_bad_names(name: str) -> None:
         m.RAMBlock(name, bytearray(4096))
 
 
+@pytest.mark.parametrize("page_size", [4096.0, "4096", True])
+def test_block_names_a_page_size_of_the_wrong_type_with_a_type_error(page_size: object) -> None:
+    with pytest.raises(TypeError, match="page_size must be an integer"):
+        m.RAMBlock("a", bytearray(8192), page_size=page_size)  # type: ignore[arg-type]
+
+
+def test_block_takes_numpys_integer_as_page_size_and_keeps_an_int() -> None:
+    block = m.RAMBlock("a", bytearray(8192), page_size=np.int64(4096))  # type: ignore[arg-type]
+    assert type(block.page_size) is int
+    assert block.page_count == 2
+
+
 def test_block_name_of_255_bytes_is_accepted() -> None:
     assert m.RAMBlock("x" * 255, bytearray(4096)).name == "x" * 255
 

@@ -42,6 +42,16 @@ async def test_a_count_outside_1_to_255_or_not_an_int_is_refused_at_open(
             pass
 
 
+@pytest.mark.parametrize("page_size", [4096.0, "4096", True])
+async def test_a_page_size_that_is_not_an_int_is_a_type_error_at_open(page_size: Any) -> None:
+    async def never(channel: int) -> trio.abc.Stream:
+        raise AssertionError("must not connect")
+
+    with pytest.raises(TypeError, match="page_size must be an integer"):
+        async with m.open_sender(never, page_size=page_size):
+            pass
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 @pytest.mark.parametrize(("sender_threads", "receiver_threads"), [(1, 1), (1, 5), (5, 1), (2, 3)])
 async def test_every_page_lands_however_channels_share_threads(

@@ -77,6 +77,14 @@ def test_page_count_rejects_bad_page_sizes(page_size: int) -> None:
         m.page_count_for(page_size)
 
 
+@pytest.mark.parametrize("page_size", [4096.0, "4096", True])
+def test_page_count_names_a_page_size_of_the_wrong_type_with_a_type_error(
+    page_size: object,
+) -> None:
+    with pytest.raises(TypeError, match="page_size must be an integer"):
+        m.page_count_for(page_size)  # type: ignore[arg-type]
+
+
 def test_handshake_layout_is_big_endian_with_id_at_24() -> None:
     data = m.encode_handshake(m.Handshake(uuid=UUID, channel_id=5, features=1))
     assert data[:8] == bytes.fromhex("1122334400000001")

@@ -84,7 +84,8 @@ class RAMBlock:
     :doc:`failure-modes`). A kernel without them gets the plain mapping.
 
     Raises:
-        TypeError: ``buffer`` does not support the buffer protocol.
+        TypeError: ``name`` is not a str, ``page_size`` not an integer, or ``buffer``
+            does not support the buffer protocol.
         ValueError: A bad name, page size or buffer length.
     """
 
@@ -107,6 +108,8 @@ class RAMBlock:
         encoded = name.encode()
         if not encoded or len(encoded) >= BLOCK_NAME_SIZE or b"\0" in encoded:
             raise ValueError(f"block name must be 1..255 bytes of UTF-8 without NUL: {name!r}")
+        # Stored as a plain int: numpy's integers are taken, and compared on every queue.
+        page_size = as_integer("page_size", page_size)
         page_count_for(page_size)
         view = _as_bytes_view(buffer)
         if len(view) % page_size:

@@ -56,6 +56,7 @@ from ._wire import (
     Feature,
     Flag,
     Handshake,
+    as_integer,
     chain_start,
     check_transfer_args,
     encode_handshake,
@@ -251,6 +252,7 @@ class Sender:
             raise ValueError(f"send_timeout must be positive or None, got {send_timeout!r}")
         self._method: Method = get_method(compression)
         self._level = self._method.check_level(compression_level)
+        page_size = as_integer("page_size", page_size)
         self._page_count = page_count_for(page_size)
         self._connect = connect
         self.uuid = uuid if uuid is not None else uuid_mod.uuid4()
@@ -777,8 +779,8 @@ async def open_sender(
     Raises:
         ValueError: A bad argument (channel count, method, level, page size).
         TypeError: An argument of the wrong type (a ``uuid`` that is not a
-            :class:`uuid.UUID`, a channel count, ``io_threads`` or level that is not an
-            int, a method name not a str).
+            :class:`uuid.UUID`, a channel count, ``io_threads``, level or page size that
+            is not an int, a method name not a str).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     sender = Sender(

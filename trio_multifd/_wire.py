@@ -184,9 +184,12 @@ def page_count_for(page_size: int) -> int:
     """Return how many pages fit in one packet (QEMU's ``page_count``) for ``page_size``.
 
     Raises:
+        TypeError: ``page_size`` is not an integer (anything with ``__index__``, such as
+            numpy's integers, is one; a ``bool`` is not).
         ValueError: ``page_size`` is not a power of two between 512 and
             :data:`PACKET_SIZE`.
     """
+    page_size = as_integer("page_size", page_size)
     if not (512 <= page_size <= PACKET_SIZE) or page_size & (page_size - 1):
         raise ValueError(
             f"page_size must be a power of two from 512 to {PACKET_SIZE}, got {page_size}"
