@@ -681,9 +681,11 @@ async def test_precopy_rejects_bad_arguments() -> None:
                         await precopy(
                             sender, tracker, on_stop=on_stop, max_rounds=1, force_stop=False
                         )
-                    for limit in (-1, True):
-                        with pytest.raises(ValueError, match="downtime_limit"):
-                            await precopy(sender, tracker, on_stop=on_stop, downtime_limit=limit)
+                    with pytest.raises(ValueError, match="downtime_limit"):
+                        await precopy(sender, tracker, on_stop=on_stop, downtime_limit=-1)
+                    for limit in (True, "0.3"):
+                        with pytest.raises(TypeError, match="downtime_limit"):
+                            await precopy(sender, tracker, on_stop=on_stop, downtime_limit=limit)  # type: ignore[arg-type]
                     # Refused before round 1, not when it would first be called.
                     with pytest.raises(TypeError, match="on_round"):
                         await precopy(sender, tracker, on_stop=on_stop, on_round="log")  # type: ignore[arg-type]

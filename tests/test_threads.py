@@ -52,6 +52,34 @@ async def test_a_page_size_that_is_not_an_int_is_a_type_error_at_open(page_size:
             pass
 
 
+@pytest.mark.parametrize("option", ["send_timeout", "handshake_timeout", "receive_timeout"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+    ],
+)
+async def test_a_timeout_not_a_positive_number_of_seconds_is_refused_at_open(
+    option: str, value: Any, error: type[Exception]
+) -> None:
+    _, dst = block_pair("mem", 1)
+
+    async def never(channel: int) -> trio.abc.Stream:
+        raise AssertionError("must not connect")
+
+    with pytest.raises(error, match=option):
+        if option == "send_timeout":
+            async with m.open_sender(never, send_timeout=value):
+                pass
+        else:
+            async with m.open_receiver([dst], **{option: value}):
+                pass
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 @pytest.mark.parametrize(("sender_threads", "receiver_threads"), [(1, 1), (1, 5), (5, 1), (2, 3)])
 async def test_every_page_lands_however_channels_share_threads(

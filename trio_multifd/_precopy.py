@@ -39,7 +39,7 @@ from ._block import RAMBlock, index_of, make_present
 from ._errors import PrecopyAbortedError, TransferIncompleteError
 from ._receiver import Receiver
 from ._sender import Sender
-from ._wire import checked_count
+from ._wire import checked_count, checked_seconds
 
 __all__ = ["DirtyTracker", "PrecopyReport", "PrecopyRound", "precopy", "receive_precopy"]
 
@@ -432,10 +432,11 @@ async def precopy(
 
     Raises:
         TypeError: ``sender``, ``tracker``, ``on_stop`` or ``on_round`` is of the wrong
-            type, or ``max_rounds`` is not an int.
-        ValueError: A bad ``downtime_limit`` or ``max_rounds`` (``max_rounds=1`` with
-            ``force_stop=False`` too: it would give up before sending anything), or the
-            tracker's page size differs from the sender's.
+            type, ``max_rounds`` is not an int, or ``downtime_limit`` neither an int nor
+            a float.
+        ValueError: A negative ``downtime_limit``, a bad ``max_rounds``
+            (``max_rounds=1`` with ``force_stop=False`` too: it would give up before
+            sending anything), or the tracker's page size differs from the sender's.
         MultiFDError: The transfer failed (raised by the sender).
     """
     if not isinstance(sender, Sender):
@@ -453,12 +454,7 @@ async def precopy(
             "max_rounds=1 is plain stop-and-copy, which needs force_stop=True: without it"
             " the migration would give up before sending anything"
         )
-    if (
-        isinstance(downtime_limit, bool)
-        or not isinstance(downtime_limit, int | float)
-        or not downtime_limit >= 0
-    ):
-        raise ValueError(f"downtime_limit must be a number >= 0, got {downtime_limit!r}")
+    checked_seconds("downtime_limit", downtime_limit, zero=True)
     if tracker.page_size != sender.page_size:
         raise ValueError(
             f"the tracker's page size {tracker.page_size} differs from the sender's"

@@ -70,6 +70,7 @@ from ._wire import (
     PacketHeader,
     chain_start,
     check_transfer_args,
+    checked_seconds,
     decode_handshake,
     decode_packet_header,
     header_checksum,
@@ -158,9 +159,12 @@ class Receiver:
     ) -> None:
         blocks = list(blocks)
         check_transfer_args(channels, uuid)
-        for name, value in (("handshake", handshake_timeout), ("receive", receive_timeout)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}_timeout must be positive or None, got {value!r}")
+        for name, value in (
+            ("handshake_timeout", handshake_timeout),
+            ("receive_timeout", receive_timeout),
+        ):
+            if value is not None:
+                checked_seconds(name, value)
         self._method: Method = get_method(compression)
         page_size = blocks[0].page_size if blocks and isinstance(blocks[0], RAMBlock) else 4096
         self._table = BlockTable(blocks, page_size=page_size)
@@ -1032,7 +1036,8 @@ async def open_receiver(
             with one name, channel count, method, timeouts).
         TypeError: An argument of the wrong type (a block that is not a
             :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a channel
-            count or ``io_threads`` that is not an int, a method name not a str).
+            count or ``io_threads`` that is not an int, a method name not a str, a
+            timeout that is neither an int, a float nor ``None``).
         MemoryError: The bitmap of a known-zero block (a byte per page, reserved up
             front, backed only where pages are written) cannot be allocated.
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.

@@ -59,6 +59,7 @@ from ._wire import (
     as_integer,
     chain_start,
     check_transfer_args,
+    checked_seconds,
     encode_handshake,
     pack_packet_header,
     page_count_for,
@@ -248,8 +249,8 @@ class Sender:
                 f"zero_page_detection must be one of {_ZERO_PAGE_MODES}, got"
                 f" {zero_page_detection!r}"
             )
-        if send_timeout is not None and not send_timeout > 0:
-            raise ValueError(f"send_timeout must be positive or None, got {send_timeout!r}")
+        if send_timeout is not None:
+            checked_seconds("send_timeout", send_timeout)
         self._method: Method = get_method(compression)
         self._level = self._method.check_level(compression_level)
         page_size = as_integer("page_size", page_size)
@@ -777,10 +778,12 @@ async def open_sender(
             cores (at least one).
 
     Raises:
-        ValueError: A bad argument (channel count, method, level, page size).
+        ValueError: A bad argument (channel count, method, level, page size, a
+            ``send_timeout`` that is not positive).
         TypeError: An argument of the wrong type (a ``uuid`` that is not a
             :class:`uuid.UUID`, a channel count, ``io_threads``, level or page size that
-            is not an int, a method name not a str).
+            is not an int, a method name not a str, a ``send_timeout`` that is neither
+            an int, a float nor ``None``).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     sender = Sender(

@@ -46,6 +46,7 @@ __all__ = [
     "chain_start",
     "check_transfer_args",
     "checked_count",
+    "checked_seconds",
     "decode_handshake",
     "decode_packet_header",
     "encode_handshake",
@@ -165,6 +166,22 @@ def checked_count(name: str, value: object, low: int, high: int | None = None) -
         bounds = f">= {low}" if high is None else f"{low}..{high}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def checked_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """Return ``value``, a duration the caller gave: an ``int`` or ``float`` of seconds,
+    above 0 (at least 0 with ``zero``); infinity is a duration too.
+
+    Raises:
+        TypeError: ``value`` is not an ``int`` or ``float`` (a ``bool`` is not one here).
+        ValueError: ``value`` is below the bound, or NaN.
+    """
+    if type(value) not in (int, float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)  # type: ignore[arg-type]
+    if not (seconds >= 0 if zero else seconds > 0):
+        raise ValueError(f"{name} must be {'>= 0' if zero else 'positive'}, got {value!r}")
+    return seconds
 
 
 def check_transfer_args(channels: object, uuid: object) -> None:
