@@ -80,6 +80,25 @@ async def test_a_timeout_not_a_positive_number_of_seconds_is_refused_at_open(
                 pass
 
 
+async def test_a_timeout_may_be_any_float_such_as_numpys() -> None:
+    import numpy as np
+
+    src, dst = block_pair("mem", 40, seed=3)
+
+    async def body(sender: m.Sender) -> None:
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(30):
+        await transfer(
+            [src],
+            [dst],
+            body,
+            sender_options={"send_timeout": np.float64(30)},
+            receiver_options={"receive_timeout": np.float32(30)},
+        )
+    assert dst.view == src.view
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 @pytest.mark.parametrize(("sender_threads", "receiver_threads"), [(1, 1), (1, 5), (5, 1), (2, 3)])
 async def test_every_page_lands_however_channels_share_threads(

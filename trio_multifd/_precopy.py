@@ -432,8 +432,8 @@ async def precopy(
 
     Raises:
         TypeError: ``sender``, ``tracker``, ``on_stop`` or ``on_round`` is of the wrong
-            type, ``max_rounds`` is not an int, or ``downtime_limit`` neither an int nor
-            a float.
+            type, ``max_rounds`` is not an int, or ``downtime_limit`` not a real
+            number.
         ValueError: A negative ``downtime_limit``, a bad ``max_rounds``
             (``max_rounds=1`` with ``force_stop=False`` too: it would give up before
             sending anything), or the tracker's page size differs from the sender's.

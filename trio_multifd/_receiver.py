@@ -1037,7 +1037,7 @@ async def open_receiver(
         TypeError: An argument of the wrong type (a block that is not a
             :class:`RAMBlock`, a ``uuid`` that is not a :class:`uuid.UUID`, a channel
             count or ``io_threads`` that is not an int, a method name not a str, a
-            timeout that is neither an int, a float nor ``None``).
+            timeout that is neither a real number nor ``None``).
         MemoryError: The bitmap of a known-zero block (a byte per page, reserved up
             front, backed only where pages are written) cannot be allocated.
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.

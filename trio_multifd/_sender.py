@@ -783,7 +783,7 @@ async def open_sender(
         TypeError: An argument of the wrong type (a ``uuid`` that is not a
             :class:`uuid.UUID`, a channel count, ``io_threads``, level or page size that
             is not an int, a method name not a str, a ``send_timeout`` that is neither
-            an int, a float nor ``None``).
+            a real number nor ``None``).
         MultiFDError: The transfer failed; the subclass and its ``channel`` say where.
     """
     sender = Sender(

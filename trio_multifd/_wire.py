@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import numbers
 import operator
 import struct
 import uuid as uuid_mod
@@ -169,16 +170,17 @@ def checked_count(name: str, value: object, low: int, high: int | None = None) -
 
 
 def checked_seconds(name: str, value: object, *, zero: bool = False) -> float:
-    """Return ``value``, a duration the caller gave: an ``int`` or ``float`` of seconds,
-    above 0 (at least 0 with ``zero``); infinity is a duration too.
+    """Return ``value``, a duration the caller gave, as a ``float`` of seconds: above 0
+    (at least 0 with ``zero``); infinity is a duration too.
 
     Raises:
-        TypeError: ``value`` is not an ``int`` or ``float`` (a ``bool`` is not one here).
+        TypeError: ``value`` is not a real number (a ``bool`` is not one here).
         ValueError: ``value`` is below the bound, or NaN.
     """
-    if type(value) not in (int, float):
+    # Any real number (numpy's scalars too), but a bool is no duration.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)  # type: ignore[arg-type]
+    seconds = float(value)
     if not (seconds >= 0 if zero else seconds > 0):
         raise ValueError(f"{name} must be {'>= 0' if zero else 'positive'}, got {value!r}")
     return seconds
