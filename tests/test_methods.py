@@ -594,8 +594,10 @@ def test_a_decoder_is_unusable_after_an_error(name: str) -> None:
     page_lists, payloads = text_stream(name, 8, 2)
     decoder = get_method(name).new_decoder()
     assert not decode_or_reject(decoder, payloads[0][: len(payloads[0]) // 2], page_lists[0])
-    with pytest.raises(DecompressionError, match="earlier error"):
-        decoder.decode_into(payloads[1], runs_of(bytearray(IMAGE_PAGES * PAGE), page_lists[1]))
+    runs = runs_of(bytearray(IMAGE_PAGES * PAGE), page_lists[1])
+    with pytest.raises(DecompressionError, match="earlier error") as refused:
+        decoder.decode_into(payloads[1], runs)
+    assert refused.value.limit == sum(len(run) for run in runs)
 
 
 def test_zlib_output_of_a_match_past_the_pages_is_a_surplus() -> None:

@@ -633,7 +633,14 @@ def decode_packet_header(
 
 def chain_start(handshake: bytes | bytearray | memoryview) -> int:
     """Return the seed of a channel's first header checksum: the xxh3-64 of its 64-byte
-    handshake (so the chain is bound to the transfer's uuid and the channel's id)."""
+    handshake (so the chain is bound to the transfer's uuid and the channel's id).
+
+    Args:
+        handshake: The channel's encoded handshake, as sent.
+
+    Returns:
+        The seed, an unsigned 64-bit integer.
+    """
     return xxhash.xxh3_64_intdigest(handshake)
 
 
@@ -641,7 +648,15 @@ def header_checksum(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
     """Return the xxh3-64 of a packet header as trio_multifd's integrity mode defines it:
     the whole header with its own checksum field (offset 40, 8 bytes) read as zero,
     seeded with the channel's previous header checksum (:func:`chain_start` for the
-    first packet), so that a packet lost, repeated or moved breaks the chain."""
+    first packet), so that a packet lost, repeated or moved breaks the chain.
+
+    Args:
+        data: The encoded header (its checksum field may hold anything).
+        seed: The channel's previous header checksum, or its :func:`chain_start`.
+
+    Returns:
+        The checksum, an unsigned 64-bit integer.
+    """
     digest = xxhash.xxh3_64(data[:_CHECKSUM_AT], seed=seed)
     digest.update(_ZERO_CHECKSUM)
     digest.update(data[_CHECKSUM_AT + 8 :])
@@ -649,7 +664,14 @@ def header_checksum(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
 
 
 def payload_checksum(parts: Iterable[bytes | bytearray | memoryview]) -> int:
-    """Return the xxh3-64 of a payload given as consecutive parts."""
+    """Return the xxh3-64 of a payload given as consecutive parts.
+
+    Args:
+        parts: The payload's bytes in order, in any number of pieces.
+
+    Returns:
+        The checksum, an unsigned 64-bit integer: the header's ``payload_checksum``.
+    """
     digest = xxhash.xxh3_64()
     for part in parts:
         digest.update(part)
@@ -662,7 +684,14 @@ def stored_header_checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 def seal_header(data: bytes, seed: int = 0) -> bytes:
-    """Return an encoded header with its header checksum (seeded with ``seed``, see
-    :func:`header_checksum`) written at offset 40."""
+    """Return an encoded header with its header checksum written at offset 40.
+
+    Args:
+        data: The encoded header.
+        seed: As for :func:`header_checksum`.
+
+    Returns:
+        A copy of ``data`` with the checksum in place.
+    """
     checksum = header_checksum(data, seed)
     return data[:_CHECKSUM_AT] + checksum.to_bytes(8, "big") + data[_CHECKSUM_AT + 8 :]

@@ -261,6 +261,7 @@ class StreamDecoder(Decoder):
             raise DecompressionError(
                 "the channel's compressed stream is unusable after an earlier error",
                 field="payload",
+                limit=expected,
             )
         # Any exception leaves the stream part-way through a packet, so the next packet
         # could only decode to garbage.
