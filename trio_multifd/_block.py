@@ -69,7 +69,10 @@ class RAMBlock:
         page_size: Bytes per page: a power of two from 512 to 512 KiB.
         zeroed: Receiver only: the buffer is known to be all zero (a fresh ``mmap``, a
             sparse file), so a zero page is written only if the page was written before
-            in this transfer. Keeps sparse files sparse and all-zero images cheap.
+            in this transfer. Keeps sparse files sparse and all-zero images cheap; over
+            a shared file mapping, also advise ``mmap.MADV_RANDOM`` on it (see
+            :doc:`methods`), else the kernel's read-ahead may allocate the holes around
+            the pages written.
 
     A buffer whose memory is a mapped file (an ``mmap`` of a file, a ``memoryview`` or
     slice of one, a numpy ``memmap``: whatever the kernel's list of the process's

@@ -730,6 +730,11 @@ async def _receive_with(
             except OSError as exc:
                 # A file system may take a size that the address space cannot map.
                 raise await refuse(f"cannot map a file of {size} bytes: {exc.strerror}") from None
+            # No read-ahead around the pages written: on ext4 with large folios (Linux
+            # 6.16+) a write fault reads ahead into folios of up to megabytes, which the
+            # write dirties whole, allocating the holes around the page (a copy of a
+            # 64 MiB image with 16 MiB of data allocated 50 MiB without this).
+            mapping.madvise(mmap.MADV_RANDOM)
             blocks.append(RAMBlock("data", mapping, zeroed=True))
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))
