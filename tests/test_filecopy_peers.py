@@ -985,3 +985,36 @@ async def test_a_rejection_to_a_sender_that_is_gone_leaves_this_sides_error_stan
     await theirs.aclose()
     with trio.fail_after(TIMEOUT):
         await control.tell(ours, {"type": "verdict", "ok": False, "error": "mismatch"}, 5)
+
+
+def test_a_sender_reset_by_a_receiver_busy_with_another_copy_is_told_so(tmp_path: Path) -> None:
+    # A recv takes one file: a second sender waits in the listen queue and is reset when
+    # the first copy ends (a stray connection during the channels' handshakes is reset
+    # at once, the same way for the sender).
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(64 * 4096))
+    second.write_bytes(b"x" * 5000)
+    out = tmp_path / "out"
+    out.mkdir()
+    with receiving(out) as (recv, port):
+        busy = subprocess.Popen(
+            _command("send", str(first), f"127.0.0.1:{port}"),
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "TRIO_MULTIFD_TEST_STALL": "2"},
+        )
+        with killed_if_left(busy):
+            assert recv.stderr is not None
+            # Halfway, where the first sender pauses: its channels are all up.
+            assert any("50%" in line for line in recv.stderr)
+            proc = send(second, port)
+            assert busy.wait(TIMEOUT) == 0
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(
+        "trio-multifd: error: the control stream failed before the receiver's go-ahead:"
+    )
+    assert line.endswith(
+        " (the receiver failed, was stopped or is busy with another copy; or it uses TLS:"
+        " then give --tls-ca)"
+    )

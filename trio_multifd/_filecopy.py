@@ -300,9 +300,7 @@ async def send_file(
 
         control = await open_stream()
         try:
-            await control.send_all(CONTROL_MAGIC)
-            await send_message(control, manifest)
-            reply = await _go_ahead(control, lease, idle_timeout, plain=tls is None)
+            reply = await _go_ahead(control, manifest, lease, idle_timeout, plain=tls is None)
             if reply["type"] != "go":
                 raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
             # Without a lease (the file was already open for writing), a change since the
@@ -414,22 +412,38 @@ async def send_file(
 
 
 async def _go_ahead(
-    control: trio.abc.Stream, lease: _SourceLease, idle_timeout: float, *, plain: bool
+    control: trio.abc.Stream,
+    manifest: dict[str, Any],
+    lease: _SourceLease,
+    idle_timeout: float,
+    *,
+    plain: bool,
 ) -> dict[str, Any]:
-    """The receiver's reply to the manifest, read while the lease is watched: a writer
-    waits for the file no longer than a poll, however long the receiver takes."""
+    """Send the manifest and read the receiver's reply, while the lease is watched: a
+    writer waits for the file no longer than a poll, however long the receiver takes."""
     reply: dict[str, Any] | CopyError
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lease.watch)
         try:
             with trio.fail_after(idle_timeout):
+                await control.send_all(CONTROL_MAGIC)
+                await send_message(control, manifest)
                 reply = await receive_message(control, "its go-ahead")
         except trio.TooSlowError:
             reply = CopyError(f"no go-ahead from the receiver within {idle_timeout}s")
         except PeerClosed as exc:
-            # A receiver that uses TLS closes a plain sender's connection so, too.
+            # A receiver that uses TLS drops a plain sender's connection so, or resets it.
             hint = " (it failed, was stopped, or uses TLS: then give --tls-ca)" if plain else ""
             reply = CopyError(f"{exc}{hint}")
+        except trio.BrokenResourceError as exc:
+            # A receiver busy with another copy resets the connections that wait in its
+            # listen queue when that copy ends (and a stray one at once, mid-handshakes).
+            tls_hint = "; or it uses TLS: then give --tls-ca" if plain else ""
+            reply = CopyError(
+                "the control stream failed before the receiver's go-ahead:"
+                f" {exc.__cause__ or exc} (the receiver failed, was stopped or is busy with"
+                f" another copy{tls_hint})"
+            )
         except CopyError as exc:
             reply = exc
         nursery.cancel_scope.cancel()
