@@ -42,6 +42,7 @@ from trio_multifd import (
 )
 from trio_multifd._errors import CopyError
 
+from .helpers import small_tmpfs
 from .test_cli import TIMEOUT, _command, can_lease, failed_json, receiving, send
 
 GOOD_CHECKSUM = "0" * 32
@@ -693,6 +694,20 @@ def test_a_destination_whose_directory_does_not_exist_is_refused_before_listenin
     assert refused_before_listening(str(dest)) == [
         f"trio-multifd: error: cannot receive into {dest}: {dest.parent} is not a directory"
     ]
+
+
+@pytest.mark.parametrize("name", [None, "f.bin"])
+def test_a_destination_on_a_read_only_file_system_is_refused_before_listening(
+    tmp_path: Path, name: str | None
+) -> None:
+    # Found once a sender came, it cost that sender the checksum of its whole file.
+    with small_tmpfs(tmp_path) as small:
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        dest = str(small / name) if name else str(small)
+        assert refused_before_listening(dest) == [
+            f"trio-multifd: error: cannot receive into {dest}: {small} is on a read-only"
+            " file system"
+        ]
 
 
 def test_a_sender_gone_before_the_refusal_still_gets_the_receivers_own_error(

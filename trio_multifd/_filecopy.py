@@ -879,7 +879,8 @@ def _refused_before_listening(path: str, *, force: bool) -> str | None:
     """Why ``recv`` cannot take ``path`` whatever a sender sends: found before it
     listens, not once a sender has connected and sent its manifest."""
     if os.path.isdir(path):
-        return None  # the sender's name in it is checked once the manifest gives it
+        # The sender's name in it is checked once the manifest gives it.
+        return _unwritable(path, path)
     if path.endswith(os.sep):
         return f"{path} is not a directory"
     parent = os.path.dirname(os.path.abspath(path))
@@ -890,7 +891,16 @@ def _refused_before_listening(path: str, *, force: bool) -> str | None:
         return unreplaceable
     if not force and os.path.lexists(path):
         return f"{path} exists: refusing to overwrite it without --force"
-    return None
+    return _unwritable(path, parent)
+
+
+def _unwritable(path: str, folder: str) -> str | None:
+    """Why the copy's temporary file cannot be created in ``folder``, if it cannot."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"cannot receive into {path}: {folder} is on a read-only file system"
+    return f"cannot receive into {path}: no permission to create a file in {folder}"
 
 
 _NODE_KINDS = [
