@@ -581,6 +581,47 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["send", "x", "localhost:1", "--json", "--channels", "0"],
+            "argument --channels: channels must be 1..255, got 0",
+        ),
+        (["send", "x", "--js"], "the following arguments are required: HOST:PORT"),
+        (["recv", "x", "--json"], "the following arguments are required: --listen"),
+        (
+            ["--debug", "recv", "x", "--listen", "127.0.0.1:0", "--json", "--tls-cert", "c"],
+            "--tls-cert and --tls-key go together",
+        ),
+        (["send", "x", "localhost:1", "--json", "--nope"], "unrecognized arguments: --nope"),
+    ],
+)
+def test_a_usage_error_with_json_prints_one_object_too(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"ok": False, "command": argv[argv.index("x") - 1], "error": error}
+    assert err.splitlines()[-1].endswith(f": error: {error}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["send", "x", "localhost:1", "--channels", "0"],
+        ["send", "x", "localhost:1", "--", "--json"],
+        ["bench", "--json", "b.json", "--size", "1000"],
+        ["nope", "--json"],
+    ],
+)
+def test_a_usage_error_without_send_or_recvs_json_prints_nothing_on_stdout(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("where", ["missing/bench.json", "."])
 def test_bench_json_path_that_cannot_be_written_is_a_usage_error_before_any_run(
     where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -16,7 +16,7 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 _T = TypeVar("_T")
 
@@ -106,12 +106,24 @@ def _channel_list(text: str) -> list[int]:
     return [_one_to_255("channels", value) for value in values]
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """Keeps the message of its usage error (``send --json`` and ``recv --json`` print
+    it on stdout as well), and its commands' parsers."""
+
+    usage_error: str | None = None
+    commands: dict[str, _Parser]
+
+    def error(self, message: str) -> NoReturn:
+        self.usage_error = message
+        super().error(message)
+
+
+def _parser() -> _Parser:
     from ._benchdata import DATA_KINDS
     from ._filecopy import MAX_CHANNELS
     from ._qemu_bench import QEMU_BINARY
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trio-multifd",
         description="QEMU multifd-compatible page transfer over parallel streams.",
     )
@@ -119,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --debug after the command as well as before it. SUPPRESS: argparse copies a
     # command's defaults over the namespace, which would undo a --debug given before it.
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument(
         "--debug",
         action="store_true",
@@ -141,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--compression", choices=_METHODS, default="zstd", help="default zstd")
     demo.add_argument("--level", type=int, default=None, help="compression level")
 
-    common = argparse.ArgumentParser(add_help=False, parents=[debug])
+    common = _Parser(add_help=False, parents=[debug])
     common.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     common.add_argument(
         "--json",
@@ -276,7 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json", metavar="PATH", dest="json_path", help="write the results as a JSON array"
     )
-    for command in (demo, send, recv, bench):
+    parser.commands = {"demo": demo, "send": send, "recv": recv, "bench": bench}
+    for command in parser.commands.values():
         command.set_defaults(command_parser=command)
     return parser
 
@@ -295,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.error(f"unrecognized arguments: {' '.join(extra)}")
         _validate(command, args)
     except SystemExit as exc:
+        errors = [p.usage_error for p in (parser, *parser.commands.values()) if p.usage_error]
+        wants_json = _json_command(sys.argv[1:] if argv is None else list(argv))
+        if errors and wants_json:
+            _json_failure(wants_json, errors[0])
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(args.debug)
     try:
@@ -320,6 +337,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stderr.write(f"trio-multifd: error: {_one_line(describe(exc))}\n")
         return 1
+
+
+def _json_command(argv: list[str]) -> str | None:
+    """``send`` or ``recv`` when ``argv``, which did not parse, asks for ``--json``
+    (spelt out, or abbreviated as argparse allows), else ``None``."""
+    words = [word for word in argv if not word.startswith("-")]
+    if not words or words[0] not in ("send", "recv"):
+        return None
+    after = argv[argv.index(words[0]) + 1 :]
+    after = after[: after.index("--")] if "--" in after else after
+    if any(word.startswith("--j") and "--json".startswith(word) for word in after):
+        return words[0]
+    return None
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
