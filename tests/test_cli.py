@@ -622,6 +622,16 @@ def test_a_usage_error_without_send_or_recvs_json_prints_nothing_on_stdout(
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_a_size_beyond_the_machines_memory_is_a_usage_error_before_any_run(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1 EiB: no process started (a worker would fail to map it, or be killed filling it).
+    assert main([command, "--size", "1048576T"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --size {1 << 60}: a run holds the data twice" in err
+
+
 @pytest.mark.parametrize("where", ["missing/bench.json", "."])
 def test_bench_json_path_that_cannot_be_written_is_a_usage_error_before_any_run(
     where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -356,6 +356,14 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     """Checks argparse cannot express; each failure is a usage error (exit 2)."""
     from ._methods import get_method
 
+    if args.command in ("bench", "demo"):
+        # Both processes of a run hold the data (the source, the target), filled.
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if 2 * args.size > memory:
+            parser.error(
+                f"--size {args.size}: a run holds the data twice (the source and the copy,"
+                f" in two processes), more than this machine's {memory} bytes of memory"
+            )
     if args.command == "bench":
         if args.repeat < 1:
             parser.error("--repeat must be at least 1")
