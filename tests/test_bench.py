@@ -11,13 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
+from trio_multifd import _benchrun
 from trio_multifd._bench import Case, CaseResult, format_table, make_cases
 from trio_multifd._benchdata import DATA_KINDS, fill_data, text_pool
 from trio_multifd._benchrun import RunResult, _slices, _spawn, check_run, failed_run, run_once
+from trio_multifd._cli import main
 
 PAGE = 4096
 TIMEOUT = 120
@@ -275,6 +278,38 @@ def test_a_sender_that_fails_ends_the_run_with_its_error_not_a_timeout(impl: str
     run = run_once(impl, channels=1, compression="none", data="bogus", size=1 << 20, timeout=30)
     assert run.verified is False
     assert run.error == "sender failed: ValueError: unknown data kind 'bogus'"
+
+
+def test_a_bench_whose_receiver_dies_reports_the_case_unverified_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The receiver worker prints its port, takes the first connection, and is killed.
+    dies = (
+        "import json, os, signal, socket\n"
+        "listener = socket.create_server(('127.0.0.1', 0))\n"
+        "print(json.dumps({'port': listener.getsockname()[1]}), flush=True)\n"
+        "listener.accept()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    spawn = _benchrun._spawn
+
+    def spawn_dying_receiver(role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+        if role != "recv":
+            return spawn(role, spec)
+        return subprocess.Popen(
+            [sys.executable, "-c", dies], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    monkeypatch.setattr(_benchrun, "_spawn", spawn_dying_receiver)
+    out = tmp_path / "bench.json"
+    tiny = ["--size", "1MiB", "--repeat", "1", "--channels", "1", "--compression", "none"]
+    assert main(["bench", *tiny, "--data", "random", "--no-baselines", "--json", str(out)]) == 1
+    [obj] = json.loads(out.read_text())
+    assert obj["verified"] is False
+    assert obj["error"].endswith("receiver failed: killed by SIGKILL")
+    assert f"trio-multifd: error: trio_multifd ch=1 none random: {obj['error']}" in (
+        capsys.readouterr().err.splitlines()
+    )
 
 
 def _running(pid: int) -> bool:

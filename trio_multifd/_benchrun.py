@@ -426,7 +426,7 @@ def run_once(
                 proc.kill()
                 proc.communicate()
     failures = [
-        f"{which} failed: {last_line(err) or f'exit status {proc.returncode}'}"
+        f"{which} failed: {last_line(err) or _ending(proc.returncode)}"
         for which, proc, err in (("sender", send, send_err), ("receiver", recv, recv_err))
         if proc.returncode and not (proc is recv and stopped)
     ]
@@ -451,6 +451,14 @@ def run_once(
         sender=sender,
         load=os.getloadavg()[0],
     )
+
+
+def _ending(returncode: int) -> str:
+    """How a worker that printed no error ended: a signal (the OOM killer's SIGKILL, say)
+    by name, not as a negative status."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
 
 
 def check_run(sender: dict[str, Any], receiver: dict[str, Any], size: int) -> str | None:
