@@ -505,6 +505,28 @@ async def test_a_task_outside_the_receivers_block_waiting_for_it_is_woken_when_i
     assert isinstance(error.__cause__, m.MagicError) == (ending == "failure")
 
 
+async def test_a_call_after_a_failed_receivers_block_has_the_error_as_cause_while_it_is_held() -> (
+    None
+):
+    # The receiver holds its error only weakly once its block is over (a strong
+    # reference would tie it to its own traceback); a call still says that it failed.
+    connect, ends = memory_channels(1)
+    feed = await connect(0)
+    await feed.send_all(m.encode_handshake(m.Handshake(uuid=uuid.uuid4(), channel_id=0)))
+    with trio.fail_after(10):
+        with pytest.raises(m.MagicError) as failure:
+            async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+                await receiver.add_channel(ends[0])
+                await feed.send_all(bytes(m.header_size(128)))  # no magic
+                await trio.sleep_forever()
+        with pytest.raises(RuntimeError, match=r"^the transfer failed: ") as held:
+            await receiver.sync()
+        assert held.value.__cause__ is failure.value
+        del failure, held
+        with pytest.raises(RuntimeError, match=r"^the transfer failed: "):
+            await receiver.wait_closed()
+
+
 @pytest.mark.parametrize("ending", ["failure", "cancel-from-outside"])
 async def test_shielded_waits_in_the_receivers_block_are_woken_when_the_transfer_ends(
     ending: str,

@@ -228,23 +228,29 @@ def raise_mapping_fault(
     system call: the kernel's copy fails, and the call with EFAULT. Called from an
     ``except`` clause, so the packets that fail nothing pay nothing.
     """
-    cause = exc.__cause__
-    if (
-        not runs
-        or block._mapped_at is None
-        or not isinstance(cause, OSError)
-        or cause.errno != errno.EFAULT
-    ):
-        raise exc
-    start = runs[0][0]
-    length = runs[-1][0] + runs[-1][1] - start
-    fault = _mapping_error(block, start, length, write, errno.EFAULT)
-    fault.channel = exc.channel
-    raise fault from exc
+    try:
+        cause = exc.__cause__
+        if (
+            not runs
+            or block._mapped_at is None
+            or not isinstance(cause, OSError)
+            or cause.errno != errno.EFAULT
+        ):
+            raise exc
+        start = runs[0][0]
+        length = runs[-1][0] + runs[-1][1] - start
+        raise _mapping_error(
+            block, start, length, write, errno.EFAULT, channel=exc.channel
+        ) from exc
+    finally:
+        # This frame is in the traceback of what it raises: holding exc would make a
+        # reference cycle, keeping the caller's frames (a channel's buffers) until the
+        # cyclic collector runs.
+        del exc
 
 
 def _mapping_error(
-    block: RAMBlock, start: int, length: int, write: bool, error: int
+    block: RAMBlock, start: int, length: int, write: bool, error: int, channel: int | None = None
 ) -> MappingError:
     if error == errno.EFAULT:
         cause = (
@@ -259,7 +265,8 @@ def _mapping_error(
         cause = os.strerror(error)
     return MappingError(
         f"block {block.name!r}: cannot {'write' if write else 'read'} pages"
-        f" {start:#x}..{start + length:#x} of its mapped file: {cause}"
+        f" {start:#x}..{start + length:#x} of its mapped file: {cause}",
+        channel=channel,
     )
 
 

@@ -696,19 +696,23 @@ class _Follower:
                 error = exc
             nursery.cancel_scope.cancel()
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # This frame is in its traceback: holding it would make a reference cycle.
+                del error
         if outcome is not None:
             return outcome
-        [cause] = ended
-        if not isinstance(cause, TransferIncompleteError):
-            raise cause
+        if not isinstance(ended[0], TransferIncompleteError):
+            # Taken out of the list: this frame, in the traceback, holds the list.
+            raise ended.pop()
         # The receiver cannot tell a sender that gave up from one that left its block
         # early or died after a SYNC: each ends every channel cleanly after a round.
         raise PrecopyAbortedError(
             f"every channel ended after round {receiver.rounds_completed} without a final"
             " pre-copy round: the sender gave up (force_stop=False), or left or died"
             " before precopy() finished"
-        ) from cause
+        ) from ended.pop()
 
 
 _FOLLOWERS: weakref.WeakKeyDictionary[Receiver, _Follower] = weakref.WeakKeyDictionary()

@@ -301,10 +301,10 @@ class Receiver:
     def _stopped(self) -> bool:
         # No page arrives any more, short of a clean end: the block is over, the transfer
         # failed, or its tasks were cancelled (from outside).
-        return self._closed or self._cut_short or self._supervisor.error is not None
+        return self._closed or self._cut_short or self._supervisor.failed
 
     def _over(self, waiting_for: str) -> RuntimeError:
-        if self._supervisor.error is not None:
+        if self._supervisor.failed:
             what = "the transfer failed"
         elif self._closed:
             what = "the receiver's block is over"
@@ -564,7 +564,8 @@ class Receiver:
                 accepting.start_soon(self._stop_serving, done, handshakes)
             task_status.started()
         if failed:
-            raise failed[0]
+            # Taken out of the list: this frame, in the traceback, holds the list.
+            raise failed.pop(0)
 
     async def _stop_serving(self, done: Callable[[], bool], handshakes: trio.Nursery) -> None:
         await self._wait_until(done)
@@ -589,13 +590,15 @@ class Receiver:
             transport, channel = await self._handshake(stream)
         except MultiFDError as exc:
             logger.warning(
-                "receiver: refused a connection%s: %s", f" from {peer}" if peer else "", exc
+                "receiver: refused a connection%s: %s",
+                f" from {peer}" if peer else "",
+                str(exc),  # see Supervisor.fail
             )
             return
         try:
             await self._start_channel(transport, channel)
         except RuntimeError as exc:
-            logger.warning("receiver: %s", exc)
+            logger.warning("receiver: %s", str(exc))
 
     # -- the channel task ---------------------------------------------------------------------
 

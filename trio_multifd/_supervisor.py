@@ -8,7 +8,8 @@ to wake every waiter, channels shut down by hand) with a nursery's cancel scope.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn, final
 
@@ -33,12 +34,44 @@ async def refuse_unless_cancelled(error: RuntimeError) -> NoReturn:
     ``RuntimeError`` would pass for the application's and replace it.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
-    raise error
+    try:
+        raise error
+    finally:
+        # This frame is in its traceback: holding it would make a reference cycle.
+        del error
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+class _Unchained(Exception):
+    """What the Cancelled of :func:`_cancel_unchained` have as their ``__context__``."""
+
+
+def _cancel_unchained(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` so that the Cancelled it raises are not chained to the exception
+    being handled (the transfer's error, when a channel task fails).
+
+    Trio raises them at once, in this call, so Python gives them that exception as their
+    ``__context__``: the error would hold its own traceback's frames' Cancelled, a
+    reference cycle (see :meth:`Supervisor.fail`).
+    """
+    try:
+        raise _Unchained("the transfer failed")
+    except _Unchained as unchained:
+        unchained.__context__ = None
+        scope.cancel()
+
+
+def _weakly(error: Exception) -> Callable[[], Exception | None]:
+    try:
+        return weakref.ref(error)
+    except TypeError:
+        # A built-in exception (a bug's: KeyError, say) takes no weak reference: it is
+        # kept, and with it, until the cyclic collector runs, what its traceback holds.
+        return lambda: error
+
+
+def _first_leaf(exceptions: Sequence[BaseException]) -> BaseException:
+    first = exceptions[0]
+    return _first_leaf(first.exceptions) if isinstance(first, BaseExceptionGroup) else first
 
 
 @final
@@ -47,11 +80,28 @@ class Supervisor:
 
     def __init__(self, role: str) -> None:
         self.role = role
-        self.error: Exception | None = None
+        self.failed = False
+        self._error: Exception | None = None
+        self._error_after: Callable[[], Exception | None] | None = None
+        self._ended = False
         self._errors: list[Exception] = []
         # RuntimeErrors of calls that the transfer's failure refused: see refusal().
         self._refusals: list[RuntimeError] = []
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def error(self) -> Exception | None:
+        """The transfer's error (see :attr:`failed`): after the end's block, only while
+        something else holds it.
+
+        Its traceback runs through the application's frames, which hold this end: kept
+        past the block, it would make the end, the channels' buffers and those frames'
+        locals (the application's blocks) a reference cycle, freed only by the cyclic
+        collector once the application dropped the error.
+        """
+        if self._error_after is not None:
+            return self._error_after()
+        return self._error
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -80,7 +130,7 @@ class Supervisor:
         refused = RuntimeError(message)
         refused.__cause__ = self.error
         refused.__suppress_context__ = True
-        if self.error is not None:
+        if self._error is not None:
             self._refusals.append(refused)
         return refused
 
@@ -94,13 +144,28 @@ class Supervisor:
                 exc.add_note(f"raised in channel {channel} of the {self.role}")
         elif exc.channel is None:
             exc.channel = channel
-        self._errors.append(exc)
-        if self.error is not None:
+        if self._ended:
+            # A handshake that failed after the block: there is nothing left to cancel.
+            if not self.failed:
+                self.failed = True
+                self._error_after = _weakly(exc)
             return
-        self.error = exc
-        logger.error("%s failed: %s", self.role, exc)
+        self._errors.append(exc)
+        if self.failed:
+            return
+        self.failed = True
+        self._error = exc
+        # The text, not the error: a handler may keep its records (a MemoryHandler,
+        # pytest's), and the error's traceback holds the transfer's frames and buffers.
+        logger.error("%s failed: %s", self.role, str(exc))
+        # cancel() raises each waiting task's Cancelled right here, with a traceback
+        # whose frames link up to this one and its callers': a frame still holding the
+        # error would tie it to those Cancelled, which tasks of the application
+        # (Trio's nursery exits, contextlib's) keep in frames that the error's own
+        # traceback holds, a reference cycle.
+        del exc
         if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+            _cancel_unchained(self._nursery.cancel_scope)
 
     async def channel_failed(self, exc: MultiFDError, channel: int) -> None:
         """A channel task's error: recorded like :meth:`fail`, unless the task is
@@ -109,6 +174,7 @@ class Supervisor:
         ``Cancelled`` is raised instead."""
         await trio.lowlevel.checkpoint_if_cancelled()
         self.fail(exc, channel=channel)
+        del exc  # see fail()
 
     def _is_ours(self, exc: BaseException) -> bool:
         if isinstance(exc, BaseExceptionGroup):
@@ -128,19 +194,25 @@ class Supervisor:
                 if rest is not None:
                     return rest
             return body_exc
-        if self.error is not None:
-            # The group is chained for debugging, but not over the error's own cause (a
-            # TransportError's OSError, say), which says more, unless the group holds
-            # something else too (a bug in another task), which must not vanish.
-            if exc is not self.error and (self.error.__cause__ is None or not self._is_ours(exc)):
-                self.error.__cause__ = exc
-            return self.error
+        error = self._error
+        if error is not None:
+            # A group that holds something else than the transfer's errors and
+            # cancellations (a bug in another task) must not vanish: it is chained, over
+            # the error's own cause if need be. One of ours only would say nothing, and
+            # holds the error itself and the Cancelled raised while it was handled, whose
+            # tracebacks lead back to it: a reference cycle.
+            if not self._is_ours(exc):
+                error.__cause__ = exc
+            return error
         if isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None:
             # Cancelled from outside: one Cancelled, as a plain await would raise, not
             # the nursery's group of every task's (the body's own, when it has one).
             if isinstance(body_exc, trio.Cancelled):
                 return body_exc
-            return _first_leaf(exc)
+            # Not one from inside the body's group (the application's nursery's): raised
+            # out of the block, its traceback would take in contextlib's frame, which
+            # holds that group, a reference cycle.
+            return _first_leaf([e for e in exc.exceptions if e is not body_exc] or exc.exceptions)
         return exc
 
     @asynccontextmanager
@@ -167,6 +239,21 @@ class Supervisor:
         else:
             # The nursery absorbs the Cancelled of its own scope: the recorded error
             # must be raised explicitly, or the body's failure would pass as success.
-            pending = self.error
+            pending = self._error
+        finally:
+            self._let_go()
         if pending is not None:
-            raise pending
+            try:
+                raise pending
+            finally:
+                # This frame is in the traceback: its locals must not hold the error.
+                del pending, body_exc
+
+    def _let_go(self) -> None:
+        """Hold the exceptions of the transfer no more (see :attr:`error`)."""
+        self._ended = True
+        if self._error is not None:
+            self._error_after = _weakly(self._error)
+        self._error = None
+        self._errors.clear()
+        self._refusals.clear()

@@ -75,10 +75,24 @@ class WorkerRun:
     async def run(self, work: Callable[[], None], limiter: trio.CapacityLimiter) -> None:
         """Run ``work`` in a worker thread; its exception is raised here."""
         self.started = True
+        # The thread's exception comes back through a list, not through Trio's outcome:
+        # the frames of its traceback link up to Trio's thread-cache frame, whose local
+        # outcome would hold the exception, a reference cycle that keeps the channels'
+        # buffers (the thread's locals) until the cyclic collector runs.
+        raised: list[BaseException] = []
+
+        def guarded() -> None:
+            try:
+                work()
+            except BaseException as exc:
+                raised.append(exc)
+
         try:
-            await trio.to_thread.run_sync(work, limiter=limiter)
+            await trio.to_thread.run_sync(guarded, limiter=limiter)
         finally:
             self.stopped.set()
+        if raised:
+            raise raised.pop()
         self.done.set()
 
     async def released(self) -> None:
