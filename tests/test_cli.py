@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import io
@@ -849,6 +850,14 @@ def test_parsers() -> None:
     assert parse_size("1GiB") == parse_size("1g") == 1 << 30
     assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_hostport("[::1]:80") == ("::1", 80)
+
+
+@pytest.mark.parametrize(
+    "text", ["[]:0", ":80", "host", "host:", "host:65536", "host:\u0668\u0660"]
+)
+def test_a_bad_host_and_port_is_a_usage_error(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected HOST:PORT"):
+        parse_hostport(text)
 
 
 @pytest.mark.parametrize(
