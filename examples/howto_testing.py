@@ -3,7 +3,9 @@
 ``trio.testing.memory_stream_pair()`` gives two connected in-memory streams: the sender's
 ``connect`` returns one end, the receiver takes the other with ``add_channel``. Under
 pytest-trio (``trio_mode = true``) these functions are tests as they are; the timeout
-test wants pytest-trio's ``autojump_clock`` fixture (here: a ``MockClock``).
+test wants pytest-trio's ``autojump_clock`` fixture (here: a ``MockClock``). The transfer
+test runs on the real clock: the library's worker threads are invisible to the autojump
+clock, which would leap over its timeouts while they work (docs/howto/testing.rst).
 
     python examples/howto_testing.py
     python -m pytest examples/howto_testing.py

@@ -322,6 +322,50 @@ async def test_receive_timeout_over_tcp_resets_the_stopped_channel() -> None:
     assert target.view[PAGE : PAGE + 1000] == b"\x42" * 1000
 
 
+# -- timeouts on a clock that runs ahead of real time ---------------------------------------
+
+CLOCK_NOTE = "of real time: the Trio clock jumped ahead"
+
+
+async def test_a_delivery_wait_cut_short_by_the_autojump_clock_says_the_clock_jumped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # What a test of a whole transfer under autojump_clock meets: while the receiver's
+    # worker threads finish, every task waits and the clock leaps over send_timeout.
+    src, _ = block_pair("mem", 1, seed=4)
+    _reader, ours = trio.testing.memory_stream_pair()  # read by nobody, never closed
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        return ours
+
+    with pytest.raises(m.DeliveryError) as info:
+        async with m.open_sender(connect, channels=1) as sender:
+            await sender.queue_pages(src, [0])
+    assert trio.current_time() == pytest.approx(60.0)
+    assert "within 60.0s after the final SYNC (after 0." in str(info.value)
+    assert CLOCK_NOTE in str(info.value)
+
+
+async def test_a_handshake_timeout_on_the_autojump_clock_says_the_clock_jumped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    _peer, ours = memory_pair()
+    with pytest.raises(m.HandshakeTimeoutError) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(ours)
+    assert CLOCK_NOTE in str(info.value)
+
+
+async def test_a_timeout_that_took_its_time_in_real_time_names_no_clock_jump() -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    _peer, ours = memory_pair()
+    with trio.fail_after(10), pytest.raises(m.HandshakeTimeoutError) as info:
+        async with m.open_receiver([target], channels=1, handshake_timeout=0.05) as receiver:
+            await receiver.add_channel(ours)
+    assert str(info.value) == "no complete handshake within handshake_timeout=0.05s"
+
+
 # -- cancellation from the application -----------------------------------------------------
 
 

@@ -57,6 +57,7 @@ from ._transport import (
     ReadySet,
     Transport,
     accept_into,
+    clock_note,
     deadline_scope,
     lenient_tls,
     open_transport,
@@ -433,12 +434,14 @@ class Receiver:
         try:
             buffer = bytearray(HANDSHAKE_SIZE)
             timeout = self._handshake_timeout
+            since = time.monotonic()
             with deadline_scope(timeout) as scope:
                 await _complete_tls_handshake(stream)
                 await transport.receive_into([memoryview(buffer)], "the handshake")
             if scope.cancelled_caught:
                 raise HandshakeTimeoutError(
                     f"no complete handshake within handshake_timeout={timeout}s"
+                    + clock_note(since, timeout)
                 )
             handshake = decode_handshake(buffer, channels=self.channels, uuid=self.uuid)
             channel = handshake.channel_id

@@ -48,6 +48,7 @@ __all__ = [
     "Transport",
     "Turns",
     "accept_into",
+    "clock_note",
     "deadline_scope",
     "lenient_tls",
     "open_transport",
@@ -192,6 +193,26 @@ def deadline_scope(timeout: float | None) -> trio.CancelScope:
     return trio.move_on_after(math.inf if timeout is None else timeout)
 
 
+def clock_note(since: float, timeout: float | None) -> str:
+    """What the message of an expired Trio-clock ``timeout``, started at ``since``
+    (``time.monotonic()``), adds when far less real time passed: the clock jumped.
+
+    A ``trio.testing.MockClock`` with autojump (pytest-trio's ``autojump_clock``) leaps
+    to the next deadline whenever every task waits, and a task waiting for a worker
+    thread, this end's or the peer's in the same process, waits too: a healthy transfer
+    then fails on a 60 s timeout after a fraction of a real second. Without this note the
+    message would send the reader looking for a 60 s stall that never happened.
+    """
+    elapsed = time.monotonic() - since
+    if timeout is None or elapsed >= timeout / 2:
+        return ""
+    return (
+        f" (after {elapsed:.2f}s of real time: the Trio clock jumped ahead, as a"
+        " trio.testing.MockClock with autojump does when every task waits, even on"
+        " worker threads that move packets)"
+    )
+
+
 class Transport:
     """One channel's stream, with the operations the engine needs.
 
@@ -239,6 +260,7 @@ class Transport:
     async def send_parts(self, parts: Sequence[Buffer], what: str = "a packet") -> None:
         """Send every byte of ``parts`` (``what``, named in a timeout's message) in order."""
         data = parts[0] if len(parts) == 1 else b"".join(parts)
+        since = time.monotonic()
         with deadline_scope(self.send_timeout) as scope:
             try:
                 self._send_interrupted = True
@@ -248,11 +270,13 @@ class Transport:
                 raise self._broken(exc, "sending") from exc
         if scope.cancelled_caught:
             raise SendStalledError(
-                f"sending {what} took longer than send_timeout={self.send_timeout}s",
+                f"sending {what} took longer than send_timeout={self.send_timeout}s"
+                + clock_note(since, self.send_timeout),
                 channel=self.channel,
             )
 
     async def _receive_some(self, max_bytes: int, what: str) -> bytes | bytearray:
+        since = time.monotonic()
         with deadline_scope(self.receive_timeout) as scope:
             try:
                 data = await self.stream.receive_some(max_bytes)
@@ -270,7 +294,8 @@ class Transport:
             return data
         assert scope.cancelled_caught
         raise ReceiveTimeoutError(
-            f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s",
+            f"no byte of {what} arrived for receive_timeout={self.receive_timeout}s"
+            + clock_note(since, self.receive_timeout),
             channel=self.channel,
         )
 
@@ -363,6 +388,7 @@ class Transport:
                 raise DeliveryError(
                     f"could not half-close the stream: {exc!r}", channel=self.channel
                 ) from exc
+        since = time.monotonic()
         with deadline_scope(within) as scope:
             try:
                 data = await self.stream.receive_some(1)
@@ -374,7 +400,8 @@ class Transport:
                 ) from exc
         if scope.cancelled_caught:
             raise DeliveryError(
-                f"the receiver did not close the channel within {within}s after the final SYNC",
+                f"the receiver did not close the channel within {within}s after the final SYNC"
+                + clock_note(since, within),
                 channel=self.channel,
             )
         if data:
