@@ -552,6 +552,71 @@ async def test_an_interrupt_inside_a_nursery_of_the_body_is_not_swallowed() -> N
             assert link.all_closed("sender")
 
 
+class InterruptingStream(TrackedStream):
+    """Raises ``raised`` from its ``calls``-th send or receive, as Trio's signal handler
+    raises KeyboardInterrupt in whatever code runs: on memory streams every operation of
+    the library's runs on the Trio thread."""
+
+    def __init__(self, inner: trio.abc.Stream, raised: BaseException, calls: int) -> None:
+        super().__init__(inner)
+        self.raised = raised
+        self.calls = calls
+
+    def _count(self) -> None:
+        self.calls -= 1
+        if self.calls == 0:
+            raise self.raised
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._count()
+        await super().send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self._count()
+        return await super().receive_some(max_bytes)
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, Interrupt])
+async def test_an_interrupt_in_a_sender_channel_task_leaves_the_block_bare(
+    exc_type: type[BaseException],
+) -> None:
+    # Raised in channel 0's first packet while the body waits for room: the teardown
+    # woke the body, which was refused with a RuntimeError, or (when the channel's
+    # cleanup met the teardown's Cancelled) the interrupt vanished and the block
+    # returned normally.
+    src, _ = block_pair("mem", 4096, seed=9)
+    raised = exc_type()
+    streams: list[InterruptingStream] = []
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        inner, _reader = trio.testing.memory_stream_pair()
+        streams.append(InterruptingStream(inner, raised, calls=2 if channel == 0 else 0))
+        return streams[-1]
+
+    with trio.fail_after(10), pytest.raises(exc_type) as info:
+        async with m.open_sender(connect, channels=2) as sender:
+            await sender.queue_pages(src, range(0, src.size, PAGE))
+    assert info.value is raised
+    assert all(stream.closed for stream in streams)
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, Interrupt])
+async def test_an_interrupt_in_a_receiver_channel_task_leaves_the_block_bare(
+    exc_type: type[BaseException],
+) -> None:
+    target = m.RAMBlock("mem", pattern(PAGE))
+    peer, ours = trio.testing.memory_stream_pair()
+    await peer.send_all(handshake() + packet([0]))
+    raised = exc_type()
+    stream = InterruptingStream(ours, raised, calls=2)  # the first read after the handshake
+    with trio.fail_after(10), pytest.raises(exc_type) as info:
+        async with m.open_receiver([target], channels=1) as receiver:
+            await receiver.add_channel(stream)
+            await receiver.wait_closed()
+    assert info.value is raised
+    assert stream.closed
+
+
 # Another process (it has descriptors of its own) opens silent connections, holds them
 # for a while, and exits.
 SILENT_FLOOD = """

@@ -634,6 +634,9 @@ class Receiver:
             # where the teardown's Cancelled would replace it.
             self._supervisor.fail(exc, channel=channel)
             raise
+        except BaseException as exc:
+            self._supervisor.interrupted(exc)
+            raise
         finally:
             if crew is not None:
                 await crew.worker.released()

@@ -543,6 +543,9 @@ class Sender:
             # see only that its last round was never written.
             self._supervisor.fail(exc, channel=channel)
             raise
+        except BaseException as exc:
+            self._supervisor.interrupted(exc)
+            raise
         finally:
             if crew is not None:
                 await crew.worker.released()

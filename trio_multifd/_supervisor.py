@@ -84,6 +84,8 @@ class Supervisor:
         self._error: Exception | None = None
         self._error_after: Callable[[], Exception | None] | None = None
         self._ended = False
+        # A KeyboardInterrupt (or another BaseException) raised in one of our tasks.
+        self.interrupt: BaseException | None = None
         self._errors: list[Exception] = []
         # RuntimeErrors of calls that the transfer's failure refused: see refusal().
         self._refusals: list[RuntimeError] = []
@@ -130,7 +132,7 @@ class Supervisor:
         refused = RuntimeError(message)
         refused.__cause__ = self.error
         refused.__suppress_context__ = True
-        if self._error is not None:
+        if self._error is not None or self.interrupt is not None:
             self._refusals.append(refused)
         return refused
 
@@ -167,6 +169,22 @@ class Supervisor:
         if self._nursery is not None:
             _cancel_unchained(self._nursery.cancel_scope)
 
+    def interrupted(self, exc: BaseException) -> None:
+        """A task of the transfer is ending with ``exc``: when that is neither an
+        ``Exception`` nor ``Cancelled`` (a ``KeyboardInterrupt`` that Trio's signal
+        handler raised in the library's code, say), the first one is recorded, to leave
+        the block bare, and the transfer cancelled at once. The task's cleanup awaits:
+        there the teardown's ``Cancelled`` replaces the exception in flight, which the
+        nursery then swallows, and a call of the application's that the cleanup wakes (a
+        ``queue_pages`` waiting for room) would be refused with a ``RuntimeError`` passing
+        for the application's own."""
+        if isinstance(exc, Exception | trio.Cancelled):
+            return
+        if self.interrupt is None:
+            self.interrupt = exc
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     async def channel_failed(self, exc: MultiFDError, channel: int) -> None:
         """A channel task's error: recorded like :meth:`fail`, unless the task is
         already being cancelled (the application left, or another channel failed
@@ -180,7 +198,7 @@ class Supervisor:
         if isinstance(exc, BaseExceptionGroup):
             return all(self._is_ours(e) for e in exc.exceptions)
         return isinstance(exc, trio.Cancelled) or any(
-            exc is e for e in (*self._errors, *self._refusals)
+            exc is e for e in (self.interrupt, *self._errors, *self._refusals)
         )
 
     def _outcome(self, exc: BaseException, body_exc: BaseException | None) -> BaseException:
@@ -194,6 +212,9 @@ class Supervisor:
                 if rest is not None:
                     return rest
             return body_exc
+        if self.interrupt is not None:
+            # Before a transfer error: the application was told to stop, not to retry.
+            return self.interrupt
         error = self._error
         if error is not None:
             # A group that holds something else than the transfer's errors and
@@ -239,7 +260,7 @@ class Supervisor:
         else:
             # The nursery absorbs the Cancelled of its own scope: the recorded error
             # must be raised explicitly, or the body's failure would pass as success.
-            pending = self._error
+            pending = self.interrupt or self._error
         finally:
             self._let_go()
         if pending is not None:
@@ -255,5 +276,6 @@ class Supervisor:
         if self._error is not None:
             self._error_after = _weakly(self._error)
         self._error = None
+        self.interrupt = None
         self._errors.clear()
         self._refusals.clear()
