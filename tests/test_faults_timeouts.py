@@ -195,6 +195,35 @@ async def test_send_timeout_fails_a_channel_whose_peer_stops_reading_over_tcp() 
             assert link.all_closed("sender")
 
 
+async def test_send_timeout_bounds_the_wait_for_a_receiver_that_reads_all_but_never_closes() -> (
+    None
+):
+    src, _ = block_pair("mem", 16, seed=2)
+    with trio.fail_after(10):
+        async with TcpLink.open() as link:
+
+            async def read_but_never_close() -> None:
+                stream = await link.accept()
+                while await stream.receive_some():
+                    pass  # the sender's half-close ends this loop; no close follows
+                await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_but_never_close)
+                start = trio.current_time()
+                with pytest.raises(m.DeliveryError) as info:
+                    async with m.open_sender(link.connect, channels=1, send_timeout=0.5) as sender:
+                        await sender.queue_pages(src, range(0, src.size, PAGE))
+                assert trio.current_time() - start >= 0.5
+                assert info.value.channel == 0
+                assert str(info.value) == (
+                    "channel 0: the receiver did not close the channel within 0.5s after the"
+                    " final SYNC"
+                )
+                assert link.all_closed("sender")
+                nursery.cancel_scope.cancel()
+
+
 async def test_send_timeout_defaults_to_sixty_seconds_on_a_stream_nobody_reads(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
