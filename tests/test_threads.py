@@ -258,6 +258,33 @@ async def test_a_channel_reset_while_parked_at_sync_fails_the_receiver_at_once(
                     await receiver.wait_closed()
             assert link.all_closed("receiver")
     assert info.value.channel == 0
+
+
+async def test_a_parked_channel_reset_while_its_thread_still_reads_another_fails_at_once() -> None:
+    # One thread for both channels: channel 0 waits at SYNC 1, channel 1 is still read
+    # (it sent its handshake only), so the thread blocks in its wait on both. A reset of
+    # channel 0 must fail the receiver now, naming channel 0, not once channel 1 speaks.
+    _, dst = block_pair("mem", 4)
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            with pytest.raises(m.TransportError) as info:
+                async with m.open_receiver([dst], channels=2, io_threads=1) as receiver:
+                    parked = await link.raw_connect()
+                    await parked.send_all(handshake(0) + sync_packet())
+                    await receiver.add_channel(await link.accept())
+                    quiet = await link.raw_connect()
+                    await quiet.send_all(handshake(1))
+                    await receiver.add_channel(await link.accept())
+                    while receiver.stats.channels[0].syncs < 1:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    parked.setsockopt(
+                        trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    await parked.aclose()
+                    await receiver.wait_closed()
+            assert link.all_closed("receiver")
+    assert info.value.channel == 0
+    assert "waiting at SYNC 1" in str(info.value)
     assert "waiting at SYNC 1" in str(info.value)
 
 
@@ -266,28 +293,34 @@ async def test_a_unix_channel_closed_at_its_sync_by_a_sender_without_in_band_end
     io_threads: int,
 ) -> None:
     # QEMU closes each channel once it has written everything. Channel 0 is closed
-    # while it waits at SYNC 1 for channel 1, whose page comes later: on a Unix socket
-    # that close is a hang-up to poll, and it must not pass for the sender's failure.
+    # while it waits at SYNC 1 for channel 1, connected but silent until later: on a Unix
+    # socket that close is a hang-up to poll (with one thread, in the same wait as channel
+    # 1's reads), and it must not pass for the sender's failure.
     pages = [bytes([channel + 1]) * PAGE for channel in (0, 1)]
     target = pattern(2 * PAGE)
+
+    def packets(channel: int) -> bytes:
+        return make_packet("mem", {channel * PAGE: pages[channel]}) + sync_packet(num=1)
+
     with trio.fail_after(5):
         async with m.open_receiver(
             [m.RAMBlock("mem", target)], channels=2, io_threads=io_threads
         ) as receiver:
-            for channel in (0, 1):
+            senders = []
+            for channel in (1, 0):
                 theirs, ours = trio.socket.socketpair(socket.AF_UNIX)
-                sender = trio.SocketStream(theirs)
-                await sender.send_all(
-                    handshake(channel)
-                    + make_packet("mem", {channel * PAGE: pages[channel]})
-                    + sync_packet(num=1)
-                )
-                await sender.aclose()
+                senders.append(trio.SocketStream(theirs))
+                await senders[-1].send_all(handshake(channel))
                 await receiver.add_channel(trio.SocketStream(ours))
-                # Channel 0 parks at its SYNC, then hangs up, while channel 1 waits.
-                while receiver.stats.channels[channel].syncs < 1:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-                await trio.sleep(0.1)
+            late, early = senders
+            await early.send_all(packets(0))
+            await early.aclose()
+            # Channel 0 parks at its SYNC, then hangs up, while channel 1 waits.
+            while receiver.stats.channels[0].syncs < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            await late.send_all(packets(1))
+            await late.aclose()
             await receiver.wait_closed()
             assert receiver.rounds_completed == 1
     assert target == b"".join(pages)
