@@ -654,9 +654,20 @@ def test_a_payload_that_does_not_end_where_qemu_flushes_fails_on_its_own_packet(
     assert target == image
 
 
-def test_a_zlib_payload_cut_in_a_block_header_that_reads_like_a_flush_fails_on_its_own() -> None:
-    # A dynamic block's header cut after 48 bits whose last four bytes read 00 00 ff ff:
-    # the pages decode in full, but the stream stopped inside a block.
+@pytest.mark.parametrize(
+    "cut",
+    [
+        # A dynamic block's header cut after 48 bits whose last four bytes read 00 00 ff ff:
+        # the pages decode in full, but the stream stopped inside a block.
+        b"\x04\x00",
+        # The first 3 bytes of a real dynamic block's header, then 00 00 ff ff: what would
+        # end the stream there (an empty last block, the trailer) is no valid header.
+        bytes.fromhex("ecd8c9"),
+    ],
+)
+def test_a_zlib_payload_cut_in_a_block_header_that_reads_like_a_flush_fails_on_its_own(
+    cut: bytes,
+) -> None:
     image = random.Random(13).randbytes(2 * PAGE)
     deflate = zlib.compressobj(1)
     first, second = (
@@ -666,7 +677,7 @@ def test_a_zlib_payload_cut_in_a_block_header_that_reads_like_a_flush_fails_on_i
     decoder = get_method("zlib").new_decoder()
     target = bytearray(2 * PAGE)
     with pytest.raises(DecompressionError, match="zlib payload ends inside a block"):
-        decoder.decode_into(first + b"\x04\x00\x00\x00\xff\xff", runs_of(target, [0]))
+        decoder.decode_into(first + cut + b"\x00\x00\xff\xff", runs_of(target, [0]))
     assert target == bytes(2 * PAGE)  # checked before a byte is written
     # The undamaged stream decodes, the second packet included.
     decoder = get_method("zlib").new_decoder()

@@ -70,9 +70,8 @@ def _ends_between_blocks(inflate: zlib._Decompress, adler: int) -> bool:
 
 
 def _asks_for_dictionary(header: bytes) -> bool:
-    """Whether ``header`` is a zlib header that inflate accepts up to its FDICT bit."""
-    if len(header) < 2:
-        return False
+    """Whether ``header``, a payload's first 2 bytes (it has at least the 4 of its sync
+    flush), is a zlib header that inflate accepts up to its FDICT bit."""
     cmf, flg = header[0], header[1]
     # inflate's order: the check bits, the method (8, deflate), the window (at most
     # 32 KiB), and only then the preset dictionary.
