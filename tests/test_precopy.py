@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import trio_multifd as m
 from trio_multifd._precopy import (
@@ -773,6 +774,43 @@ async def test_a_cancelled_collect_leaves_its_pages_for_the_next(detect: str) ->
             assert set(result[block]) == expected
             expected.clear()
     assert set((await tracker.collect())[block]) == expected
+
+
+async def test_a_collect_cancelled_while_it_lists_the_offsets_leaves_them_for_the_next() -> None:
+    # 4 x 32768 pages: listing the offsets takes 4 checkpoints after the bitmaps were taken.
+    block = m.RAMBlock("ram", bytearray(1 << 26), page_size=512)
+    tracker = DirtyTracker([block])
+    tracker.mark(block, 0)
+    tracker.mark(block, block.size - 512)
+
+    marks = tracker._maps
+
+    def bitmaps_taken() -> bool:
+        return tracker._maps is not marks and not tracker._collecting
+
+    async def cancel_once_the_bitmaps_are_taken(scope: trio.CancelScope) -> None:
+        # A task runs once per batch: this one is at most a checkpoint behind collect().
+        while not bitmaps_taken():
+            await trio.lowlevel.checkpoint()
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            nursery.start_soon(cancel_once_the_bitmaps_are_taken, scope)
+            await tracker.collect()
+    assert scope.cancelled_caught
+    assert await tracker.collect() == {block: [0, block.size - 512]}
+
+
+async def test_a_second_collect_while_one_runs_is_refused() -> None:
+    block = m.RAMBlock("ram", random_pages(64, seed=18))
+    tracker = DirtyTracker([block], detect="hash")  # its scan runs in a worker thread
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracker.collect)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="another collect\\(\\) of this DirtyTracker"):
+            await tracker.collect()
+    assert (await tracker.collect()) == {block: []}
 
 
 async def test_collect_reports_each_block_in_order() -> None:
