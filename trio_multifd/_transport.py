@@ -677,10 +677,10 @@ class ReadySet(Generic[T]):
     def mute(self, transport: Transport) -> None:
         """Stop polling the parked ``transport`` until :meth:`unpark`, even for a
         hang-up: its peer closed it, which poll would report again at every wait. A
-        parked stream is not waited on in the first place."""
-        if isinstance(transport, SocketTransport):
-            self._poller.unregister(transport._fd)
-            self._muted.add(transport._fd)
+        parked stream is not waited on in the first place, so none is muted."""
+        assert isinstance(transport, SocketTransport)
+        self._poller.unregister(transport._fd)
+        self._muted.add(transport._fd)
 
     def unpark(self, transport: Transport, item: T) -> None:
         """Read ``transport`` again."""
