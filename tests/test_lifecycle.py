@@ -721,6 +721,70 @@ async def test_a_handshake_that_ends_after_the_receivers_block_resets_its_connec
     assert await ours.receive_some() == b""
 
 
+async def test_a_bad_handshake_after_the_receivers_block_is_raised_and_resets_its_stream() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outside:
+            async with m.open_receiver([m.RAMBlock("mem", bytearray(PAGE))]) as receiver:
+
+                async def add() -> None:
+                    with pytest.raises(m.MagicError) as info:
+                        await receiver.add_channel(theirs)
+                    assert info.value.channel is None
+                    # Recorded, though nothing is left to cancel: later calls say so.
+                    with pytest.raises(RuntimeError, match="the transfer failed") as refused:
+                        await receiver.sync()
+                    assert refused.value.__cause__ is info.value
+
+                outside.start_soon(add)
+                await trio.testing.wait_all_tasks_blocked()  # reading the handshake
+            await ours.send_all(bytes(m.HANDSHAKE_SIZE))
+    assert await ours.receive_some() == b"!"
+    assert await ours.receive_some() == b""
+
+
+class CloseFails(TrackedStream):
+    async def aclose(self) -> None:
+        await super().aclose()
+        raise trio.BrokenResourceError("injected fault in aclose")
+
+
+async def test_a_sender_stream_whose_close_fails_after_the_confirmation_still_succeeds() -> None:
+    src, dst = block_pair("mem", 8, seed=8)
+    connect, ends = memory_channels(1, wrap=lambda _, stream: CloseFails(stream))
+    with trio.fail_after(10):
+        async with m.open_receiver([dst], channels=1) as receiver:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver.add_channel, ends[0])
+                async with m.open_sender(connect, channels=1) as sender:
+                    await sender.queue_pages(src, range(0, src.size, PAGE))
+            await receiver.wait_closed()
+    assert dst.view == src.view
+
+
+class CloseHangs(TrackedStream):
+    """A close whose goodbye (as TLS's close_notify) the peer never answers."""
+
+    async def aclose(self) -> None:
+        self.closed = True
+        try:
+            await trio.sleep_forever()
+        finally:
+            await trio.aclose_forcefully(self.inner)
+
+
+async def test_a_stream_whose_close_hangs_is_given_five_seconds_then_forced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    theirs, ours = trio.testing.memory_stream_pair()
+    transport = _transport.open_transport(CloseHangs(ours), channel=0)
+    await transport.aclose()
+    assert trio.current_time() == pytest.approx(5.0)
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"x")  # the stream under it was closed after all
+    assert await theirs.receive_some() == b""
+
+
 async def assert_closed_as_a_failure(kind: str, stream: trio.abc.Stream) -> None:
     """``stream``'s peer closed it as a failure: a reset, or on a Unix socket (which has
     none) the failure byte then the end."""
