@@ -65,6 +65,11 @@ def test_block_rejects_bad_names(name: str) -> None:
         m.RAMBlock(name, bytearray(4096))
 
 
+def test_block_name_of_bytes_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="name must be a str, got bytes"):
+        m.RAMBlock(b"ram", bytearray(4096))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("page_size", [4096.0, "4096", True])
 def test_block_names_a_page_size_of_the_wrong_type_with_a_type_error(page_size: object) -> None:
     with pytest.raises(TypeError, match="page_size must be an integer"):

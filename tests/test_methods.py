@@ -872,6 +872,11 @@ def test_lookups_by_name_and_flag() -> None:
     assert list(methods()) == ["none", "zlib", "zstd"]
 
 
+def test_a_method_name_that_is_no_str_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="a method name is a str, got int"):
+        get_method(2)  # type: ignore[arg-type]
+
+
 def test_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown compression method 'lz4'.*none, zlib, zstd"):
         get_method("lz4")

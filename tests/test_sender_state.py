@@ -400,3 +400,27 @@ async def test_connect_returning_no_stream_is_named() -> None:
         async with m.open_sender(connect, channels=1):
             pass
     assert "connect returned NoneType, not a trio.abc.Stream" in str(info.value)
+
+
+@pytest.mark.parametrize("call", ["queue_page", "queue_pages"])
+async def test_queueing_a_block_that_is_no_ramblock_or_of_another_page_size_is_refused(
+    call: str,
+) -> None:
+    src, dst = block_pair("mem", 2)
+    small = m.RAMBlock("small", bytearray(2 * PAGE), page_size=PAGE // 2)
+
+    async def body(sender: m.Sender) -> None:
+        queue = getattr(sender, call)
+        offset = 0 if call == "queue_page" else [0]
+        with pytest.raises(TypeError, match="block must be a RAMBlock, got bytearray"):
+            await queue(bytearray(PAGE), offset)
+        with pytest.raises(
+            ValueError, match="block 'small' has page_size 2048, the sender uses 4096"
+        ):
+            await queue(small, offset)
+        # Refused before anything was queued: the transfer goes on.
+        await sender.queue_pages(src, range(0, src.size, PAGE))
+
+    with trio.fail_after(DEADLINE):
+        await transfer([src], [dst], body, channels=1, via="memory")
+    assert dst.view == src.view

@@ -42,6 +42,42 @@ async def test_a_count_outside_1_to_255_or_not_an_int_is_refused_at_open(
             pass
 
 
+async def test_a_uuid_that_is_no_uuid_is_a_type_error_at_either_end() -> None:
+    _, dst = block_pair("mem", 1)
+
+    async def never(channel: int) -> trio.abc.Stream:
+        raise AssertionError("must not connect")
+
+    text = str(uuid.uuid4())  # the common slip: a UUID's text
+    with pytest.raises(TypeError, match=r"uuid must be a uuid\.UUID or None, got str"):
+        async with m.open_sender(never, uuid=text):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError, match=r"uuid must be a uuid\.UUID or None, got str"):
+        async with m.open_receiver([dst], uuid=text):  # type: ignore[arg-type]
+            pass
+
+
+async def test_an_unknown_zero_page_detection_is_refused_at_open() -> None:
+    async def never(channel: int) -> trio.abc.Stream:
+        raise AssertionError("must not connect")
+
+    with pytest.raises(ValueError, match=r"zero_page_detection must be one of .*got 'legacy'"):
+        async with m.open_sender(never, zero_page_detection="legacy"):
+            pass
+
+
+async def test_open_receiver_refuses_a_target_that_is_no_ramblock() -> None:
+    with pytest.raises(TypeError, match="blocks must be RAMBlock, got bytearray"):
+        async with m.open_receiver([bytearray(PAGE)]):  # type: ignore[list-item]
+            pass
+
+
+async def test_a_receiver_lists_its_target_blocks_in_the_order_given() -> None:
+    b, a = m.RAMBlock("b", bytearray(PAGE)), m.RAMBlock("a", bytearray(PAGE))
+    async with m.open_receiver([b, a]) as receiver:
+        assert receiver.blocks == (b, a)
+
+
 @pytest.mark.parametrize("page_size", [4096.0, "4096", True])
 async def test_a_page_size_that_is_not_an_int_is_a_type_error_at_open(page_size: Any) -> None:
     async def never(channel: int) -> trio.abc.Stream:

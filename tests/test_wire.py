@@ -226,6 +226,11 @@ def test_short_handshake_is_a_value_error() -> None:
         m.decode_handshake(bytes(63), channels=1)
 
 
+def test_short_packet_header_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="a header is 1344 bytes, got 1343"):
+        m.decode_packet_header(bytes(1343), page_count=128)
+
+
 # -- packet header validation --------------------------------------------------------------
 
 
