@@ -365,6 +365,41 @@ def test_receiver_killed_mid_transfer(tmp_path: Path) -> None:
     assert not (out_dir / "a.bin").exists()
 
 
+@pytest.mark.parametrize(
+    ("signum", "line"),
+    [
+        (
+            signal.SIGTERM,
+            "the sender stopped mid-transfer: it was cancelled (Ctrl-C, SIGTERM or its"
+            " application)",
+        ),
+        (
+            signal.SIGINT,
+            "the sender stopped mid-transfer: it was cancelled (Ctrl-C, SIGTERM or its"
+            " application)",
+        ),
+        # Its channels end cleanly after the stall's SYNC, as a finished sender's do.
+        (signal.SIGKILL, "the sender went away (its control stream closed mid-transfer)"),
+    ],
+    ids=["sigterm", "sigint", "sigkill"],
+)
+def test_a_sender_stopped_mid_transfer_is_named_so_by_the_receiver(
+    tmp_path: Path, signum: signal.Signals, line: str
+) -> None:
+    src, out_dir = random_file_and_out_dir(tmp_path, 1024 * PAGE)
+    with (
+        receiving(out_dir / "a.bin") as (recv, port),
+        stalled_sender(src, port, out_dir) as sender,
+    ):
+        half_received(recv)
+        sender.send_signal(signum)
+        sender.communicate(timeout=TIMEOUT)
+        _, err = recv.communicate(timeout=TIMEOUT)
+    assert recv.returncode == 1
+    assert err.strip().splitlines()[-1] == f"trio-multifd: error: {line}"
+    assert list(out_dir.iterdir()) == []
+
+
 def can_lease(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -390,12 +425,16 @@ def test_a_source_truncated_while_it_is_sent_stops_the_copy_with_a_clear_error(
         _, err = sender.communicate(timeout=TIMEOUT)
         _, recv_err = recv.communicate(timeout=TIMEOUT)
     assert sender.returncode == 1, err  # not killed by SIGBUS
-    assert err.splitlines()[-1] == (
-        f"trio-multifd: error: {src} was opened for writing or truncated by another"
-        " process while it was being sent: the copy stopped (its content would no longer"
-        " match the checksum)"
+    reason = (
+        f"{src} was opened for writing or truncated by another process while it was being"
+        " sent: the copy stopped (its content would no longer match the checksum)"
     )
+    assert err.splitlines()[-1] == f"trio-multifd: error: {reason}"
     assert recv.returncode == 1, recv_err
+    # Told by the sender's abort message.
+    assert recv_err.splitlines()[-1] == (
+        f"trio-multifd: error: the sender stopped mid-transfer: {reason}"
+    )
     assert list(out_dir.iterdir()) == []
     assert src.stat().st_size == PAGE
 

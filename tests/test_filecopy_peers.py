@@ -185,7 +185,20 @@ def test_a_sender_writing_on_its_control_stream_mid_transfer_is_named_so(
     assert code == 1
     assert lines == [
         "trio-multifd: error: the sender wrote on its control stream mid-transfer (nothing"
-        " may come from it between the manifest and the verdict)"
+        " but an abort may come from it between the manifest and the verdict)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_senders_abort_mid_transfer_gives_the_receiver_its_reason(tmp_path: Path) -> None:
+    with receiving(tmp_path) as (proc, port):
+        with open_control(port, json.dumps(manifest()).encode()) as sock:
+            assert read_message(sock) == {"type": "go"}
+            sock.sendall(frame(b'{"type": "abort", "error": "disk on fire\\nreally"}'))
+            code, lines = finished(proc)  # the control stream is still open
+    assert code == 1
+    assert lines == [
+        "trio-multifd: error: the sender stopped mid-transfer: 'disk on fire\\nreally'"
     ]
     assert list(tmp_path.iterdir()) == []
 

@@ -10,7 +10,8 @@ verdict after the last one:
 - sender -> receiver: ``manifest``; receiver -> sender: ``go`` or ``refuse``; the sender
   then opens the multifd channels to the same port (QEMU's handshake magic
   ``0x11223344`` is what they start with), sends, and after its final SYNC reads
-  receiver -> sender ``verdict``.
+  receiver -> sender ``verdict``; a sender that stops before then says why first, with
+  sender -> receiver ``abort``.
 
 Also the TLS contexts both ends wrap their connections in.
 """
@@ -76,9 +77,12 @@ async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None
     await stream.send_all(struct.pack(">I", len(body)) + body)
 
 
-async def receive_message(stream: trio.abc.Stream, what: str) -> dict[str, Any]:
-    """Receive one length-prefixed JSON message (an object)."""
-    prefix = await receive_exact(stream, 4, what)
+async def receive_message(
+    stream: trio.abc.Stream, what: str, first: bytes = b""
+) -> dict[str, Any]:
+    """Receive one length-prefixed JSON message (an object), of which ``first`` (at most
+    the 4 bytes of its length) was already read."""
+    prefix = first + await receive_exact(stream, 4 - len(first), what)
     (length,) = struct.unpack(">I", prefix)
     if length > MAX_MESSAGE:
         # Four letters where a length belongs: most likely another protocol ("HTTP").

@@ -22,7 +22,7 @@ import signal
 import ssl
 import stat
 import uuid as uuid_mod
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NoReturn
 
 import attrs
@@ -39,11 +39,19 @@ from ._control import (
     send_message,
     tell,
 )
-from ._errors import CopyError, MappingError, MultiFDError
+from ._errors import (
+    CopyError,
+    MappingError,
+    MultiFDError,
+    TransferIncompleteError,
+    TransportError,
+    TruncatedError,
+)
 from ._extents import CHECKSUM, PAGE, page_ranges, scan_in_thread
 from ._methods import get_method
 from ._receiver import open_receiver
 from ._sender import open_sender
+from ._stats import TransferStats
 
 __all__ = ["MAX_CHANNELS", "Progress", "Summary", "describe", "receive_file", "send_file"]
 
@@ -67,6 +75,13 @@ The sender chooses the count, and each zstd channel's frame may make the receive
 32 MiB window (:data:`~trio_multifd._methods._zstd.MAX_WINDOW_SIZE`), filled by a few KiB of
 run-length blocks: 255 channels would let a peer claim 8 GiB with 64 KiB on the wire; 16
 bound it to 512 MiB."""
+SENDERS_WORD_WAIT = 5.0
+"""How long a receiver whose channels were reset or ended mid-transfer waits at most
+for the sender's word on the control stream (an abort message, or its end) to say why:
+the sender writes it, or its process's end closes the stream, right after the reset."""
+_MESSAGE_REST = 1.0
+# How long the rest of a control message may take once its first byte is in (the sender
+# writes each at once).
 LEASE_POLL = 0.05
 """How often the sender looks whether another process wants to change its file."""
 
@@ -322,6 +337,7 @@ async def send_file(
                 return await open_stream()
 
             verdict: dict[str, Any] = {}
+            aborted = trio.Event()
             # No deadline while pages move (the engine bounds those waits); from the
             # last page on, idle_timeout for each message of the receiver.
             waiting = trio.CancelScope()
@@ -340,7 +356,7 @@ async def send_file(
                             if waiting.deadline != math.inf:
                                 waiting.deadline = trio.current_time() + idle_timeout
                     except (trio.BrokenResourceError, PeerClosed) as exc:
-                        if lease.broken:
+                        if lease.broken or aborted.is_set():
                             return  # because this side stopped; its own error says why
                         raise PeerGone(
                             "the receiver went away before its verdict (it failed or was stopped)"
@@ -351,25 +367,36 @@ async def send_file(
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_verdict)
-                async with trio.open_nursery() as watching:
-                    async with open_sender(
-                        connect,
-                        channels=channels,
-                        uuid=transfer_uuid,
-                        compression=compression,
-                        compression_level=level,
-                        # A receiver that stops reading is a peer that makes no progress.
-                        send_timeout=idle_timeout,
-                        io_threads=io_threads,
-                    ) as sender:
-                        watching.start_soon(lease.watch)
-                        watching.start_soon(
-                            _watch, lambda: sender.stats.page_bytes, data_bytes, progress
+                try:
+                    async with trio.open_nursery() as watching:
+                        async with open_sender(
+                            connect,
+                            channels=channels,
+                            uuid=transfer_uuid,
+                            compression=compression,
+                            compression_level=level,
+                            # A receiver that stops reading is a peer that makes no progress.
+                            send_timeout=idle_timeout,
+                            io_threads=io_threads,
+                        ) as sender:
+                            watching.start_soon(lease.watch)
+                            watching.start_soon(
+                                _watch, lambda: sender.stats.page_bytes, data_bytes, progress
+                            )
+                            await _queue(sender, blocks[0] if blocks else None, ranges)
+                            if tail_len:
+                                await sender.queue_page(tail_block, 0)
+                        watching.cancel_scope.cancel()
+                except BaseException as exc:
+                    # The receiver sees its channels reset (by the engine, before this) and
+                    # waits for these words to say why: a channel's reset says nothing. It
+                    # may close the control stream on them.
+                    aborted.set()
+                    with trio.CancelScope(shield=True):
+                        await tell(
+                            control, {"type": "abort", "error": _abort_reason(exc)}, idle_timeout
                         )
-                        await _queue(sender, blocks[0] if blocks else None, ranges)
-                        if tail_len:
-                            await sender.queue_page(tail_block, 0)
-                    watching.cancel_scope.cancel()
+                    raise
                 if mapping is not None:
                     _unmap(mapping, blocks)
                     mapping = None
@@ -409,6 +436,18 @@ async def send_file(
         if mapping is not None:
             _unmap(mapping, blocks)
         os.close(fd)
+
+
+def _abort_reason(exc: BaseException) -> str:
+    """Why the sender stopped mid-transfer, as its abort message says it."""
+    rest: BaseException | None = exc
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+    elif isinstance(exc, trio.Cancelled):
+        rest = None
+    if rest is None:
+        return "it was cancelled (Ctrl-C, SIGTERM or its application)"
+    return _cut(describe(rest), _SHOWN_LIMIT)
 
 
 async def _go_ahead(
@@ -753,33 +792,29 @@ async def _receive_with(
         tail = bytearray(PAGE)
         blocks.append(RAMBlock("tail", tail, zeroed=True))
         start = trio.current_time()
-        # Entered by hand: only the receiver's own allocation is a refusal, not a
-        # MemoryError from inside its block.
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                receiver = await stack.enter_async_context(
-                    open_receiver(
-                        blocks,
-                        channels=channels,
-                        uuid=uuid_mod.UUID(manifest["uuid"]),
-                        compression=manifest["method"],
-                        handshake_timeout=handshake_timeout,
-                        io_threads=io_threads,
-                    )
-                )
-            except MemoryError as exc:
-                raise await refuse(f"cannot receive a file of {size} bytes: {exc}") from None
-            await send_message(control, {"type": "go"})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _watch, lambda: receiver.stats.page_bytes, manifest["data_bytes"], progress
-                )
-                nursery.start_soon(_watch_control, control)
-                nursery.start_soon(_watch_idle, lambda: receiver.stats.bytes, idle_timeout)
-                await nursery.start(receiver.serve, listeners)
-                await receiver.wait_closed()
-                nursery.cancel_scope.cancel()
-            stats = receiver.stats
+        try:
+            stats = await _transfer(
+                control,
+                manifest,
+                listeners,
+                blocks,
+                refuse,
+                progress=progress,
+                handshake_timeout=handshake_timeout,
+                idle_timeout=idle_timeout,
+                io_threads=io_threads,
+            )
+        except Exception as exc:
+            if not _left_by_the_sender(exc):
+                raise
+            # The channels' reset says nothing of why: the sender's word does, which
+            # comes (or its end of stream) on the control stream right after.
+            said: list[CopyError] = []
+            with trio.move_on_after(min(SENDERS_WORD_WAIT, idle_timeout)):
+                await _note_word(control, said)
+            if not said or not isinstance(said[0], PeerGone):
+                raise
+            raise said.pop() from exc
         seconds = trio.current_time() - start
         if progress is not None:
             progress(manifest["data_bytes"], manifest["data_bytes"])
@@ -794,11 +829,18 @@ async def _receive_with(
                 raise await reject(
                     f"cannot write the copy's last partial page: {exc.strerror}"
                 ) from None
+        # A sender that stopped at a SYNC ended its channels as cleanly as one that is
+        # done; its word (or end of stream), which a sender waiting for the verdict does
+        # not send, says why the copy differs.
+        word: list[CopyError] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_checking, control, min(CHECKING_INTERVAL, idle_timeout / 3))
+            nursery.start_soon(_note_word, control, word)
             checksum, _ = await scan_in_thread(fd, size, count_pages=False, name="the copy")
             nursery.cancel_scope.cancel()
         expected = manifest["checksum"]["value"]
+        if checksum != expected and word and isinstance(word[0], PeerGone):
+            raise word.pop()
         if checksum != expected:
             raise await reject(
                 f"checksum mismatch: the copy has {checksum}, the manifest says {expected}",
@@ -861,6 +903,51 @@ async def _receive_with(
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+
+
+async def _transfer(
+    control: trio.abc.Stream,
+    manifest: dict[str, Any],
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
+    blocks: list[RAMBlock],
+    refuse: Callable[[str], Awaitable[CopyError]],
+    *,
+    progress: Progress | None,
+    handshake_timeout: float,
+    idle_timeout: float,
+    io_threads: int | None,
+) -> TransferStats:
+    """Receive the pages into ``blocks``, from the go-ahead to the last channel's clean
+    end, while the control stream is watched."""
+    # Entered by hand: only the receiver's own allocation is a refusal, not a
+    # MemoryError from inside its block.
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            receiver = await stack.enter_async_context(
+                open_receiver(
+                    blocks,
+                    channels=manifest["channels"],
+                    uuid=uuid_mod.UUID(manifest["uuid"]),
+                    compression=manifest["method"],
+                    handshake_timeout=handshake_timeout,
+                    io_threads=io_threads,
+                )
+            )
+        except MemoryError as exc:
+            raise await refuse(
+                f"cannot receive a file of {manifest['size']} bytes: {exc}"
+            ) from None
+        await send_message(control, {"type": "go"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _watch, lambda: receiver.stats.page_bytes, manifest["data_bytes"], progress
+            )
+            nursery.start_soon(_watch_control, control)
+            nursery.start_soon(_watch_idle, lambda: receiver.stats.bytes, idle_timeout)
+            await nursery.start(receiver.serve, listeners)
+            await receiver.wait_closed()
+            nursery.cancel_scope.cancel()
+        return receiver.stats
 
 
 def _unmap(mapping: mmap.mmap, blocks: list[RAMBlock]) -> None:
@@ -949,19 +1036,50 @@ def _name_too_long(final: str) -> str | None:
     return None
 
 
-async def _watch_control(control: trio.abc.Stream) -> NoReturn:
-    # The sender says nothing on the control stream until it reads the verdict: an end
-    # of stream before then means it gave up, and a byte that it breaks the framing.
+async def _senders_word(control: trio.abc.Stream) -> CopyError:
+    """What the sender says on its control stream between the manifest and the verdict,
+    where it says nothing unless it stops: a :class:`PeerGone` for its end of stream or
+    its ``abort`` message, a :class:`CopyError` for anything else (a byte breaks the
+    framing)."""
     try:
-        data = await control.receive_some(1)
+        first = await control.receive_some(1)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        data = b""
-    if data:
-        raise CopyError(
-            "the sender wrote on its control stream mid-transfer (nothing may come from"
-            " it between the manifest and the verdict)"
-        )
-    raise PeerGone("the sender went away (its control stream closed mid-transfer)")
+        first = b""
+    if not first:
+        return PeerGone("the sender went away (its control stream closed mid-transfer)")
+    message: dict[str, Any] | None = None
+    # Shielded: a cancel must not leave the stream mid-message for the next reader (see
+    # _receive_with); the sender writes a message at once, so its rest is already here.
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(_MESSAGE_REST),
+        contextlib.suppress(CopyError, trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        message = await receive_message(control, "the rest of its message", bytes(first))
+    if message is not None and message["type"] == "abort":
+        return PeerGone(f"the sender stopped mid-transfer: {_shown(message.get('error'))}")
+    return CopyError(
+        "the sender wrote on its control stream mid-transfer (nothing but an abort may come"
+        " from it between the manifest and the verdict)"
+    )
+
+
+async def _watch_control(control: trio.abc.Stream) -> NoReturn:
+    raise await _senders_word(control)
+
+
+async def _note_word(control: trio.abc.Stream, said: list[CopyError]) -> None:
+    said.append(await _senders_word(control))
+
+
+def _left_by_the_sender(exc: BaseException) -> bool:
+    """Whether ``exc``, from the receiver's block, is what a sender that stopped leaves:
+    its channels reset or ended, and no error of this side's own."""
+    leaves = list(_leaves(exc)) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return not any(isinstance(leaf, CopyError | MappingError) for leaf in leaves) and any(
+        isinstance(leaf, TransportError | TruncatedError | TransferIncompleteError)
+        for leaf in leaves
+    )
 
 
 def describe(exc: BaseException) -> str:
