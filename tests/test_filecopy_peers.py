@@ -918,22 +918,39 @@ def test_a_source_whose_name_is_not_utf8_arrives_under_a_printable_name(tmp_path
     assert (dest / "caf\ufffd\ufffd.bin").read_bytes() == b"data" * 3000
 
 
-def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        (
+            b"HTTP/1.1 400 Bad Request\r\n\r\n",
+            "1213486160 bytes (limit 65536): it began with b'HTTP'",
+        ),
+        (b"SSH-2.0-OpenSSH_9.2p1\r\n", "1397966893 bytes (limit 65536): it began with b'SSH-'"),
+        (
+            b"\x8f\x13\xfe\x02" + bytes(60),
+            "2400452098 bytes (limit 65536): it began with b'\\x8f\\x13\\xfe\\x02'",
+        ),
+    ],
+    ids=["http", "ssh", "random"],
+)
+def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(
+    tmp_path: Path, answer: bytes, shown: str
+) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"x")
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def answer_http() -> None:
+    def serve() -> None:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(TIMEOUT)
             conn.recv(65536)  # the control magic and the manifest
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.sendall(answer)
             with contextlib.suppress(ConnectionResetError):  # the sender leaves
                 while conn.recv(65536):
                     pass
 
-    thread = threading.Thread(target=answer_http, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         proc = send(src, listener.getsockname()[1])
@@ -942,8 +959,8 @@ def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(tmp_path: 
         listener.close()
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        "trio-multifd: error: control message of 1213486160 bytes (limit 65536): it began"
-        " with b'HTTP', the peer does not speak trio-multifd's framing"
+        f"trio-multifd: error: control message of {shown}, the peer does not speak"
+        " trio-multifd's framing"
     ]
 
 

@@ -85,13 +85,12 @@ async def receive_message(
     prefix = first + await receive_exact(stream, 4 - len(first), what)
     (length,) = struct.unpack(">I", prefix)
     if length > MAX_MESSAGE:
-        # Four letters where a length belongs: most likely another protocol ("HTTP").
-        hint = (
-            f": it began with {prefix!r}, the peer does not speak trio-multifd's framing"
-            if prefix.isascii() and prefix.isalpha()
-            else ""
+        # Neither end of trio-multifd writes such a message: these are another protocol's
+        # bytes ("HTTP", an SSH banner) or none at all (random bytes).
+        raise CopyError(
+            f"control message of {length} bytes (limit {MAX_MESSAGE}): it began with"
+            f" {prefix!r}, the peer does not speak trio-multifd's framing"
         )
-        raise CopyError(f"control message of {length} bytes (limit {MAX_MESSAGE}){hint}")
     body = await receive_exact(stream, length, what)
     try:
         message = json.loads(body.decode("utf-8"))
