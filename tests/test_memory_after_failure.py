@@ -9,17 +9,21 @@ anything a reference cycle holds stays, and watches the ends and their channels'
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import struct
 import uuid
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import trio_multifd as m
-from trio_multifd import _methods, _receiver, _sender
+from trio_multifd import _control, _filecopy, _methods, _receiver, _sender
+from trio_multifd._errors import CopyError
 from trio_multifd._sender import Connector
 from trio_multifd._transport import Transport
 
@@ -185,3 +189,41 @@ async def test_both_ends_cancelled_from_outside_are_freed_without_the_cyclic_col
     with trio.fail_after(DEADLINE):
         await cancel()
     assert still_alive(channel_state) == []
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+async def test_the_error_of_a_connection_that_is_not_a_control_stream_is_freed_at_once() -> None:
+    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = [*opened]
+    try:
+        with trio.fail_after(DEADLINE):
+            client = await trio.open_tcp_stream("127.0.0.1", opened[0].socket.getsockname()[1])
+            await client.send_all(b"GET / HTTP/1.1\r\n\r\n")
+            with pytest.raises(CopyError) as info:
+                await _control.accept_control(listeners, DEADLINE)
+            await client.aclose()
+    finally:
+        await opened[0].aclose()
+    error = weakref.ref(info.value)
+    del info
+    assert error() is None
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+async def test_the_error_of_a_missing_go_ahead_is_freed_at_once(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.write_bytes(b"x")
+    sender_end, receiver_end = trio.testing.memory_stream_pair()
+    await receiver_end.aclose()  # the receiver went away before its go-ahead
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        lease = _filecopy._SourceLease(fd, str(source), held=False)
+        with pytest.raises(CopyError) as info:
+            await _filecopy._go_ahead(
+                sender_end, {"type": "manifest"}, lease, DEADLINE, plain=True
+            )
+    finally:
+        os.close(fd)
+    error = weakref.ref(info.value)
+    del info
+    assert error() is None

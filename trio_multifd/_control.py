@@ -165,12 +165,17 @@ async def accept_control(
             raise
         else:
             found = (stream, manifest)
-        if outcome:  # another connection won between two checkpoints
-            if not isinstance(found, CopyError):
-                await trio.aclose_forcefully(found[0])
-            return
-        outcome.append(found)
-        nursery.cancel_scope.cancel()
+        try:
+            if outcome:  # another connection won between two checkpoints
+                if not isinstance(found, CopyError):
+                    await trio.aclose_forcefully(found[0])
+                return
+            outcome.append(found)
+            nursery.cancel_scope.cancel()
+        finally:
+            # This frame is in the error's traceback: holding it would make a reference
+            # cycle.
+            del found
 
     slots = trio.Semaphore(ACCEPT_LIMIT)
     try:
@@ -183,9 +188,13 @@ async def accept_control(
             if not isinstance(found, CopyError):
                 await trio.aclose_forcefully(found[0])
         raise
-    if isinstance(outcome[0], CopyError):
-        raise outcome[0]
-    return outcome[0]
+    won = outcome.pop()
+    if isinstance(won, CopyError):
+        try:
+            raise won
+        finally:
+            del won  # see read()
+    return won
 
 
 async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> dict[str, Any]:

@@ -487,7 +487,11 @@ async def _go_ahead(
             reply = exc
         nursery.cancel_scope.cancel()
     if isinstance(reply, CopyError):
-        raise reply
+        try:
+            raise reply
+        finally:
+            # This frame is in its traceback: holding it would make a reference cycle.
+            del reply
     return reply
 
 
