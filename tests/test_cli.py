@@ -231,6 +231,35 @@ def test_a_plain_sender_and_a_tls_receiver_each_hint_at_tls(tmp_path: Path) -> N
     assert sender.stderr.splitlines()[-1].endswith(" uses TLS: then give --tls-ca)")
 
 
+@pytest.mark.parametrize("quiet", [[], ["--quiet"], ["--json"]], ids=["", "quiet", "json"])
+def test_a_sender_that_does_not_trust_the_receivers_certificate_is_noted_and_recv_waits_on(
+    tmp_path: Path, quiet: list[str]
+) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(PAGE + 5))
+    receiver_tls, sender_tls = tls_files(tmp_path)
+    wrong_ca = tmp_path / "wrong-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(wrong_ca))
+    with receiving(tmp_path / "out.bin", *receiver_tls, *quiet) as (recv, port):
+        for _ in range(3):  # a line for the first only: a flood cannot fill stderr
+            refused = send(src, port, "--tls-ca", str(wrong_ca))
+            assert refused.returncode == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+        sent = send(src, port, *sender_tls)
+        out, err = recv.communicate(timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert recv.returncode == 0, err
+    assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+    [noted] = [line for line in err.splitlines() if "TLS handshake" in line]
+    assert re.fullmatch(
+        r"trio-multifd: warning: a connection from 127\.0\.0\.1:\d+ closed during the TLS"
+        r" handshake \(a sender that does not trust this certificate\?\)",
+        noted,
+    ), noted
+    if quiet == ["--json"]:
+        assert json.loads(out)["ok"] is True
+
+
 def test_a_tls_sender_and_a_plain_receiver_each_hint_at_tls(tmp_path: Path) -> None:
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(PAGE))

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from trio_multifd import (
     Handshake,
@@ -568,6 +570,46 @@ def test_a_connection_that_says_nothing_before_the_sender_does_not_end_the_recei
     assert sent.returncode == 0, sent.stderr
     assert code == 0, lines
     assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+async def test_only_a_tls_connection_closed_after_its_first_bytes_is_noted(how: str) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    distrustful = ssl.create_default_context()
+    trustme.CA().configure_trust(distrustful)
+    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = opened[0].socket.getsockname()[1]
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = [
+        trio.SSLListener(listener, server_tls) for listener in opened
+    ]
+    notices: list[str] = []
+    noted = trio.Event()
+
+    def notice(line: str) -> None:
+        notices.append(line)
+        noted.set()
+
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(control.accept_control, listeners, TIMEOUT, notice)
+                scanner(port, how)  # before its first byte: a port scanner, no notice
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                address = tcp.socket.getsockname()
+                sender = trio.SSLStream(tcp, distrustful, server_hostname="127.0.0.1")
+                with pytest.raises(trio.BrokenResourceError):
+                    await sender.do_handshake()
+                await trio.aclose_forcefully(sender)
+                await noted.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await opened[0].aclose()
+    assert notices == [
+        f"a connection from {address[0]}:{address[1]} closed during the TLS handshake (a"
+        " sender that does not trust this certificate?)"
+    ]
 
 
 async def test_a_connection_silent_for_handshake_timeout_is_dropped() -> None:

@@ -533,17 +533,26 @@ def _copy(args: argparse.Namespace) -> int:
         err.write(f"listening on {shown}:{port}\n")
         err.flush()
 
+    def notice(line: str) -> None:
+        # Also with --quiet and --json (stdout keeps its one object): a sender that
+        # fails at its end leaves recv waiting, whose user would otherwise see nothing.
+        err.write(f"trio-multifd: warning: {_one_line(line)}\n")
+        err.flush()
+
     # Ctrl-C and SIGTERM cancel the copy (see _until_stopped) and are ignored outside the
     # run, to the process's exit: none can cut the final report short, kill the process
     # between the two, or give it an exit status (-2, -15) that contradicts its report.
     # Restoring the old handlers on return left that window open up to the exit.
     for signum in _STOPS:
         signal.signal(signum, signal.SIG_IGN)
-    return _run_copy(args, reporter, announce)
+    return _run_copy(args, reporter, announce, notice)
 
 
 def _run_copy(
-    args: argparse.Namespace, reporter: _Reporter, announce: Callable[[str, int], None]
+    args: argparse.Namespace,
+    reporter: _Reporter,
+    announce: Callable[[str, int], None],
+    notice: Callable[[str], None],
 ) -> int:
     import trio
 
@@ -579,6 +588,7 @@ def _run_copy(
             tls=tls,
             progress=reporter,
             announce=announce,
+            notice=notice,
             idle_timeout=args.idle_timeout,
             io_threads=args.io_threads,
         )

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from ._errors import CopyError
-from ._transport import ACCEPT_LIMIT, NOT_TLS, accept_into
+from ._transport import ACCEPT_LIMIT, NOT_TLS, accept_into, find_socket, peer_name
 
 __all__ = [
     "CONTROL_MAGIC",
@@ -131,12 +134,38 @@ async def refusal(
     return CopyError(here or error)
 
 
+NOTICE_INTERVAL = 10.0
+"""The shortest time between two notices of :func:`accept_control`: any peer may
+connect, as often as it likes."""
+
+
 class _NotASender(Exception):
-    """A connection that closed, reset or stayed silent before its first byte."""
+    """A connection that closed, reset or stayed silent before its first byte, or closed
+    during its TLS handshake (the notice says so)."""
+
+    def __init__(self, notice: str | None = None) -> None:
+        super().__init__(notice)
+        self.notice = notice
+
+
+class _Limited:
+    """Passes a line on to ``say`` at most once per :data:`NOTICE_INTERVAL`."""
+
+    def __init__(self, say: Callable[[str], None] | None) -> None:
+        self.say = say
+        self.next = -math.inf
+
+    def __call__(self, line: str) -> None:
+        now = trio.current_time()
+        if self.say is not None and now >= self.next:
+            self.next = now + NOTICE_INTERVAL
+            self.say(line)
 
 
 async def accept_control(
-    listeners: list[trio.abc.Listener[trio.abc.Stream]], handshake_timeout: float
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
+    handshake_timeout: float,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[trio.abc.Stream, dict[str, Any]]:
     """The first connection on any of ``listeners`` (a host name may resolve to several
     addresses) that opens as a sender's control stream, and its manifest.
@@ -148,14 +177,22 @@ async def accept_control(
     sender back. A
     connection that sends anything else than a control stream's opening ends the wait
     with its :class:`CopyError`: most likely a sender that is misconfigured (TLS on one
-    end only), whose user wants to know."""
+    end only), whose user wants to know.
+
+    A TLS connection that closes during its handshake, after its first bytes (most
+    likely a sender that does not trust this end's certificate), is dropped too, and
+    ``notice`` is called with a line that says so, at most once per
+    :data:`NOTICE_INTERVAL`."""
     outcome: list[tuple[trio.abc.Stream, dict[str, Any]] | CopyError] = []
+    limited = _Limited(notice)
 
     async def read(stream: trio.abc.Stream) -> None:
         try:
             manifest = await _open_control(stream, handshake_timeout)
-        except _NotASender:
+        except _NotASender as exc:
             await trio.aclose_forcefully(stream)
+            if exc.notice:
+                limited(exc.notice)
             return
         except CopyError as exc:
             await trio.aclose_forcefully(stream)
@@ -208,7 +245,7 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
     try:
         with trio.fail_after(handshake_timeout):
             if isinstance(stream, trio.SSLStream):
-                await stream.do_handshake()
+                await _tls_handshake(stream)
             first = bytes(await stream.receive_some(len(CONTROL_MAGIC)))
             if not first:
                 raise _NotASender
@@ -239,3 +276,27 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
         plain = getattr(cause, "reason", None) in NOT_TLS
         hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
         raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
+
+
+async def _tls_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    """The handshake of a new TLS connection; one that closes during it after its first
+    bytes is no sender either, but a notice: the sender with a CA that does not trust
+    this end's certificate closes so (its user sees why, this end's does not)."""
+    peer = peer_name(stream)  # asked first: a peer that resets has no name after
+    sock = find_socket(stream)
+    if sock is not None:
+        # A scanner's close before its first byte ends the handshake as the sender's does.
+        try:
+            if not await sock.recv(1, socket.MSG_PEEK):
+                raise _NotASender
+        except OSError:
+            raise _NotASender from None
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        if sock is None or not isinstance(exc.__cause__, ssl.SSLEOFError | ConnectionResetError):
+            raise
+        raise _NotASender(
+            f"a connection{f' from {peer}' if peer else ''} closed during the TLS handshake"
+            " (a sender that does not trust this certificate?)"
+        ) from None

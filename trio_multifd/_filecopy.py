@@ -624,6 +624,7 @@ async def receive_file(
     tls: ssl.SSLContext | None = None,
     progress: Progress | None = None,
     announce: Callable[[str, int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
     handshake_timeout: float = 30.0,
     idle_timeout: float = IDLE_TIMEOUT,
     io_threads: int | None = None,
@@ -633,7 +634,8 @@ async def receive_file(
 
     The transfer fails when no page data arrives for ``idle_timeout`` seconds: a sender
     that never opens its channels, or stalls, cannot keep the receiver waiting. A
-    manifest asking for more than ``max_channels`` channels is refused."""
+    manifest asking for more than ``max_channels`` channels is refused. ``notice`` gets
+    the lines of :func:`~._control.accept_control` (a TLS handshake that closed)."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]]
     refused = _refused_before_listening(path, force=force)
     if refused:
@@ -658,7 +660,7 @@ async def receive_file(
     try:
         if announce is not None:
             announce(host, chosen)
-        control, manifest = await accept_control(listeners, handshake_timeout)
+        control, manifest = await accept_control(listeners, handshake_timeout, notice)
         try:
             return await _receive_with(
                 control,

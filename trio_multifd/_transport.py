@@ -50,6 +50,7 @@ __all__ = [
     "accept_into",
     "clock_note",
     "deadline_scope",
+    "find_socket",
     "lenient_tls",
     "open_transport",
     "peer_name",
@@ -145,8 +146,9 @@ def _layers(stream: object) -> Iterator[object]:
             return
 
 
-def _find_socket(stream: object) -> trio.socket.SocketType | None:
-    # SocketStream exposes .socket: the one at the bottom of the layers, if any.
+def find_socket(stream: object) -> trio.socket.SocketType | None:
+    """The socket at the bottom of ``stream``'s layers (TLS over TCP, say), if any."""
+    # SocketStream exposes .socket.
     for layer in _layers(stream):
         sock = getattr(layer, "socket", None)
         if isinstance(sock, trio.socket.SocketType):
@@ -158,7 +160,7 @@ def peer_name(stream: trio.abc.Stream) -> str:
     """Who is at the other end of ``stream``: ``host:port`` over IP, else the peer's
     socket path, or ``""`` when there is none to tell (an unbound Unix socket, a stream
     with no socket, one already reset)."""
-    sock = _find_socket(stream)
+    sock = find_socket(stream)
     try:
         address = sock.getpeername() if sock is not None else None
     except OSError:
@@ -433,7 +435,7 @@ class Transport:
         if self.closed:
             return
         self.closed = True
-        sock = _find_socket(self.stream)
+        sock = find_socket(self.stream)
         self.close_sync_side()
         if sock is not None and sock.family in _TCP_FAMILIES:
             try:
