@@ -12,7 +12,6 @@ import gc
 import os
 import socket
 import struct
-import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from trio_multifd._sender import Connector
 from trio_multifd._transport import Transport
 
 from .helpers import PAGE
+from .test_engine import handshake
 from .transfer import listening
 
 DEADLINE = 20
@@ -75,17 +75,12 @@ def still_alive(refs: list[weakref.ref[object]]) -> list[str]:
     return [type(o).__qualname__ for o in (ref() for ref in refs) if o is not None]
 
 
-def handshake(transfer: uuid.UUID, channel: int) -> bytes:
-    return m.encode_handshake(m.Handshake(uuid=transfer, channel_id=channel))
-
-
 @pytest.mark.usefixtures("no_cyclic_gc")
 async def test_a_receiver_failed_by_a_bad_packet_is_freed_without_the_cyclic_collector(
     channel_state: list[weakref.ref[object]],
 ) -> None:
     # Channels served from a nursery of the application's, inside the block: its exit
     # keeps the Cancelled it caught, which must not lead back to the transfer's error.
-    transfer = uuid.uuid4()
 
     async def fail() -> None:
         target = m.RAMBlock("mem", bytearray(64 * PAGE), zeroed=True)
@@ -96,7 +91,7 @@ async def test_a_receiver_failed_by_a_bad_packet_is_freed_without_the_cyclic_col
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(receiver.serve, listeners)
                         for channel, peer in enumerate(peers):
-                            await peer.send_all(handshake(transfer, channel))
+                            await peer.send_all(handshake(channel))
                         await peers[0].send_all(bytes(m.header_size(128)))  # no magic
                         await receiver.wait_closed()
             finally:
@@ -112,7 +107,6 @@ async def test_a_receiver_failed_by_a_bad_packet_is_freed_without_the_cyclic_col
 async def test_a_receiver_failed_by_a_handshake_timeout_is_freed_without_the_cyclic_collector(
     channel_state: list[weakref.ref[object]],
 ) -> None:
-    transfer = uuid.uuid4()
 
     async def fail() -> None:
         target = m.RAMBlock("mem", bytearray(64 * PAGE), zeroed=True)
@@ -122,7 +116,7 @@ async def test_a_receiver_failed_by_a_handshake_timeout_is_freed_without_the_cyc
                 async with m.open_receiver(
                     [target], compression="zstd", handshake_timeout=0.2
                 ) as receiver:
-                    await first.send_all(handshake(transfer, 0))
+                    await first.send_all(handshake(0))
                     await receiver.add_channel(await listeners[0].accept())
                     await receiver.add_channel(await listeners[0].accept())
             finally:
