@@ -703,6 +703,81 @@ def test_only_a_verdict_that_is_ok_with_the_files_checksum_is_a_success(
     assert len(lines) == 1 and lines[0].startswith(f"trio-multifd: error: {complaint}"), lines
 
 
+@contextmanager
+def hasty_receiver(early: str, said: list[dict[str, Any]]) -> Iterator[int]:
+    """A receiver that says go and at once sends an ``early`` message (a ``verdict``, ok
+    with the manifest's checksum, or a bare message of that type), reads every channel
+    to its end and closes it (what a real receiver does after the final SYNC), and puts
+    in ``said`` what the sender writes on its control stream before it closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def drain(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # a reset when the sender stops
+            conn.settimeout(TIMEOUT)
+            while conn.recv(65536):
+                pass
+
+    def serve_channels() -> None:
+        drains: list[threading.Thread] = []
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                drains.append(threading.Thread(target=drain, args=(listener.accept()[0],)))
+                drains[-1].start()
+        for thread in drains:
+            thread.join(TIMEOUT)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.settimeout(0.1)
+        channels = threading.Thread(target=serve_channels)
+        with conn:
+            conn.settimeout(TIMEOUT)
+            assert conn.recv(len(control.CONTROL_MAGIC), socket.MSG_WAITALL) == (
+                control.CONTROL_MAGIC
+            )
+            (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            checksum = json.loads(conn.recv(length, socket.MSG_WAITALL))["checksum"]["value"]
+            message: dict[str, Any] = {"type": early}
+            if early == "verdict":
+                message.update(ok=True, checksum=checksum)
+            conn.sendall(frame(b'{"type": "go"}') + frame(json.dumps(message).encode()))
+            channels.start()
+            while (reply := read_message(conn)) is not None:
+                said.append(reply)
+        done.set()
+        channels.join(TIMEOUT)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+
+
+@pytest.mark.parametrize("early", ["verdict", "checking", "go"])
+def test_a_receiver_that_speaks_before_the_senders_last_page_fails_the_copy(
+    tmp_path: Path, early: str
+) -> None:
+    # Its verdict cannot be about pages that have not been sent: an ok one passed for
+    # the copy's success.
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 4096))
+    said: list[dict[str, Any]] = []
+    with hasty_receiver(early, said) as port:
+        proc = send(src, port, "--channels", "2", "--idle-timeout", "5")
+    error = (
+        f"the receiver wrote on its control stream mid-transfer (a '{early}' message before"
+        " the sender's last page; nothing may come from it between the go-ahead and the"
+        " transfer's end)"
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"trio-multifd: error: {error}"]
+    assert said == [{"type": "abort", "error": error}]
+
+
 def test_the_line_of_a_failed_copy_names_this_sides_own_fault_before_the_peers_leaving() -> None:
     own = MappingError("block 'data': cannot read pages 0x0..0x1000 of its mapped file")
     gone = control.PeerGone("the receiver went away before its verdict (it failed or was stopped)")

@@ -338,31 +338,48 @@ async def send_file(
 
             verdict: dict[str, Any] = {}
             aborted = trio.Event()
+            # Set before the engine queues its final SYNC round: a receiver says nothing
+            # until every channel has ended after that round, so any message before this
+            # (an ok verdict above all) cannot be about the whole copy.
+            last_page_queued = False
+            early: list[str] = []  # why read_verdict stopped the transfer
             # No deadline while pages move (the engine bounds those waits); from the
             # last page on, idle_timeout for each message of the receiver.
             waiting = trio.CancelScope()
+
+            async def next_message() -> dict[str, Any] | None:
+                """The receiver's next message, or ``None`` when it ended the stream
+                because this side stopped (whose own error says why)."""
+                try:
+                    return await receive_message(control, "its verdict")
+                except (trio.BrokenResourceError, PeerClosed) as exc:
+                    if lease.broken or aborted.is_set():
+                        return None
+                    raise PeerGone(
+                        "the receiver went away before its verdict (it failed or was stopped)"
+                    ) from exc
+                except CopyError as exc:
+                    raise CopyError(f"bad verdict from the receiver: {exc}") from None
 
             async def read_verdict() -> None:
                 # Read from the start: the receiver says nothing until it checks the
                 # copy, so an end of stream before it means the receiver failed or was
                 # stopped, and the transfer is cancelled at once rather than at its end.
                 with waiting:
-                    try:
-                        while True:
-                            message = await receive_message(control, "its verdict")
-                            if message["type"] != "checking":
-                                verdict.update(message)
-                                return
-                            if waiting.deadline != math.inf:
-                                waiting.deadline = trio.current_time() + idle_timeout
-                    except (trio.BrokenResourceError, PeerClosed) as exc:
-                        if lease.broken or aborted.is_set():
-                            return  # because this side stopped; its own error says why
-                        raise PeerGone(
-                            "the receiver went away before its verdict (it failed or was stopped)"
-                        ) from exc
-                    except CopyError as exc:
-                        raise CopyError(f"bad verdict from the receiver: {exc}") from None
+                    while (message := await next_message()) is not None:
+                        if not last_page_queued:
+                            early.append(
+                                "the receiver wrote on its control stream mid-transfer (a"
+                                f" {_quoted(message['type'])} message before the sender's last"
+                                " page; nothing may come from it between the go-ahead and the"
+                                " transfer's end)"
+                            )
+                            raise CopyError(early[0])
+                        if message["type"] != "checking":
+                            verdict.update(message)
+                            return
+                        if waiting.deadline != math.inf:
+                            waiting.deadline = trio.current_time() + idle_timeout
 
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -386,16 +403,18 @@ async def send_file(
                             await _queue(sender, blocks[0] if blocks else None, ranges)
                             if tail_len:
                                 await sender.queue_page(tail_block, 0)
+                            last_page_queued = True
                         watching.cancel_scope.cancel()
                 except BaseException as exc:
                     # The receiver sees its channels reset (by the engine, before this) and
                     # waits for these words to say why: a channel's reset says nothing. It
                     # may close the control stream on them.
                     aborted.set()
+                    # Cancelled by read_verdict's error: the receiver hears that, not a
+                    # cancel.
+                    reason = early[0] if early else _abort_reason(exc)
                     with trio.CancelScope(shield=True):
-                        await tell(
-                            control, {"type": "abort", "error": _abort_reason(exc)}, idle_timeout
-                        )
+                        await tell(control, {"type": "abort", "error": reason}, idle_timeout)
                     raise
                 if mapping is not None:
                     _unmap(mapping, blocks)
