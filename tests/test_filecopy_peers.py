@@ -136,22 +136,65 @@ def test_a_bad_manifest_is_refused_by_name_and_leaves_no_file(
 
 
 @pytest.mark.parametrize(
-    ("body", "complaint"),
+    ("sent", "complaint"),
     [
-        (json.dumps(manifest()).encode("utf-16"), "UnicodeDecodeError"),
-        (b"[" * 30000, "RecursionError"),
+        (
+            frame(json.dumps(manifest()).encode("utf-16")),
+            "bad control message from {}: UnicodeDecodeError",
+        ),
+        (frame(b"[" * 30000), "bad control message from {}: RecursionError"),
+        (frame(b"[1, 2]"), "bad control message from {}: not an object with a type"),
+        (frame(b"42"), "bad control message from {}: not an object with a type"),
+        (frame(b'{"type": 5}'), "bad control message from {}: not an object with a type"),
+        (b"\x00\x00", "{} closed the control stream before the manifest"),
+        (struct.pack(">I", 100) + b'{"type"', "{} closed the control stream before the manifest"),
+        (b"", "{} closed the control stream before the manifest"),
     ],
+    ids=["utf-16", "nested", "list", "number", "type-number", "cut-length", "cut-body", "none"],
 )
-def test_a_control_message_that_is_not_utf8_json_is_a_clear_error(
-    tmp_path: Path, body: bytes, complaint: str
+def test_a_malformed_or_missing_manifest_is_one_line_naming_the_sender(
+    tmp_path: Path, sent: bytes, complaint: str
 ) -> None:
     with receiving(tmp_path) as (proc, port):
-        with open_control(port, body) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sender = "the sender at {}:{}".format(*sock.getsockname())
+            sock.sendall(control.CONTROL_MAGIC + sent)
+            sock.shutdown(socket.SHUT_WR)
             assert read_message(sock) is None
-        code, lines = finished(proc)
+            code, lines = finished(proc)
     assert code == 1
-    assert len(lines) == 1 and f"bad control message: {complaint}" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("trio-multifd: error: " + complaint.format(sender)), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_connection_that_is_no_control_stream_is_named_by_its_address(tmp_path: Path) -> None:
+    with receiving(tmp_path) as (proc, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            address = "{}:{}".format(*sock.getsockname())
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            code, lines = finished(proc)
+    assert code == 1
+    assert lines == [
+        f"trio-multifd: error: a connection from {address} that is not a trio-multifd"
+        " control stream (it began with b'GET / HT')"
+    ]
+
+
+async def test_a_manifest_cut_short_by_a_sender_that_stays_is_given_up_in_time() -> None:
+    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        with trio.fail_after(TIMEOUT):
+            sender = await trio.open_tcp_stream("127.0.0.1", opened[0].socket.getsockname()[1])
+            await sender.send_all(control.CONTROL_MAGIC + struct.pack(">I", 100) + b'{"type"')
+            with pytest.raises(CopyError) as caught:
+                await control.accept_control([*opened], 0.5)
+            address = "{}:{}".format(*sender.socket.getsockname())
+            assert str(caught.value) == f"no manifest from the sender at {address} within 0.5s"
+            assert await sender.receive_some(1) == b""  # closed by the receiver
+            await sender.aclose()
+    finally:
+        await opened[0].aclose()
 
 
 def test_a_long_bad_field_is_quoted_cut_short_even_to_a_sender_that_does_not_read(
@@ -687,7 +730,7 @@ def verdict_receiver(verdict: bytes) -> Iterator[int]:
         (b'{"type": "verdict", "ok": true}', "the receiver's verdict names checksum None"),
         (
             b"not json",
-            "bad verdict from the receiver: bad control message: JSONDecodeError",
+            "bad control message from the receiver: JSONDecodeError",
         ),
     ],
 )
@@ -1035,6 +1078,31 @@ def test_a_source_whose_name_is_not_utf8_arrives_under_a_printable_name(tmp_path
     assert (dest / "caf\ufffd\ufffd.bin").read_bytes() == b"data" * 3000
 
 
+@contextmanager
+def answering_receiver(answer: bytes, *, close: bool = False) -> Iterator[int]:
+    """A listener that answers the control stream's opening with ``answer`` (raw bytes),
+    then closes it (``close``) or reads it until the sender leaves."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            conn.recv(65536)  # the control magic and the manifest
+            conn.sendall(answer)
+            with contextlib.suppress(ConnectionResetError):  # the sender leaves
+                while not close and conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "shown"),
     [
@@ -1055,30 +1123,49 @@ def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(
 ) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"x")
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(TIMEOUT)
-            conn.recv(65536)  # the control magic and the manifest
-            conn.sendall(answer)
-            with contextlib.suppress(ConnectionResetError):  # the sender leaves
-                while conn.recv(65536):
-                    pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        proc = send(src, listener.getsockname()[1])
-    finally:
-        thread.join(TIMEOUT)
-        listener.close()
+    with answering_receiver(answer) as port:
+        proc = send(src, port)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        f"trio-multifd: error: control message of {shown}, the peer does not speak"
-        " trio-multifd's framing"
+        f"trio-multifd: error: the receiver sent a control message of {shown}, so it does"
+        " not speak trio-multifd's framing"
     ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "close", "error"),
+    [
+        (frame(b"[1]"), False, "bad control message from the receiver: not an object with a type"),
+        (
+            frame(b'{"ok": true}'),
+            False,
+            "bad control message from the receiver: not an object with a type",
+        ),
+        (
+            frame(b'{"type": "\xff"}'),
+            False,
+            "bad control message from the receiver: UnicodeDecodeError: 'utf-8' codec can't"
+            " decode byte 0xff in position 10: invalid start byte",
+        ),
+        (
+            struct.pack(">I", 100) + b'{"ty',
+            True,
+            "the receiver closed the control stream before its go-ahead (it failed, was"
+            " stopped, or uses TLS: then give --tls-ca)",
+        ),
+        (struct.pack(">I", 100) + b'{"ty', False, "no go-ahead from the receiver within 1.0s"),
+    ],
+    ids=["list", "no-type", "not-utf8", "cut-closed", "cut-open"],
+)
+def test_a_malformed_go_ahead_is_one_line_naming_the_receiver(
+    tmp_path: Path, answer: bytes, close: bool, error: str
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    with answering_receiver(answer, close=close) as port:
+        proc = send(src, port, "--idle-timeout", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"trio-multifd: error: {error}"]
 
 
 async def test_a_control_stream_that_wins_as_the_wait_is_cancelled_is_closed() -> None:

@@ -64,12 +64,13 @@ class PeerClosed(CopyError):
     """The control stream ended before a whole message."""
 
 
-async def receive_exact(stream: trio.abc.Stream, count: int, what: str) -> bytes:
+async def receive_exact(stream: trio.abc.Stream, count: int, what: str, *, peer: str) -> bytes:
+    """``count`` bytes, of ``what`` that ``peer`` (say, ``"the receiver"``) sends."""
     data = bytearray()
     while len(data) < count:
         chunk = await stream.receive_some(count - len(data))
         if not chunk:
-            raise PeerClosed(f"the peer closed the control stream before {what}")
+            raise PeerClosed(f"{peer} closed the control stream before {what}")
         data += chunk
     return bytes(data)
 
@@ -81,26 +82,26 @@ async def send_message(stream: trio.abc.Stream, message: dict[str, Any]) -> None
 
 
 async def receive_message(
-    stream: trio.abc.Stream, what: str, first: bytes = b""
+    stream: trio.abc.Stream, what: str, first: bytes = b"", *, peer: str
 ) -> dict[str, Any]:
     """Receive one length-prefixed JSON message (an object), of which ``first`` (at most
-    the 4 bytes of its length) was already read."""
-    prefix = first + await receive_exact(stream, 4 - len(first), what)
+    the 4 bytes of its length) was already read; its errors name ``peer``."""
+    prefix = first + await receive_exact(stream, 4 - len(first), what, peer=peer)
     (length,) = struct.unpack(">I", prefix)
     if length > MAX_MESSAGE:
         # Neither end of trio-multifd writes such a message: these are another protocol's
         # bytes ("HTTP", an SSH banner) or none at all (random bytes).
         raise CopyError(
-            f"control message of {length} bytes (limit {MAX_MESSAGE}): it began with"
-            f" {prefix!r}, the peer does not speak trio-multifd's framing"
+            f"{peer} sent a control message of {length} bytes (limit {MAX_MESSAGE}): it"
+            f" began with {prefix!r}, so it does not speak trio-multifd's framing"
         )
-    body = await receive_exact(stream, length, what)
+    body = await receive_exact(stream, length, what, peer=peer)
     try:
         message = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise CopyError(f"bad control message: {type(exc).__name__}: {exc}") from None
+        raise CopyError(f"bad control message from {peer}: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise CopyError("bad control message: not an object with a type")
+        raise CopyError(f"bad control message from {peer}: not an object with a type")
     return message
 
 
@@ -242,15 +243,17 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
         CopyError: It is not a control stream, or its manifest did not come.
     """
     first = b""
+    address = peer_name(stream)  # asked first: a peer that resets has no name after
+    sender = f"the sender at {address}" if address else "the sender"
     try:
         with trio.fail_after(handshake_timeout):
             if isinstance(stream, trio.SSLStream):
-                await _tls_handshake(stream)
+                await _tls_handshake(stream, address)
             first = bytes(await stream.receive_some(len(CONTROL_MAGIC)))
             if not first:
                 raise _NotASender
             magic = first + await receive_exact(
-                stream, len(CONTROL_MAGIC) - len(first), "the manifest"
+                stream, len(CONTROL_MAGIC) - len(first), "the manifest", peer=sender
             )
             if magic != CONTROL_MAGIC:
                 # 0x16 0x03: a TLS record carrying a handshake, i.e. a ClientHello.
@@ -260,14 +263,14 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
                     else ""
                 )
                 raise CopyError(
-                    f"a connection that is not a trio-multifd control stream (it began"
-                    f" with {magic!r}{hint})"
+                    f"a connection{f' from {address}' if address else ''} that is not a"
+                    f" trio-multifd control stream (it began with {magic!r}{hint})"
                 )
-            return await receive_message(stream, "the manifest")
+            return await receive_message(stream, "the manifest", peer=sender)
     except trio.TooSlowError:
         if not first:
             raise _NotASender from None
-        raise CopyError(f"no manifest within {handshake_timeout}s") from None
+        raise CopyError(f"no manifest from {sender} within {handshake_timeout}s") from None
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         # A TLS connection closed or reset before its ClientHello ends the same way.
@@ -278,11 +281,11 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
         raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
 
 
-async def _tls_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
-    """The handshake of a new TLS connection; one that closes during it after its first
-    bytes is no sender either, but a notice: the sender with a CA that does not trust
-    this end's certificate closes so (its user sees why, this end's does not)."""
-    peer = peer_name(stream)  # asked first: a peer that resets has no name after
+async def _tls_handshake(stream: trio.SSLStream[trio.abc.Stream], peer: str) -> None:
+    """The handshake of a new TLS connection from ``peer``; one that closes during it
+    after its first bytes is no sender either, but a notice: the sender with a CA that
+    does not trust this end's certificate closes so (its user sees why, this end's does
+    not)."""
     sock = find_socket(stream)
     if sock is not None:
         # A scanner's close before its first byte ends the handshake as the sender's does.

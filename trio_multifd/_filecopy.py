@@ -351,15 +351,13 @@ async def send_file(
                 """The receiver's next message, or ``None`` when it ended the stream
                 because this side stopped (whose own error says why)."""
                 try:
-                    return await receive_message(control, "its verdict")
+                    return await receive_message(control, "its verdict", peer="the receiver")
                 except (trio.BrokenResourceError, PeerClosed) as exc:
                     if lease.broken or aborted.is_set():
                         return None
                     raise PeerGone(
                         "the receiver went away before its verdict (it failed or was stopped)"
                     ) from exc
-                except CopyError as exc:
-                    raise CopyError(f"bad verdict from the receiver: {exc}") from None
 
             async def read_verdict() -> None:
                 # Read from the start: the receiver says nothing until it checks the
@@ -486,7 +484,7 @@ async def _go_ahead(
             with trio.fail_after(idle_timeout):
                 await control.send_all(CONTROL_MAGIC)
                 await send_message(control, manifest)
-                reply = await receive_message(control, "its go-ahead")
+                reply = await receive_message(control, "its go-ahead", peer="the receiver")
         except trio.TooSlowError:
             reply = CopyError(f"no go-ahead from the receiver within {idle_timeout}s")
         except PeerClosed as exc:
@@ -1080,7 +1078,9 @@ async def _senders_word(control: trio.abc.Stream) -> CopyError:
         trio.move_on_after(_MESSAGE_REST),
         contextlib.suppress(CopyError, trio.BrokenResourceError, trio.ClosedResourceError),
     ):
-        message = await receive_message(control, "the rest of its message", bytes(first))
+        message = await receive_message(
+            control, "the rest of its message", bytes(first), peer="the sender"
+        )
     if message is not None and message["type"] == "abort":
         return PeerGone(f"the sender stopped mid-transfer: {_shown(message.get('error'))}")
     return CopyError(
