@@ -1154,8 +1154,14 @@ def test_a_receiver_that_answers_in_another_protocol_is_named_as_such(
             " stopped, or uses TLS: then give --tls-ca)",
         ),
         (struct.pack(">I", 100) + b'{"ty', False, "no go-ahead from the receiver within 1.0s"),
+        (
+            frame(b'{"type": "verdict", "ok": true}'),
+            False,
+            "the receiver answered the manifest with a 'verdict' message, not a go-ahead or"
+            " a refusal",
+        ),
     ],
-    ids=["list", "no-type", "not-utf8", "cut-closed", "cut-open"],
+    ids=["list", "no-type", "not-utf8", "cut-closed", "cut-open", "verdict"],
 )
 def test_a_malformed_go_ahead_is_one_line_naming_the_receiver(
     tmp_path: Path, answer: bytes, close: bool, error: str

@@ -316,8 +316,13 @@ async def send_file(
         control = await open_stream()
         try:
             reply = await _go_ahead(control, manifest, lease, idle_timeout, plain=tls is None)
-            if reply["type"] != "go":
+            if reply["type"] == "refuse":
                 raise CopyError(f"the receiver refused: {_shown(reply.get('error', reply))}")
+            if reply["type"] != "go":
+                raise CopyError(
+                    f"the receiver answered the manifest with a {_quoted(reply['type'])}"
+                    " message, not a go-ahead or a refusal"
+                )
             # Without a lease (the file was already open for writing), a change since the
             # checksum is still seen here when it moved the size or the time stamp.
             now = os.fstat(fd)
