@@ -732,6 +732,10 @@ def verdict_receiver(verdict: bytes) -> Iterator[int]:
             b"not json",
             "bad control message from the receiver: JSONDecodeError",
         ),
+        (
+            b'{"type": "refuse", "error": "too late"}',
+            "the receiver sent a 'refuse' message where its verdict belongs",
+        ),
     ],
 )
 def test_only_a_verdict_that_is_ok_with_the_files_checksum_is_a_success(

@@ -430,7 +430,12 @@ async def send_file(
                     progress(data_bytes, data_bytes)
             if waiting.cancelled_caught:
                 raise CopyError(f"no verdict from the receiver within {idle_timeout}s")
-            if verdict.get("type") != "verdict" or verdict.get("ok") is not True:
+            if verdict.get("type") != "verdict":
+                raise CopyError(
+                    f"the receiver sent a {_quoted(verdict.get('type'))} message where its"
+                    " verdict belongs"
+                )
+            if verdict.get("ok") is not True:
                 raise CopyError(
                     f"the receiver rejected the copy: {_shown(verdict.get('error', verdict))}"
                 )
