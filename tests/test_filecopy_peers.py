@@ -751,9 +751,10 @@ def test_only_a_verdict_that_is_ok_with_the_files_checksum_is_a_success(
 
 
 @contextmanager
-def hasty_receiver(early: str, said: list[dict[str, Any]]) -> Iterator[int]:
+def hasty_receiver(early: str | bytes, said: list[dict[str, Any]]) -> Iterator[int]:
     """A receiver that says go and at once sends an ``early`` message (a ``verdict``, ok
-    with the manifest's checksum, or a bare message of that type), reads every channel
+    with the manifest's checksum, or a bare message of that type; bytes are the body of
+    the message as they are), reads every channel
     to its end and closes it (what a real receiver does after the final SYNC), and puts
     in ``said`` what the sender writes on its control stream before it closes it."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -788,7 +789,8 @@ def hasty_receiver(early: str, said: list[dict[str, Any]]) -> Iterator[int]:
             message: dict[str, Any] = {"type": early}
             if early == "verdict":
                 message.update(ok=True, checksum=checksum)
-            conn.sendall(frame(b'{"type": "go"}') + frame(json.dumps(message).encode()))
+            body = early if isinstance(early, bytes) else json.dumps(message).encode()
+            conn.sendall(frame(b'{"type": "go"}') + frame(body))
             channels.start()
             while (reply := read_message(conn)) is not None:
                 said.append(reply)
@@ -820,6 +822,33 @@ def test_a_receiver_that_speaks_before_the_senders_last_page_fails_the_copy(
         " the sender's last page; nothing may come from it between the go-ahead and the"
         " transfer's end)"
     )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"trio-multifd: error: {error}"]
+    assert said == [{"type": "abort", "error": error}]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (
+            b"{nope",
+            "bad control message from the receiver: JSONDecodeError: Expecting property name"
+            " enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (b"[]", "bad control message from the receiver: not an object with a type"),
+    ],
+    ids=["not-json", "a-list"],
+)
+def test_a_sender_stopped_by_a_malformed_message_mid_transfer_tells_the_receiver_why(
+    tmp_path: Path, body: bytes, error: str
+) -> None:
+    # Its abort said "it was cancelled (Ctrl-C, SIGTERM or its application)": the
+    # message's reader cancels the transfer, and the abort described the cancel.
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 4096))
+    said: list[dict[str, Any]] = []
+    with hasty_receiver(body, said) as port:
+        proc = send(src, port, "--channels", "2", "--idle-timeout", "5")
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"trio-multifd: error: {error}"]
     assert said == [{"type": "abort", "error": error}]

@@ -347,7 +347,7 @@ async def send_file(
             # until every channel has ended after that round, so any message before this
             # (an ok verdict above all) cannot be about the whole copy.
             last_page_queued = False
-            early: list[str] = []  # why read_verdict stopped the transfer
+            stopped_by: list[str] = []  # why read_verdict stopped the transfer, if it did
             # No deadline while pages move (the engine bounds those waits); from the
             # last page on, idle_timeout for each message of the receiver.
             waiting = trio.CancelScope()
@@ -369,20 +369,23 @@ async def send_file(
                 # copy, so an end of stream before it means the receiver failed or was
                 # stopped, and the transfer is cancelled at once rather than at its end.
                 with waiting:
-                    while (message := await next_message()) is not None:
-                        if not last_page_queued:
-                            early.append(
-                                "the receiver wrote on its control stream mid-transfer (a"
-                                f" {_quoted(message['type'])} message before the sender's last"
-                                " page; nothing may come from it between the go-ahead and the"
-                                " transfer's end)"
-                            )
-                            raise CopyError(early[0])
-                        if message["type"] != "checking":
-                            verdict.update(message)
-                            return
-                        if waiting.deadline != math.inf:
-                            waiting.deadline = trio.current_time() + idle_timeout
+                    try:
+                        while (message := await next_message()) is not None:
+                            if not last_page_queued:
+                                raise CopyError(
+                                    "the receiver wrote on its control stream mid-transfer (a"
+                                    f" {_quoted(message['type'])} message before the sender's"
+                                    " last page; nothing may come from it between the go-ahead"
+                                    " and the transfer's end)"
+                                )
+                            if message["type"] != "checking":
+                                verdict.update(message)
+                                return
+                            if waiting.deadline != math.inf:
+                                waiting.deadline = trio.current_time() + idle_timeout
+                    except CopyError as exc:
+                        stopped_by.append(str(exc))
+                        raise
 
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -413,9 +416,9 @@ async def send_file(
                     # waits for these words to say why: a channel's reset says nothing. It
                     # may close the control stream on them.
                     aborted.set()
-                    # Cancelled by read_verdict's error: the receiver hears that, not a
-                    # cancel.
-                    reason = early[0] if early else _abort_reason(exc)
+                    # Cancelled by read_verdict's error (an early or malformed message):
+                    # the receiver hears that, not a cancel.
+                    reason = stopped_by[0] if stopped_by else _abort_reason(exc)
                     with trio.CancelScope(shield=True):
                         await tell(control, {"type": "abort", "error": reason}, idle_timeout)
                     raise
