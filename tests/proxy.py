@@ -518,6 +518,83 @@ class CuttingProxy:
             await self.link.wait_read(upstream)
 
 
+class InsertingProxy:
+    """A TCP proxy on 127.0.0.1 for one channel that inserts ``extra`` bytes into the
+    sender's stream right before ``at`` (as a faulty middlebox might) and otherwise
+    relays faithfully: each end of stream is passed on as one, a peer's failure as a
+    reset. ``inserted`` is set once the bytes are on their way to the receiver."""
+
+    def __init__(self, target_port: int, at: At, extra: bytes) -> None:
+        self.target_port = target_port
+        self.at = at
+        self.extra = extra
+        self.port = 0
+        self.inserted = trio.Event()
+        self.sockets: list[trio.SocketStream] = []
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[InsertingProxy]:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        self.port = listener.socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve, listener)
+                yield self
+                nursery.cancel_scope.cancel()
+        finally:
+            # Forcefully: a plain aclose under the test's expired deadline would raise
+            # Cancelled before the sockets below were closed.
+            await trio.aclose_forcefully(listener)
+            for stream in self.sockets:
+                await trio.aclose_forcefully(stream)
+
+    async def _serve(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                client = await listener.accept()
+                self.sockets.append(client)
+                nursery.start_soon(self._relay, client)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        self.sockets.append(upstream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._down, upstream, client)
+                await self._up(client, upstream)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            for stream in (upstream, client):
+                if stream.socket.fileno() != -1:
+                    linger = struct.pack("ii", 1, 0)
+                    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        await trio.aclose_forcefully(upstream)
+        await trio.aclose_forcefully(client)
+
+    async def _up(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+        stream_map = StreamMap()
+        sent = 0
+        while data := await client.receive_some(64 * 1024):
+            stream_map.feed(data)
+            if not self.inserted.is_set():
+                at = stream_map.locate(self.at)
+                limit = stream_map.safe if at is None else min(at, len(stream_map.data))
+                await upstream.send_all(stream_map.data[sent:limit])
+                sent = limit
+                if sent != at:
+                    continue
+                await upstream.send_all(self.extra)
+                self.inserted.set()
+            await upstream.send_all(stream_map.data[sent:])
+            sent = len(stream_map.data)
+        await upstream.send_all(stream_map.data[sent:])
+        await upstream.send_eof()
+
+    async def _down(self, upstream: trio.SocketStream, client: trio.SocketStream) -> None:
+        while data := await upstream.receive_some(64 * 1024):
+            await client.send_all(data)
+        await client.send_eof()
+
+
 class RecordingListener(trio.abc.Listener[trio.abc.Stream]):
     """A TCP listener that keeps every stream it accepted (for ``Receiver.serve``)."""
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import trio_multifd as m
+from trio_multifd import _wire
 
 from . import captures
 
@@ -257,6 +258,17 @@ def test_bad_header_field_raises_its_own_error(
     assert info.value.field == field
     assert info.value.channel == 3
     assert str(info.value).startswith("channel 3")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 100])
+def test_the_start_of_a_header_still_arriving_is_checked_against_the_magic(size: int) -> None:
+    start = bytearray(struct.pack(">I", m.MAGIC) + bytes(96))[:size]
+    _wire.check_header_start(start)  # a real header's start passes, however short
+    start[min(size, 4) - 1] ^= 0x80
+    with pytest.raises(m.MagicError) as info:
+        _wire.check_header_start(start)
+    assert info.value.field == "magic"
+    assert "out of step" in str(info.value)
 
 
 def test_normal_pages_beyond_smaller_pages_alloc_is_rejected() -> None:

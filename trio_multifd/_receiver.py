@@ -70,6 +70,7 @@ from ._wire import (
     Flag,
     PacketHeader,
     chain_start,
+    check_header_start,
     check_transfer_args,
     checked_seconds,
     decode_handshake,
@@ -754,7 +755,7 @@ class Receiver:
         the stream ended); at a SYNC, park the channel until the round completes."""
         channel, transport, buffer = link.channel, link.transport, link.header
         try:
-            more = transport.receive_or_eof_sync(buffer, "a packet header")
+            more = transport.receive_or_eof_sync(buffer, "a packet header", _check_header_start)
         except (TruncatedError, TransportError) as exc:
             # A failure byte comes alone before the sender's close: a plain end after it,
             # or over TLS an end without close_notify, which fails the read (no count).
@@ -964,6 +965,13 @@ def _written_bitmap(block: RAMBlock) -> mmap.mmap:
             f"block {block.name!r}: no memory for its known-zero bitmap of"
             f" {block.page_count} bytes (a byte per page): {exc.strerror}"
         ) from exc
+
+
+def _check_header_start(start: memoryview) -> None:
+    # A failure byte comes alone, its sender's close right behind it: that end says
+    # what it is (see _receive_packet).
+    if start[:1] != FAILURE_SIGNAL:
+        check_header_start(start)
 
 
 def _check_header_checksum(buffer: memoryview, seed: int, stats: ChannelStats) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "FAILURE_SIGNAL",
     "NOT_TLS",
     "Buffer",
+    "Partial",
     "ReadySet",
     "SocketTransport",
     "Transport",
@@ -61,6 +62,10 @@ T = TypeVar("T")
 
 Buffer = bytes | bytearray | memoryview
 """What a channel sends: any bytes-like object, not copied on the socket path."""
+
+Partial = Callable[[memoryview], None]
+"""A check of a structure's first bytes, before the wait for the rest (see
+:meth:`Transport.receive_or_eof`)."""
 
 _TCP_FAMILIES = (stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
 # Closing with SO_LINGER {on, 0} sends a TCP reset: how the receiver tells a sender that
@@ -322,8 +327,13 @@ class Transport:
                 pos += len(data)
             got += pos
 
-    async def receive_or_eof(self, view: memoryview, what: str) -> bool:
-        """Fill ``view``; return ``False`` for a clean end of stream before its first byte."""
+    async def receive_or_eof(self, view: memoryview, what: str, partial: Partial) -> bool:
+        """Fill ``view``; return ``False`` for a clean end of stream before its first byte.
+
+        When the first bytes do not fill ``view``, ``partial`` is called with them
+        before the wait for the rest, to raise at once if they cannot start ``what``
+        (a stream out of step would otherwise wait for the peer's next bytes).
+        """
         # Without a timeout: a healthy channel may sit idle between packets for any time.
         saved, self.receive_timeout = self.receive_timeout, None
         try:
@@ -334,6 +344,7 @@ class Transport:
             return False
         view[: len(data)] = data
         if len(data) < len(view):
+            partial(view[: len(data)])
             await self.receive_into([view[len(data) :]], what, len(data))
         return True
 
@@ -347,9 +358,9 @@ class Transport:
         """:meth:`receive_into`, from a worker thread."""
         trio.from_thread.run(self.receive_into, views, what, before)
 
-    def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
+    def receive_or_eof_sync(self, view: memoryview, what: str, partial: Partial) -> bool:
         """:meth:`receive_or_eof`, from a worker thread."""
-        return trio.from_thread.run(self.receive_or_eof, view, what)
+        return trio.from_thread.run(self.receive_or_eof, view, what, partial)
 
     def check_hang_up_sync(self, doing: str, *, plain_close_is_end: bool) -> None:
         """Raise the error of a channel that poll reported reset or hung up; with
@@ -615,7 +626,7 @@ class SocketTransport(Transport):
             progress = time.monotonic()
             self._spinner.moved = True
 
-    def receive_or_eof_sync(self, view: memoryview, what: str) -> bool:
+    def receive_or_eof_sync(self, view: memoryview, what: str, partial: Partial) -> bool:
         recv_into = self._sock.recv_into
         while True:
             try:
@@ -630,6 +641,7 @@ class SocketTransport(Transport):
                 return False
             self._spinner.moved = True
             if n < len(view):
+                partial(view[:n])
                 self.receive_into_sync([view[n:]], what, n)
             return True
 

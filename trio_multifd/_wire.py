@@ -45,6 +45,7 @@ __all__ = [
     "PacketHeader",
     "as_integer",
     "chain_start",
+    "check_header_start",
     "check_transfer_args",
     "checked_count",
     "checked_seconds",
@@ -489,6 +490,34 @@ def pack_packet_header(
         0,
         raw_name,
         *offsets,
+    )
+
+
+_MAGIC_BYTES = MAGIC.to_bytes(4, "big")
+
+
+def check_header_start(start: bytes | bytearray | memoryview) -> None:
+    """Check the first bytes of a packet header that is still arriving: raise at once
+    when they cannot start one, rather than wait for the rest.
+
+    A stream out of step (bytes inserted or lost between the ends) otherwise holds a
+    receiver inside a garbage "header" until the sender writes enough to fill it, which
+    a sender that waits between rounds may not do for a long time.
+
+    Raises:
+        MagicError: ``start`` (up to its first four bytes) is not the magic's beginning.
+    """
+    size = min(len(start), len(_MAGIC_BYTES))
+    if start[:size] == _MAGIC_BYTES[:size]:
+        return
+    got = bytes(start[:size])
+    raise MagicError(
+        f"packet header starts with {got.hex(' ')}, not the magic {MAGIC:#010x}: the"
+        " stream is out of step (bytes inserted or lost between the ends?), seen after"
+        f" {len(start)} bytes of the header",
+        field="magic",
+        value=int.from_bytes(got, "big"),
+        limit=MAGIC,
     )
 
 
