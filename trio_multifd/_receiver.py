@@ -367,6 +367,10 @@ class Receiver:
         """Wait until the sender has finished: every channel at a clean end of stream
         after its last SYNC, every round complete.
 
+        Over TCP without ``integrity=True``, a sender that died right after a SYNC ends
+        its channels just as cleanly, and this returns as well (see
+        :func:`open_receiver`: QEMU's format has no end marker).
+
         Raises:
             RuntimeError: The sender did not finish and will not: the transfer failed or
                 was cancelled, or the receiver's ``async with`` block is over (also when
@@ -1026,6 +1030,17 @@ async def open_receiver(
     :meth:`Receiver.serve` (listeners). Leaving the block never waits for the peer: it
     closes every channel (with a reset, unless the transfer completed).
 
+    What a clean end proves: over TCP with ``integrity=False`` (QEMU's format, which has
+    no end marker), a sender that died or closed its channels right after a SYNC,
+    before it sent all it meant to, ends every channel as cleanly as one that finished:
+    a killed process's kernel closes its sockets with a plain FIN. Then
+    :meth:`Receiver.wait_closed` returns and the block exits without an error, holding
+    the rounds that completed. Where that matters, open both ends with
+    ``integrity=True`` (the sender then flags its last SYNC, and an end before it is a
+    :class:`TransportError`), or check the end in the application (a page count or
+    checksum it sends on its own connection, as ``trio-multifd recv`` does). Over other
+    streams (Unix sockets, TLS, memory streams) the end is always in band.
+
     Args:
         blocks: The target blocks, writable, all with the same page size; packets name
             them by :attr:`RAMBlock.name`.
@@ -1043,6 +1058,8 @@ async def open_receiver(
             before anything else and payloads before any byte of them is written; a
             mismatch is an :class:`IntegrityError` and its round never completes.
             The checksums find damage, not a forger: they are not keyed (use TLS for that).
+            The sender's end then comes in band over TCP too: a sender killed right
+            after a SYNC is a :class:`TransportError`, not a clean end.
         io_threads: How many worker threads read the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
             thread each); ``None`` for one per core with compression, else half the

@@ -772,9 +772,11 @@ async def open_sender(
             opened with the same setting). Pages are copied once per packet so the
             checksum covers exactly what is sent. Every channel's end then comes in
             band, TCP's too (its final SYNC flags it): a clean close before it is a
-            failure, whatever a relay made of a reset. The checksums find damage, not
-            a forger: they are not keyed (use TLS for that). With ``False`` the stream
-            is byte-identical to QEMU's.
+            failure at the receiver (this process killed, its kernel's plain FIN, or
+            what a relay made of a reset), which without checksums passes there for
+            the end of the transfer. The checksums find damage, not a forger: they are
+            not keyed (use TLS for that). With ``False`` the stream is byte-identical
+            to QEMU's.
         io_threads: How many worker threads move the packets of the channels over
             sockets (channel ``c`` goes to thread ``c % io_threads``; other streams get a
             thread each); ``None`` for one per core with compression, else half the
