@@ -605,6 +605,9 @@ async def receive_precopy(
             ``on_round`` is neither a function nor ``None``.
         PrecopyAbortedError: Every channel ended without a final round: the sender gave
             up (``force_stop=False``) or closed without running :func:`precopy` to its end.
+            Known only once the channels end, when the sender leaves its block, not
+            when :func:`precopy` gives up (bound the wait with ``trio.move_on_after``
+            and call again; see :doc:`precopy`).
         RuntimeError: The receiver's ``async with`` block is over (see
             :meth:`~trio_multifd.Receiver.sync`), or another call for this receiver is
             running.
