@@ -225,7 +225,10 @@ def test_a_plain_sender_and_a_tls_receiver_each_hint_at_tls(tmp_path: Path) -> N
         sender = send(src, port)
         _, err = recv.communicate(timeout=TIMEOUT)
     assert sender.returncode == 1 and recv.returncode == 1
-    assert err.splitlines()[-1].startswith("trio-multifd: error: control stream failed: [SSL")
+    assert re.match(
+        r"trio-multifd: error: control stream from 127\.0\.0\.1:\d+ failed: \[SSL",
+        err.splitlines()[-1],
+    )
     assert err.splitlines()[-1].endswith("(does the sender use TLS, with --tls-ca?)")
     # The receiver's close comes as an end of stream or, with the manifest unread, a reset.
     assert sender.stderr.splitlines()[-1].endswith(" uses TLS: then give --tls-ca)")

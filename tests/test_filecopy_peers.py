@@ -181,6 +181,35 @@ def test_a_connection_that_is_no_control_stream_is_named_by_its_address(tmp_path
     ]
 
 
+async def test_a_control_stream_reset_mid_manifest_is_named_by_its_address() -> None:
+    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        with trio.fail_after(TIMEOUT):
+            sender = await trio.open_tcp_stream("127.0.0.1", opened[0].socket.getsockname()[1])
+            address = "{}:{}".format(*sender.socket.getsockname())
+            await sender.send_all(control.CONTROL_MAGIC + struct.pack(">I", 100) + b'{"type"')
+            async with trio.open_nursery() as nursery:
+
+                async def reset_once_read() -> None:
+                    # Once the receiver waits for the rest: a reset that outran the bytes
+                    # before it would be a connection closed before its first byte.
+                    await trio.testing.wait_all_tasks_blocked(0.1)
+                    sender.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    await sender.aclose()
+
+                nursery.start_soon(reset_once_read)
+                with pytest.raises(CopyError) as caught:
+                    await control.accept_control([*opened], TIMEOUT)
+    finally:
+        await opened[0].aclose()
+    assert str(caught.value) == (
+        f"control stream from {address} failed: [Errno {errno.ECONNRESET}]"
+        f" {os.strerror(errno.ECONNRESET)}"
+    )
+
+
 async def test_a_manifest_cut_short_by_a_sender_that_stays_is_given_up_in_time() -> None:
     opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
     try:

@@ -278,7 +278,9 @@ async def _open_control(stream: trio.abc.Stream, handshake_timeout: float) -> di
             raise _NotASender from None
         plain = getattr(cause, "reason", None) in NOT_TLS
         hint = " (does the sender use TLS, with --tls-ca?)" if plain else ""
-        raise CopyError(f"control stream failed: {cause or exc}{hint}") from None
+        raise CopyError(
+            f"control stream{f' from {address}' if address else ''} failed: {cause or exc}{hint}"
+        ) from None
 
 
 async def _tls_handshake(stream: trio.SSLStream[trio.abc.Stream], peer: str) -> None:
