@@ -1150,7 +1150,11 @@ def answering_receiver(answer: bytes, *, close: bool = False) -> Iterator[int]:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(TIMEOUT)
-            conn.recv(65536)  # the control magic and the manifest
+            # Read whole: the sender writes the magic and the manifest in two sends, and a
+            # close with the manifest unread would be a reset, not the answer's end.
+            conn.recv(len(control.CONTROL_MAGIC), socket.MSG_WAITALL)
+            (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            conn.recv(length, socket.MSG_WAITALL)
             conn.sendall(answer)
             with contextlib.suppress(ConnectionResetError):  # the sender leaves
                 while not close and conn.recv(65536):
