@@ -646,6 +646,51 @@ async def test_an_interrupt_in_a_receiver_channel_task_leaves_the_block_bare(
     assert stream.closed
 
 
+class InterruptingListener(trio.abc.Listener[trio.abc.Stream]):
+    """A TCP listener whose first accept raises ``raised`` (``at="accept"``), or whose
+    first connection raises it from its first receive, in the handshake (``at="handshake"``)."""
+
+    def __init__(self, inner: RecordingListener, raised: BaseException, at: str) -> None:
+        self.inner = inner
+        self.raised = raised
+        self.at = at
+        self.streams: list[InterruptingStream] = []
+
+    async def accept(self) -> trio.abc.Stream:
+        stream = await self.inner.accept()
+        if self.at == "accept":
+            await trio.aclose_forcefully(stream)
+            raise self.raised
+        self.streams.append(InterruptingStream(stream, self.raised, calls=1))
+        return self.streams[-1]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("at", ["handshake", "accept"])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, Interrupt])
+async def test_an_interrupt_in_serves_tasks_leaves_serve_and_the_block_bare(
+    exc_type: type[BaseException], at: str
+) -> None:
+    # serve() raised it inside its nurseries' groups, while add_channel() and a channel
+    # task raise it bare.
+    target = m.RAMBlock("mem", pattern(PAGE))
+    raised = exc_type()
+    with trio.fail_after(10):
+        async with RecordingListener.open() as tcp:
+            listener = InterruptingListener(tcp, raised, at)
+            client = await trio.open_tcp_stream("127.0.0.1", tcp.port)
+            await client.send_all(handshake())
+            with pytest.raises(exc_type) as info:
+                async with m.open_receiver([target], channels=1) as receiver:
+                    await receiver.serve([listener])
+            assert info.value is raised
+            assert all(stream.closed for stream in listener.streams)
+            assert [stream.socket.fileno() for stream in tcp.accepted] == [-1]
+            await client.aclose()
+
+
 # Another process (it has descriptors of its own) opens silent connections, holds them
 # for a while, and exits.
 SILENT_FLOOD = """

@@ -47,7 +47,7 @@ from ._methods import Decoder, Method, get_method, method_for_flag
 from ._pages import ZEROS
 from ._rounds import RoundBarrier
 from ._stats import ChannelStats, TransferStats
-from ._supervisor import Supervisor, logger, refuse_unless_cancelled
+from ._supervisor import Supervisor, interrupt_in, logger, refuse_unless_cancelled
 from ._threads import WorkerRun, io_thread_count, shared_slot, thread_slot
 from ._transport import (
     ACCEPT_LIMIT,
@@ -546,6 +546,10 @@ class Receiver:
                 descriptors), as it was raised: ``trio.ClosedResourceError`` for one
                 closed while ``serve`` accepts. Accepting stops on every listener and
                 the handshakes under way are reset; channels already set up go on.
+            KeyboardInterrupt: Or another exception that is not an ``Exception`` (Trio's
+                SIGINT handler raises it wherever the main thread runs, a handshake
+                included), raised bare, not in a group: accepting stops and the
+                handshakes under way are reset, as for an accept's failure.
         """
         self._supervisor.check_opened()
         if any(lenient_tls(listener) for listener in listeners):
@@ -565,12 +569,26 @@ class Receiver:
                 handshakes.cancel_scope.cancel()
 
         slots = trio.Semaphore(ACCEPT_LIMIT)
-        async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
-            if not done():
-                for listener in listeners:
-                    accepting.start_soon(accept, listener)
-                accepting.start_soon(self._stop_serving, done, handshakes)
-            task_status.started()
+        interrupt: BaseException | None = None
+        try:
+            async with trio.open_nursery() as handshakes, trio.open_nursery() as accepting:
+                if not done():
+                    for listener in listeners:
+                        accepting.start_soon(accept, listener)
+                    accepting.start_soon(self._stop_serving, done, handshakes)
+                task_status.started()
+        except BaseExceptionGroup as group:
+            # A KeyboardInterrupt that Trio's SIGINT handler raised in a handshake or an
+            # accept leaves bare, as it does from add_channel() and from a channel task.
+            interrupt = interrupt_in(group)
+            if interrupt is None:
+                raise
+        if interrupt is not None:
+            try:
+                raise interrupt
+            finally:
+                # This frame is in its traceback: holding it would make a reference cycle.
+                del interrupt
         if failed:
             # Taken out of the list: this frame, in the traceback, holds the list.
             raise failed.pop(0)

@@ -17,7 +17,7 @@ import trio
 
 from ._errors import MultiFDError
 
-__all__ = ["Supervisor", "logger", "refuse_unless_cancelled"]
+__all__ = ["Supervisor", "interrupt_in", "logger", "refuse_unless_cancelled"]
 
 logger = logging.getLogger("trio_multifd")
 # A library stays silent unless the application configures logging.
@@ -72,6 +72,19 @@ def _weakly(error: Exception) -> Callable[[], Exception | None]:
 def _first_leaf(exceptions: Sequence[BaseException]) -> BaseException:
     first = exceptions[0]
     return _first_leaf(first.exceptions) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    return not isinstance(exc, Exception | trio.Cancelled | BaseExceptionGroup)
+
+
+def interrupt_in(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first exception in ``group`` (nested groups included) that is neither an
+    ``Exception`` nor ``Cancelled``: a ``KeyboardInterrupt`` that Trio's signal handler
+    raised in one of the library's tasks, say, which is to leave bare, as it would
+    from a plain ``await``."""
+    interrupts, _ = group.split(_is_interrupt)
+    return None if interrupts is None else _first_leaf(interrupts.exceptions)
 
 
 @final
