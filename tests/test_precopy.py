@@ -1146,6 +1146,36 @@ async def test_a_base_exception_from_the_receiving_callback_passes_through_unwra
     assert info.value.code == 3
 
 
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_an_interrupt_in_receive_precopys_helper_task_passes_through_unwrapped(
+    exc_type: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Trio's SIGINT handler raises KeyboardInterrupt in whatever code runs: here in the
+    # task that records each round as it completes. It came out in that task's group.
+    source, target, _, _ = blocks(SMALL, seed=26)
+    tracker = DirtyTracker([source])
+    raised = exc_type()
+
+    def figures(number: int) -> tuple[int, float] | None:
+        raise raised
+
+    with trio.fail_after(20):
+        async with listening("tcp") as (listeners, connect), trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                with contextlib.suppress(m.MultiFDError):  # the receiver leaves
+                    async with m.open_sender(connect, channels=1) as sender:
+                        await precopy(sender, tracker, on_stop=lambda: None, max_rounds=1)
+
+            with pytest.raises(exc_type) as info:
+                async with m.open_receiver([target], channels=1) as receiver:
+                    await nursery.start(receiver.serve, listeners)
+                    nursery.start_soon(send)
+                    monkeypatch.setattr(receiver, "round_figures", figures)
+                    await receive_precopy(receiver)
+    assert info.value is raised
+
+
 async def test_receive_precopy_keeps_no_receiver_alive_after_its_block() -> None:
     # Its undelivered rounds are kept per receiver, but not the receiver (nor its buffers).
     async with m.open_receiver([m.RAMBlock("ram", bytearray(PAGE))]) as receiver:

@@ -39,6 +39,7 @@ from ._block import RAMBlock, index_of, make_present
 from ._errors import PrecopyAbortedError, TransferIncompleteError
 from ._receiver import Receiver
 from ._sender import Sender
+from ._supervisor import interrupt_in
 from ._wire import checked_count, checked_seconds
 
 __all__ = ["DirtyTracker", "PrecopyReport", "PrecopyRound", "precopy", "receive_precopy"]
@@ -679,25 +680,32 @@ class _Follower:
 
         outcome: PrecopyRound | None = None
         error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(record)
-            try:
-                while outcome is None:
-                    while not backlog and not ended:
-                        await changed.park()
-                    if not backlog:
-                        break
-                    await _call(on_round, backlog[0])
-                    item = backlog.popleft()
-                    if item.final:
-                        outcome = item
-            except trio.Cancelled:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(record)
+                try:
+                    while outcome is None:
+                        while not backlog and not ended:
+                            await changed.park()
+                        if not backlog:
+                            break
+                        await _call(on_round, backlog[0])
+                        item = backlog.popleft()
+                        if item.final:
+                            outcome = item
+                except trio.Cancelled:
+                    raise
+                except BaseException as exc:
+                    # The callback's own exception (KeyboardInterrupt included), raised as
+                    # it is, not inside a group.
+                    error = exc
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # A KeyboardInterrupt that Trio's SIGINT handler raised in record() leaves
+            # bare too, as one from the callback does.
+            error = interrupt_in(group)
+            if error is None:
                 raise
-            except BaseException as exc:
-                # The callback's own exception (KeyboardInterrupt included), raised as it
-                # is, not inside a group.
-                error = exc
-            nursery.cancel_scope.cancel()
         if error is not None:
             try:
                 raise error
