@@ -13,7 +13,7 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -413,6 +413,64 @@ async def test_cancelling_while_a_channel_still_connects_closes_the_others() -> 
             assert scope.cancelled_caught
             assert len(link.sender_streams) == 1
             assert link.all_closed("sender")
+
+
+def connect_racing_in_a_nursery(
+    link: TcpLink, silent: int
+) -> Callable[[int], Awaitable[trio.abc.Stream]]:
+    """A ``connect`` whose channel ``silent`` races attempts in a nursery of its own, as
+    ``trio.open_tcp_stream`` does, that never succeed: torn down, it ends with a group of
+    its attempts' ``Cancelled``."""
+
+    async def connect(channel: int) -> trio.abc.Stream:
+        if channel != silent:
+            return await link.connect(channel)
+        async with trio.open_nursery() as attempts:
+            attempts.start_soon(trio.sleep_forever)
+            attempts.start_soon(trio.sleep_forever)
+        raise AssertionError("unreachable: the attempts never end")
+
+    return connect
+
+
+async def test_a_failure_while_a_connect_runs_a_nursery_leaves_as_the_transfers_error() -> None:
+    # The connect's group of Cancelled was taken for an interrupt, and left the block
+    # (ahead of the transfer's error, Cancelled of a scope already exited).
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            # Channel 0 is refused: nothing listens on that port any more.
+            refused = socket.socket()
+            refused.bind(("127.0.0.1", 0))
+            link.route[0] = refused.getsockname()[1]
+            refused.close()
+            # Not pytest.raises: a stray Cancelled passing it would be absorbed by the
+            # test runner's cancelled scopes, and the test pass.
+            left: list[BaseException] = []
+            try:
+                async with m.open_sender(connect_racing_in_a_nursery(link, 1), channels=2):
+                    raise AssertionError("unreachable: channel 0 cannot connect")
+            except BaseException as exc:
+                left.append(exc)
+    [error] = left
+    assert isinstance(error, m.TransportError), repr(error)
+    assert error.channel == 0
+    assert "could not connect" in str(error)
+
+
+async def test_a_cancel_while_a_connect_runs_a_nursery_leaves_as_one_cancelled() -> None:
+    left: list[BaseException] = []
+    with trio.fail_after(5):
+        async with TcpLink.open() as link:
+            with trio.move_on_after(0.2) as scope:
+                try:
+                    async with m.open_sender(connect_racing_in_a_nursery(link, 1), channels=2):
+                        raise AssertionError("unreachable: channel 1 never connects")
+                except BaseException as exc:
+                    left.append(exc)
+                    raise
+            assert scope.cancelled_caught
+            assert link.all_closed("sender")
+    assert [type(exc) for exc in left] == [trio.Cancelled]
 
 
 @pytest.mark.parametrize(

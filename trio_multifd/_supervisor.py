@@ -183,15 +183,23 @@ class Supervisor:
             _cancel_unchained(self._nursery.cancel_scope)
 
     def interrupted(self, exc: BaseException) -> None:
-        """A task of the transfer is ending with ``exc``: when that is neither an
-        ``Exception`` nor ``Cancelled`` (a ``KeyboardInterrupt`` that Trio's signal
-        handler raised in the library's code, say), the first one is recorded, to leave
-        the block bare, and the transfer cancelled at once. The task's cleanup awaits:
-        there the teardown's ``Cancelled`` replaces the exception in flight, which the
-        nursery then swallows, and a call of the application's that the cleanup wakes (a
-        ``queue_pages`` waiting for room) would be refused with a ``RuntimeError`` passing
-        for the application's own."""
-        if isinstance(exc, Exception | trio.Cancelled):
+        """A task of the transfer is ending with ``exc``: when that is, or a group of it
+        holds, an exception that is neither an ``Exception`` nor ``Cancelled`` (a
+        ``KeyboardInterrupt`` that Trio's signal handler raised in the library's code,
+        say), the first one is recorded, to leave the block bare, and the transfer
+        cancelled at once. The task's cleanup awaits: there the teardown's ``Cancelled``
+        replaces the exception in flight, which the nursery then swallows, and a call of
+        the application's that the cleanup wakes (a ``queue_pages`` waiting for room)
+        would be refused with a ``RuntimeError`` passing for the application's own."""
+        if isinstance(exc, BaseExceptionGroup):
+            # A nursery of the task's own (one in the application's connect, as
+            # trio.open_tcp_stream has) ends with a group of its tasks' Cancelled when
+            # the transfer is torn down: that is no interrupt.
+            found = interrupt_in(exc)
+            if found is None:
+                return
+            exc = found
+        elif isinstance(exc, Exception | trio.Cancelled):
             return
         if self.interrupt is None:
             self.interrupt = exc
