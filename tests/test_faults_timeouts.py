@@ -11,7 +11,9 @@ import errno
 import logging
 import os
 import resource
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -747,6 +749,82 @@ async def test_an_interrupt_in_serves_tasks_leaves_serve_and_the_block_bare(
             assert all(stream.closed for stream in listener.streams)
             assert [stream.socket.fileno() for stream in tcp.accepted] == [-1]
             await client.aclose()
+
+
+# A sender in a process of its own, which a real SIGINT reaches through Trio's handler:
+# it prints "ready" once its caller's task waits inside open_sender's nursery (for
+# channel 1, whose host never answers, or at the exit for a receiver that reads everything
+# and never confirms), then what left the block and whether its sockets were closed. The
+# tasks that print are protected: the signal goes to the main task even if it comes
+# while they run.
+SIGINTED_SENDER = """
+import sys, trio, trio_multifd as m
+from trio.lowlevel import enable_ki_protection
+
+async def main(where):
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    streams = []
+
+    @enable_ki_protection
+    async def connect(channel):
+        if channel == 1:
+            print("ready", flush=True)
+            await trio.sleep_forever()
+        streams.append(await trio.open_tcp_stream("127.0.0.1", port))
+        return streams[-1]
+
+    @enable_ki_protection
+    async def read_and_never_confirm():
+        stream = await listener.accept()
+        while await stream.receive_some():
+            pass
+        print("ready", flush=True)
+        await trio.sleep_forever()
+
+    async with listener, trio.open_nursery() as nursery:
+        if where == "exit":
+            nursery.start_soon(read_and_never_confirm)
+        try:
+            async with m.open_sender(connect, channels=2 if where == "connect" else 1) as sender:
+                await sender.queue_page(m.RAMBlock("mem", bytearray(4096)), 0)
+        except BaseException as exc:
+            closed = all(stream.socket.fileno() == -1 for stream in streams)
+            print(type(exc).__name__, "closed" if closed else "left open", flush=True)
+        nursery.cancel_scope.cancel()
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("where", ["connect", "exit"])
+async def test_ctrl_c_while_the_caller_waits_in_open_sender_leaves_the_block_bare(
+    where: str,
+) -> None:
+    # Trio raises a SIGINT that comes while every task waits in the main task: there
+    # inside the sender's nursery, outside the body, which put it in the nursery's group.
+    with trio.fail_after(20):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", SIGINTED_SENDER, where], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        try:
+            output = b""
+            while b"ready" not in output:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+            proc.send_signal(signal.SIGINT)
+            while chunk := await proc.stdout.receive_some():
+                output += chunk
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+            await proc.stdout.aclose()
+    assert output.decode().splitlines() == ["ready", "KeyboardInterrupt closed"]
 
 
 # Another process (it has descriptors of its own) opens silent connections, holds them

@@ -233,9 +233,17 @@ class Supervisor:
                 if rest is not None:
                     return rest
             return body_exc
+        # Before a transfer error: the application was told to stop, not to retry.
         if self.interrupt is not None:
-            # Before a transfer error: the application was told to stop, not to retry.
             return self.interrupt
+        if isinstance(exc, BaseExceptionGroup):
+            # Raised on the caller's own task outside the body, by Trio's SIGINT
+            # handler: while the end waited for its channels to connect, or at the exit,
+            # for the last round or the receiver's confirmation. Trio puts it in the
+            # nursery's group.
+            interrupt = interrupt_in(exc)
+            if interrupt is not None:
+                return interrupt
         error = self._error
         if error is not None:
             # A group that holds something else than the transfer's errors and
