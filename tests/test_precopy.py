@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 import trio_multifd as m
+from trio_multifd import _precopy
 from trio_multifd._precopy import (
     DirtyTracker,
     PrecopyReport,
@@ -778,40 +779,80 @@ async def test_a_cancelled_collect_leaves_its_pages_for_the_next(detect: str) ->
     assert set((await tracker.collect())[block]) == expected
 
 
-async def test_a_collect_cancelled_while_it_lists_the_offsets_leaves_them_for_the_next() -> None:
+def stop_collect_in(
+    monkeypatch: pytest.MonkeyPatch, phase: str, on_entry: Callable[[], Awaitable[None]]
+) -> None:
+    """Make collect() await ``on_entry()`` as it enters ``phase``: its hash ``"scan"`` or
+    its listing of the ``"offsets"`` of the bitmaps it took. A test that needs a collect()
+    inside one of them must stop it there: a scan of a few pages may end before another
+    task runs, and the listing is a few checkpoints long."""
+    if phase == "scan":
+        real_scan = DirtyTracker._scan
+
+        async def scan(self: DirtyTracker, *args: Any, **kwargs: Any) -> None:
+            await on_entry()
+            await real_scan(self, *args, **kwargs)
+
+        monkeypatch.setattr(DirtyTracker, "_scan", scan)
+    else:
+        real_offsets = _precopy._offsets
+
+        async def offsets(bitmap: bytearray, page_size: int) -> list[int]:
+            await on_entry()
+            return await real_offsets(bitmap, page_size)
+
+        monkeypatch.setattr(_precopy, "_offsets", offsets)
+
+
+async def test_a_collect_cancelled_while_it_lists_the_offsets_leaves_them_for_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # 4 x 32768 pages: listing the offsets takes 4 checkpoints after the bitmaps were taken.
     block = m.RAMBlock("ram", bytearray(1 << 26), page_size=512)
     tracker = DirtyTracker([block])
     tracker.mark(block, 0)
     tracker.mark(block, block.size - 512)
+    with trio.CancelScope() as scope:
 
-    marks = tracker._maps
+        async def cancel() -> None:
+            scope.cancel()
 
-    def bitmaps_taken() -> bool:
-        return tracker._maps is not marks and not tracker._collecting
-
-    async def cancel_once_the_bitmaps_are_taken(scope: trio.CancelScope) -> None:
-        # A task runs once per batch: this one is at most a checkpoint behind collect().
-        while not bitmaps_taken():
-            await trio.lowlevel.checkpoint()
-        scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as scope:
-            nursery.start_soon(cancel_once_the_bitmaps_are_taken, scope)
-            await tracker.collect()
+        stop_collect_in(monkeypatch, "offsets", cancel)
+        await tracker.collect()
     assert scope.cancelled_caught
+    monkeypatch.undo()
     assert await tracker.collect() == {block: [0, block.size - 512]}
 
 
-async def test_a_second_collect_while_one_runs_is_refused() -> None:
+@pytest.mark.parametrize(("detect", "phase"), [("hash", "scan"), ("marks", "offsets")])
+async def test_a_second_collect_while_one_runs_is_refused(
+    monkeypatch: pytest.MonkeyPatch, detect: str, phase: str
+) -> None:
     block = m.RAMBlock("ram", random_pages(64, seed=18))
-    tracker = DirtyTracker([block], detect="hash")  # its scan runs in a worker thread
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tracker.collect)
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(RuntimeError, match="another collect\\(\\) of this DirtyTracker"):
-            await tracker.collect()
+    tracker = DirtyTracker([block], detect=detect)
+    tracker.mark(block, 5 * PAGE)
+    inside, release = trio.Event(), trio.Event()
+    first: list[dict[m.RAMBlock, list[int]]] = []
+
+    async def hold() -> None:
+        if not inside.is_set():  # a second collect() let in runs through
+            inside.set()
+            await release.wait()
+
+    async def first_collect() -> None:
+        first.append(await tracker.collect())
+
+    stop_collect_in(monkeypatch, phase, hold)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_collect)
+            await inside.wait()
+            with pytest.raises(RuntimeError, match="another collect\\(\\) of this DirtyTracker"):
+                await tracker.collect()
+            release.set()
+    # The refusal took nothing from the collect it met.
+    expected = list(range(0, block.size, PAGE)) if detect == "hash" else [5 * PAGE]
+    assert first == [{block: expected}]
     assert (await tracker.collect()) == {block: []}
 
 

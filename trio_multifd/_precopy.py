@@ -271,37 +271,39 @@ class DirtyTracker:
         Raises:
             RuntimeError: Another :meth:`collect` of this tracker is running.
         """
-        maps = await self._collect_maps()
-        try:
-            result: dict[RAMBlock, list[int]] = {}
-            for block, bitmap in zip(self._blocks, maps, strict=True):
-                result[block] = await _offsets(bitmap, block.page_size)
-            return result
-        except BaseException:
-            self._give_back(maps)
-            raise
-
-    async def _collect_maps(self) -> list[bytearray]:
         if self._collecting:
             raise RuntimeError("another collect() of this DirtyTracker is running")
+        # Held until the offsets are listed too, not only while the bitmaps are taken:
+        # that listing has checkpoints of its own, where a second collect() used to get in.
         self._collecting = True
         try:
-            with self._lock:
-                maps = self._maps
-                self._maps = [bytearray(b.page_count) for b in self._blocks]
+            maps = await self._collect_maps()
             try:
-                if self._hashes is not None:
-                    first = not self._scanned
-                    for block, state, bitmap in zip(self._blocks, self._hashes, maps, strict=True):
-                        await self._scan(block, state, bitmap, first=first)
-                    self._scanned = True
-                await trio.lowlevel.checkpoint()
+                result: dict[RAMBlock, list[int]] = {}
+                for block, bitmap in zip(self._blocks, maps, strict=True):
+                    result[block] = await _offsets(bitmap, block.page_size)
+                return result
             except BaseException:
                 self._give_back(maps)
                 raise
-            return maps
         finally:
             self._collecting = False
+
+    async def _collect_maps(self) -> list[bytearray]:
+        with self._lock:
+            maps = self._maps
+            self._maps = [bytearray(b.page_count) for b in self._blocks]
+        try:
+            if self._hashes is not None:
+                first = not self._scanned
+                for block, state, bitmap in zip(self._blocks, self._hashes, maps, strict=True):
+                    await self._scan(block, state, bitmap, first=first)
+                self._scanned = True
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            self._give_back(maps)
+            raise
+        return maps
 
     def _give_back(self, maps: list[bytearray]) -> None:
         """Return the pages of a collection that was cancelled (or failed) to the next
