@@ -100,6 +100,18 @@ class TrackedStream(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
+async def close_all(*resources: trio.SocketStream | trio.SocketListener) -> None:
+    """Close every socket, for a helper's exit even from a test that was cancelled (timed
+    out). There ``aclose()``, even ``trio.aclose_forcefully``'s, closes its socket and
+    then raises Cancelled, and every socket after it would stay open (ResourceWarnings in
+    some later test). Shielded, as a socket's ``aclose()`` cannot block; not forcefully,
+    whose Cancelled, swallowed, would keep the test's exception in a reference cycle (its
+    ``__context__``): tests/test_memory_after_failure.py checks that none is left."""
+    with trio.CancelScope(shield=True):
+        for resource in resources:
+            await resource.aclose()
+
+
 def memory_channels(
     count: int, *, wrap: Callable[[int, trio.abc.Stream], trio.abc.Stream] | None = None
 ) -> tuple[Callable[[int], Awaitable[trio.abc.Stream]], list[trio.abc.Stream]]:

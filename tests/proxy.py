@@ -20,7 +20,7 @@ import trio.testing
 
 import trio_multifd as m
 
-from .helpers import PAGE, TrackedStream
+from .helpers import PAGE, TrackedStream, close_all
 
 HEADER = m.header_size(128)
 """A packet header's length with 4 KiB pages (128 offset slots)."""
@@ -145,9 +145,9 @@ class TcpLink:
         try:
             yield link
         finally:
-            await link.listener.aclose()
-            for stream in link.sender_streams + link.receiver_streams + link.extra_streams:
-                await trio.aclose_forcefully(stream)
+            await close_all(
+                link.listener, *link.sender_streams, *link.receiver_streams, *link.extra_streams
+            )
 
     async def raw_connect(self) -> trio.SocketStream:
         """A connection the test itself drives (not checked, but closed at the end)."""
@@ -412,6 +412,9 @@ class CuttingProxy:
     Its listener's small receive buffer makes a sender held at the cut block soon.
     """
 
+    listener: trio.SocketListener
+    """The proxy's own listener, from :meth:`running` on."""
+
     def __init__(
         self,
         target_port: int,
@@ -436,7 +439,7 @@ class CuttingProxy:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[CuttingProxy]:
-        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        self.listener = listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         self.port = listener.socket.getsockname()[1]
         try:
@@ -445,9 +448,7 @@ class CuttingProxy:
                 yield self
                 nursery.cancel_scope.cancel()
         finally:
-            await listener.aclose()
-            for stream in self.sockets:
-                await trio.aclose_forcefully(stream)
+            await close_all(listener, *self.sockets)
 
     async def _serve(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -542,11 +543,7 @@ class InsertingProxy:
                 yield self
                 nursery.cancel_scope.cancel()
         finally:
-            # Forcefully: a plain aclose under the test's expired deadline would raise
-            # Cancelled before the sockets below were closed.
-            await trio.aclose_forcefully(listener)
-            for stream in self.sockets:
-                await trio.aclose_forcefully(stream)
+            await close_all(listener, *self.sockets)
 
     async def _serve(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -609,9 +606,7 @@ class RecordingListener(trio.abc.Listener[trio.abc.Stream]):
         try:
             yield listener
         finally:
-            await listener.aclose()
-            for stream in listener.accepted:
-                await trio.aclose_forcefully(stream)
+            await close_all(listener.inner, *listener.accepted)
 
     @property
     def port(self) -> int:

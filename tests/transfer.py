@@ -13,7 +13,7 @@ import trio
 
 import trio_multifd as m
 
-from .helpers import memory_channels
+from .helpers import close_all, memory_channels
 
 Body = Callable[[m.Sender], Awaitable[None]]
 
@@ -44,10 +44,7 @@ async def listening(
     try:
         yield listeners, connect
     finally:
-        # Shielded: a cancellation here must not replace the exception in flight.
-        with trio.CancelScope(shield=True):
-            for listener in listeners:
-                await listener.aclose()
+        await close_all(*listeners)
 
 
 async def transfer(
