@@ -204,7 +204,8 @@ async def test_cancellation_from_outside_shuts_the_sender_down() -> None:
     tracked: list[TrackedStream] = []
     connect, _ = memory_channels(2, wrap=lambda i, s: track(tracked, s))
     with trio.fail_after(10):
-        with trio.move_on_after(0.2) as scope:
+        # Long enough for a loaded machine to open both channels and reach sync().
+        with trio.move_on_after(1) as scope:
             async with m.open_sender(connect, channels=2) as sender:
                 await sender.queue_page(src, 0)
                 await sender.sync()  # nobody reads: waits until cancelled
