@@ -268,6 +268,7 @@ def test_the_start_of_a_header_still_arriving_is_checked_against_the_magic(size:
     with pytest.raises(m.MagicError) as info:
         _wire.check_header_start(start)
     assert info.value.field == "magic"
+    assert f"starts with 0x{bytes(start[:4]).hex()}, not the magic" in str(info.value)
     assert "out of step" in str(info.value)
 
 

@@ -1074,7 +1074,10 @@ async def open_receiver(
         integrity: Expect end-to-end checksums on every packet (the sender's setting
             must match, else :class:`FeatureError` at the handshake). Headers are checked
             before anything else and payloads before any byte of them is written; a
-            mismatch is an :class:`IntegrityError` and its round never completes.
+            mismatch is an :class:`IntegrityError` and its round never completes (but
+            the first bytes of a header that arrive before the rest are checked against
+            the magic at once, as without checksums: when they cannot start it, the
+            stream is out of step, a :class:`MagicError`).
             The checksums find damage, not a forger: they are not keyed (use TLS for that).
             The sender's end then comes in band over TCP too: a sender killed right
             after a SYNC is a :class:`TransportError`, not a clean end.

@@ -512,9 +512,9 @@ def check_header_start(start: bytes | bytearray | memoryview) -> None:
         return
     got = bytes(start[:size])
     raise MagicError(
-        f"packet header starts with {got.hex(' ')}, not the magic {MAGIC:#010x}: the"
-        " stream is out of step (bytes inserted or lost between the ends?), seen after"
-        f" {len(start)} bytes of the header",
+        f"packet header starts with 0x{got.hex()}, not the magic {MAGIC:#010x}: the"
+        " stream is out of step (bytes inserted or lost between the ends?), seen in the"
+        " header's first bytes, before the rest arrived",
         field="magic",
         value=int.from_bytes(got, "big"),
         limit=MAGIC,
