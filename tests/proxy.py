@@ -12,7 +12,7 @@ import termios
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import attrs
 import trio
@@ -398,49 +398,27 @@ class StreamMap:
         return min(len(self.data), self._next)
 
 
-class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 for one channel: forwards both ways until exactly
-    ``at`` bytes of the sender's stream have reached the receiver, then cuts.
-
-    ``how="close"`` closes both sides (the receiver sees an orderly end of stream; the
-    sender, whose unread bytes the proxy drops, a reset), ``how="reset"`` closes both
-    with ``SO_LINGER`` 0 (a reset each way). Before cutting it waits for ``after`` (if
-    given), then ``hold`` seconds, then (with ``link``) until the receiver has read every
-    forwarded byte, so what the receiver sees does not depend on timing. A stream that
-    ends before ``at`` is forwarded whole, end of stream included.
-
-    Its listener's small receive buffer makes a sender held at the cut block soon.
-    """
+class _Proxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port``: :meth:`running` accepts
+    connections and hands each, with its own upstream connection, to :meth:`_relay`;
+    every socket is closed when the block ends, however it ends."""
 
     listener: trio.SocketListener
     """The proxy's own listener, from :meth:`running` on."""
 
-    def __init__(
-        self,
-        target_port: int,
-        at: At,
-        how: Literal["close", "reset"],
-        *,
-        after: trio.Event | None = None,
-        hold: float = 0.0,
-        link: TcpLink | None = None,
-    ) -> None:
+    # The listener's receive buffer, when not the system's.
+    _rcvbuf: int | None = None
+
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.at = at
-        self.how = how
-        self.after = after
-        self.hold = hold
-        self.link = link
         self.port = 0
-        self.reached = trio.Event()
-        self.cut = trio.Event()
-        self.forwarded = 0
         self.sockets: list[trio.SocketStream] = []
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[CuttingProxy]:
+    async def running(self) -> AsyncIterator[Self]:
         self.listener = listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-        listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        if self._rcvbuf is not None:
+            listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
         self.port = listener.socket.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
@@ -455,11 +433,57 @@ class CuttingProxy:
             while True:
                 client = await listener.accept()
                 self.sockets.append(client)
-                nursery.start_soon(self._relay, client)
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                self.sockets.append(upstream)
+                nursery.start_soon(self._relay, client, upstream)
 
-    async def _relay(self, client: trio.SocketStream) -> None:
-        upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        self.sockets.append(upstream)
+    async def _relay(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+    async def _down(self, upstream: trio.SocketStream, client: trio.SocketStream) -> None:
+        """Forward the receiver's bytes to the sender, its end of stream as one."""
+        while data := await upstream.receive_some(64 * 1024):
+            await client.send_all(data)
+        await client.send_eof()
+
+
+class CuttingProxy(_Proxy):
+    """A TCP proxy on 127.0.0.1 for one channel: forwards both ways until exactly
+    ``at`` bytes of the sender's stream have reached the receiver, then cuts.
+
+    ``how="close"`` closes both sides (the receiver sees an orderly end of stream; the
+    sender, whose unread bytes the proxy drops, a reset), ``how="reset"`` closes both
+    with ``SO_LINGER`` 0 (a reset each way). Before cutting it waits for ``after`` (if
+    given), then ``hold`` seconds, then (with ``link``) until the receiver has read every
+    forwarded byte, so what the receiver sees does not depend on timing. A stream that
+    ends before ``at`` is forwarded whole, end of stream included.
+
+    Its listener's small receive buffer makes a sender held at the cut block soon.
+    """
+
+    _rcvbuf = 32 * 1024
+
+    def __init__(
+        self,
+        target_port: int,
+        at: At,
+        how: Literal["close", "reset"],
+        *,
+        after: trio.Event | None = None,
+        hold: float = 0.0,
+        link: TcpLink | None = None,
+    ) -> None:
+        super().__init__(target_port)
+        self.at = at
+        self.how = how
+        self.after = after
+        self.hold = hold
+        self.link = link
+        self.reached = trio.Event()
+        self.cut = trio.Event()
+        self.forwarded = 0
+
+    async def _relay(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
         address = upstream.socket.getsockname()
         how = "close"
         try:
@@ -502,14 +526,6 @@ class CuttingProxy:
                 return False
             stream_map.feed(data)
 
-    async def _down(self, upstream: trio.SocketStream, client: trio.SocketStream) -> None:
-        while True:
-            data = await upstream.receive_some(64 * 1024)
-            if not data:
-                await client.send_eof()
-                return
-            await client.send_all(data)
-
     async def _before_cut(self, upstream: trio.SocketStream) -> None:
         self.reached.set()
         if self.after is not None:
@@ -519,42 +535,19 @@ class CuttingProxy:
             await self.link.wait_read(upstream)
 
 
-class InsertingProxy:
+class InsertingProxy(_Proxy):
     """A TCP proxy on 127.0.0.1 for one channel that inserts ``extra`` bytes into the
     sender's stream right before ``at`` (as a faulty middlebox might) and otherwise
     relays faithfully: each end of stream is passed on as one, a peer's failure as a
     reset. ``inserted`` is set once the bytes are on their way to the receiver."""
 
     def __init__(self, target_port: int, at: At, extra: bytes) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.at = at
         self.extra = extra
-        self.port = 0
         self.inserted = trio.Event()
-        self.sockets: list[trio.SocketStream] = []
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[InsertingProxy]:
-        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-        self.port = listener.socket.getsockname()[1]
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve, listener)
-                yield self
-                nursery.cancel_scope.cancel()
-        finally:
-            await close_all(listener, *self.sockets)
-
-    async def _serve(self, listener: trio.SocketListener) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                client = await listener.accept()
-                self.sockets.append(client)
-                nursery.start_soon(self._relay, client)
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        self.sockets.append(upstream)
+    async def _relay(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._down, upstream, client)
@@ -585,11 +578,6 @@ class InsertingProxy:
             sent = len(stream_map.data)
         await upstream.send_all(stream_map.data[sent:])
         await upstream.send_eof()
-
-    async def _down(self, upstream: trio.SocketStream, client: trio.SocketStream) -> None:
-        while data := await upstream.receive_some(64 * 1024):
-            await client.send_all(data)
-        await client.send_eof()
 
 
 class RecordingListener(trio.abc.Listener[trio.abc.Stream]):
